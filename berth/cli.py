@@ -1,0 +1,99 @@
+"""The `berth` command: one subcommand per stage. Each only parses arguments and calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from berth.errors import BerthError
+from berth.hub import configure_offline_mode
+
+CONFIG_HELP = "YAML config file (see configs/)"
+OVERRIDES_HELP = "config overrides as section.key=value, e.g. tokenizer.vocab_size=16000 output_dir=runs/x"
+
+
+def repo_configs_dir() -> Path:
+    """The configs/ folder shipped beside the packages (the repository root in an editable install)."""
+    return Path(__file__).resolve().parent.parent / "configs"
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help=CONFIG_HELP)
+    parser.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from berth.config import dump_config, load_config
+    from tokenizer.config import TokenizerJobConfig
+    from tokenizer.train import format_summary, train_tokenizer
+
+    cfg = load_config(TokenizerJobConfig, args.config, args.overrides)
+    if args.print_config:
+        print(dump_config(cfg), end="")
+        return 0
+    print(format_summary(train_tokenizer(cfg)))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from berth.config import load_config
+    from tokenizer.config import TokenizerJobConfig
+    from tokenizer.train import format_summary, train_tokenizer
+
+    config = repo_configs_dir() / "tokenizer" / "zh.yaml"
+    overrides = [f"output_dir={Path(args.output_dir) / 'tokenizer'}", *args.overrides]
+    cfg = load_config(TokenizerJobConfig, config, overrides)
+    print(format_summary(train_tokenizer(cfg, reuse=True)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="berth", description="Train your own BERT, from raw text to the Hub.")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    stages = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    tok = stages.add_parser("tokenizer", help="train a WordPiece tokenizer")
+    tok_actions = tok.add_subparsers(dest="action", required=True, metavar="ACTION")
+    train = tok_actions.add_parser("train", help="train WordPiece on a corpus and save it in Hugging Face format")
+    _add_config_args(train)
+    train.set_defaults(func=cmd_tokenizer_train)
+
+    demo = stages.add_parser("demo", help="run the pipeline on the embedded Chinese corpus")
+    demo.add_argument("--output-dir", default="runs/demo", help="where the demo writes (default: runs/demo)")
+    demo.add_argument("overrides", nargs="*", help="overrides for the tokenizer config")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def configure_logging(quiet: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    # The libraries are chatty at INFO; their warnings still show.
+    for name in ("datasets", "transformers", "httpx", "huggingface_hub", "urllib3"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.quiet)
+    # Before datasets or transformers are imported: they read the offline switches at import time.
+    configure_offline_mode()
+    try:
+        return args.func(args)
+    except BerthError as exc:
+        print(f"berth: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("berth: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from berth import hub
+from berth.cli import main
+
+
+@pytest.fixture
+def tiny_corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(
+        "".join(f"第{i}个句子，含有一些中文字符。 sentence number {i}\n" for i in range(200)), encoding="utf-8"
+    )
+    return path
+
+
+def test_tokenizer_train_command(tmp_path, tiny_corpus, capsys):
+    out = tmp_path / "tok"
+    code = main(
+        [
+            "tokenizer",
+            "train",
+            "configs/tokenizer/en_uncased.yaml",
+            f"corpus.sources=[{tiny_corpus}]",
+            f"output_dir={out}",
+            "tokenizer.vocab_size=300",
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert f"tokenizer saved to {out}" in printed
+    assert "[UNK] rate" in printed and "tokens per char" in printed
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["tokenizer"]["vocab_size"] == 300
+    assert saved["corpus"]["sources"] == [str(tiny_corpus)]
+    assert (out / "vocab.txt").is_file()
+
+
+def test_print_config_shows_the_resolved_config(capsys):
+    assert main(["tokenizer", "train", "configs/tokenizer/zh.yaml", "tokenizer.vocab_size=123", "--print-config"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["tokenizer"]["vocab_size"] == 123
+    assert resolved["corpus"]["sources"] == ["peoples_daily", "reviews_sentiment:train"]
+
+
+def test_bad_key_is_one_line_on_stderr(capsys):
+    code = main(["tokenizer", "train", "configs/tokenizer/zh.yaml", "tokenizer.vocab=5"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1
+    assert err.startswith("berth: error: configs/tokenizer/zh.yaml: unknown key 'tokenizer.vocab'")
+    assert "unknown key 'tokenizer.vocab'" in err and "valid keys in section 'tokenizer': vocab_size" in err
+
+
+def test_missing_corpus_is_one_line_on_stderr(tmp_path, capsys):
+    code = main(["tokenizer", "train", "configs/tokenizer/en_uncased.yaml", f"output_dir={tmp_path / 'o'}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err == (
+        "berth: error: corpus source 'data/*.txt': no such file, directory or glob match (embedded corpora are: "
+        "peoples_daily, peoples_daily_words, reviews_sentiment, reviews_sentiment:train, "
+        "reviews_sentiment:validation, reviews_sentiment:test; hub datasets are written hf:OWNER/NAME)\n"
+    )
+    assert not (tmp_path / "o").exists()
+
+
+def test_python_dash_m_tokenizer_is_the_same_command():
+    result = subprocess.run(
+        [sys.executable, "-m", "tokenizer", "train", "configs/tokenizer/zh.yaml", "--print-config"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert yaml.safe_load(result.stdout)["output_dir"] == "runs/tokenizer/zh"
+
+
+def test_unreachable_hub_switches_the_libraries_offline(monkeypatch):
+    monkeypatch.setattr(hub, "_unreachable_at_start", [])
+    for var in hub.OFFLINE_VARS:
+        monkeypatch.delenv(var, raising=False)
+    with socket.socket() as s:  # a loopback port with nothing listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    assert hub.configure_offline_mode() is True
+    assert all(os.environ[var] == "1" for var in hub.OFFLINE_VARS)
+    with pytest.raises(
+        hub.BerthError, match=rf"needs the Hugging Face Hub, but http://127.0.0.1:{port} is unreachable"
+    ):
+        hub.require_hub("pushing")
+
+
+def test_reachable_hub_stays_online(monkeypatch):
+    for var in hub.OFFLINE_VARS:
+        monkeypatch.delenv(var, raising=False)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+        assert hub.configure_offline_mode() is False
+    assert not hub.offline_requested()
+
+
+def test_demo_trains_then_reuses_the_tokenizer(tmp_path, capsys, caplog):
+    caplog.set_level("INFO")
+    assert main(["demo", "--output-dir", str(tmp_path)]) == 0
+    first = capsys.readouterr().out
+    assert f"tokenizer saved to {tmp_path / 'tokenizer'}" in first
+    assert main(["demo", "--output-dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().out == first
+    assert "reusing the tokenizer" in caplog.text

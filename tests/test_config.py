@@ -1,0 +1,134 @@
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+import yaml
+
+from berth.config import ConfigError, dump_config, load_config, save_config
+
+
+@dataclass(frozen=True)
+class Train:
+    max_steps: int = 10
+    lr: float = 1e-3
+    schedule: Literal["linear", "cosine"] = "linear"
+    resume: str = ""
+    bf16: bool = False
+    strip: bool | None = None
+
+
+@dataclass(frozen=True)
+class Data:
+    sources: tuple[str, ...] = ("a",)
+    max_seq_len: int = 128
+
+
+@dataclass(frozen=True)
+class Job:
+    output_dir: str = "runs/x"
+    train: Train = field(default_factory=Train)
+    data: Data = field(default_factory=Data)
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_yaml_and_overrides_are_typed(tmp_path):
+    path = write(tmp_path, "train:\n  max_steps: 50\n  lr: 1\ndata:\n  sources: [x, y]\n")
+    cfg = load_config(
+        Job, path, ["train.schedule=cosine", "train.bf16=true", "output_dir=runs/y", "data.max_seq_len=64"]
+    )
+    assert cfg == Job(
+        output_dir="runs/y",
+        train=Train(max_steps=50, lr=1.0, schedule="cosine", bf16=True),
+        data=Data(sources=("x", "y"), max_seq_len=64),
+    )
+    assert isinstance(cfg.train.lr, float)
+
+
+def test_later_override_wins_and_strings_stay_strings(tmp_path):
+    cfg = load_config(Job, None, ["train.max_steps=5", "train.max_steps=7", "train.resume=123", "output_dir=true"])
+    assert cfg.train.max_steps == 7
+    assert cfg.train.resume == "123"
+    assert cfg.output_dir == "true"
+
+
+def test_list_overrides_accept_yaml_list_or_single_item():
+    assert load_config(Job, None, ["data.sources=[p, q]"]).data.sources == ("p", "q")
+    assert load_config(Job, None, ["data.sources=data/*.txt"]).data.sources == ("data/*.txt",)
+
+
+def test_optional_takes_null():
+    assert load_config(Job, None, ["train.strip=null"]).train.strip is None
+    assert load_config(Job, None, ["train.strip=false"]).train.strip is False
+
+
+def test_unknown_key_names_it_and_lists_valid_keys(tmp_path):
+    path = write(tmp_path, "train:\n  max_step: 5\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(Job, path)
+    message = str(err.value)
+    assert "'train.max_step'" in message
+    assert "did you mean 'train.max_steps'" in message
+    assert "max_steps, lr, schedule, resume, bf16, strip" in message
+    assert str(path) in message
+
+
+def test_unknown_top_level_key_from_override():
+    with pytest.raises(ConfigError, match=r"unknown key 'trian'.*valid keys at the top level: output_dir, train, data"):
+        load_config(Job, None, ["trian.max_steps=3"])
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("train.max_steps=ten", "'train.max_steps' must be an integer; got 'ten'"),
+        ("train.max_steps=1.5", "'train.max_steps' must be an integer; got 1.5"),
+        ("train.max_steps=true", "'train.max_steps' must be an integer; got True"),
+        ("train.lr=fast", "'train.lr' must be a number; got 'fast'"),
+        ("train.bf16=maybe", "'train.bf16' must be true or false; got 'maybe'"),
+        ("train.schedule=noam2", "'train.schedule' must be one of linear, cosine; got 'noam2'"),
+        ("train=3", "'train' is a section"),
+        ("train.max_steps", "expected section.key=value"),
+    ],
+)
+def test_wrong_types_are_named(override, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(Job, None, [override])
+    assert expected in str(err.value)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(Job, tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match=r"c.yaml \(line 2\): not valid YAML"):
+        load_config(Job, write(tmp_path, "train:\n\tmax_steps: 1\n"))
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(Job, write(tmp_path, "- 1\n- 2\n"))
+
+
+def test_section_must_be_mapping(tmp_path):
+    with pytest.raises(ConfigError, match="'train' must be a section"):
+        load_config(Job, write(tmp_path, "train: 5\n"))
+
+
+def test_config_is_read_only():
+    cfg = load_config(Job)
+    with pytest.raises(AttributeError):
+        cfg.train.max_steps = 3
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(Job, None, ["data.sources=[a, b]", "train.lr=0.5"])
+    path = save_config(cfg, tmp_path / "run")
+    assert path.name == "config.yaml"
+    assert yaml.safe_load(path.read_text()) == {
+        "output_dir": "runs/x",
+        "train": {"max_steps": 10, "lr": 0.5, "schedule": "linear", "resume": "", "bf16": False, "strip": None},
+        "data": {"sources": ["a", "b"], "max_seq_len": 128},
+    }
+    assert load_config(Job, path) == cfg
+    assert dump_config(load_config(Job, path)) == path.read_text()

@@ -1,0 +1,217 @@
+"""Train a BERT WordPiece tokenizer with the `tokenizers` library and save it in Hugging Face format."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import datasets
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import AutoTokenizer, BertTokenizer, PreTrainedTokenizerBase
+
+from berth.config import CONFIG_FILENAME, dump_config, save_config
+from berth.errors import BerthError
+from corpora.embedded import hash_unit
+from corpora.readers import load_corpus
+from tokenizer.config import TokenizerJobConfig, WordPieceConfig
+
+logger = logging.getLogger(__name__)
+
+# Fixed low ids, as in Google's BERT vocabularies apart from the order: [PAD] is 0 so that zero-filled
+# buffers are padding, and every later stage can rely on these ids.
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+PAD, UNK, CLS, SEP, MASK = SPECIAL_TOKENS
+SUMMARY_FILENAME = "summary.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+
+
+def build_wordpiece(cfg: WordPieceConfig, vocab: dict[str, int] | None = None) -> Tokenizer:
+    """BERT's pipeline: BERT normalization, one token per CJK character, WordPiece with ##.
+
+    Without `vocab` it is untrained (see train_wordpiece); with one it is ready to encode.
+    """
+    model = models.WordPiece(vocab, unk_token=UNK, max_input_chars_per_word=cfg.max_input_chars_per_word)
+    tok = Tokenizer(model)
+    tok.normalizer = normalizers.BertNormalizer(
+        clean_text=True,
+        handle_chinese_chars=True,  # spaces around every CJK ideograph: one token per character
+        strip_accents=cfg.strip_accents,
+        lowercase=cfg.lowercase,
+    )
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    if vocab is not None:
+        _add_post_processor(tok)
+    return tok
+
+
+def _add_post_processor(tok: Tokenizer) -> None:
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{CLS} $A {SEP}",
+        pair=f"{CLS} $A {SEP} $B:1 {SEP}:1",
+        special_tokens=[(CLS, tok.token_to_id(CLS)), (SEP, tok.token_to_id(SEP))],
+    )
+
+
+def train_wordpiece(
+    tok: Tokenizer, texts: Iterable[str], cfg: WordPieceConfig, length: int | None = None, progress: bool = True
+) -> Tokenizer:
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=cfg.vocab_size,
+        min_frequency=cfg.min_frequency,
+        special_tokens=list(SPECIAL_TOKENS),
+        limit_alphabet=cfg.limit_alphabet,
+        continuing_subword_prefix="##",
+        show_progress=progress,
+    )
+    tok.train_from_iterator(texts, trainer=trainer, length=length)
+    ids = [tok.token_to_id(t) for t in SPECIAL_TOKENS]
+    if ids != list(range(len(SPECIAL_TOKENS))):
+        raise BerthError(f"special tokens got ids {ids}, expected 0..4; report this as a bug")
+    if tok.get_vocab_size() <= len(SPECIAL_TOKENS):
+        raise BerthError("the trained vocabulary holds only special tokens: the corpus has no usable text")
+    _add_post_processor(tok)
+    return tok
+
+
+def to_transformers(tok: Tokenizer, cfg: WordPieceConfig) -> BertTokenizer:
+    return BertTokenizer(
+        tokenizer_object=tok,
+        do_lower_case=cfg.lowercase,
+        strip_accents=cfg.strip_accents,
+        tokenize_chinese_chars=True,
+        model_max_length=cfg.model_max_length,
+        unk_token=UNK,
+        sep_token=SEP,
+        pad_token=PAD,
+        cls_token=CLS,
+        mask_token=MASK,
+    )
+
+
+def save_tokenizer(tok: Tokenizer, cfg: WordPieceConfig, output_dir: str | Path) -> Path:
+    """Write tokenizer.json, tokenizer_config.json, special_tokens_map.json and vocab.txt.
+
+    The files are written to a temporary directory first and moved in one by one, so a crash never leaves
+    a half-written tokenizer.json next to the previous vocab.txt.
+    """
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".tmp-") as tmp:
+        hf = to_transformers(tok, cfg)
+        hf.save_pretrained(tmp)
+        vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+        # vocab.txt alone rebuilds the same tokenizer with transformers' BertTokenizer (ids are line numbers).
+        Path(tmp, "vocab.txt").write_text("".join(f"{token}\n" for token, _ in vocab), encoding="utf-8")
+        special = {"unk_token": UNK, "sep_token": SEP, "pad_token": PAD, "cls_token": CLS, "mask_token": MASK}
+        Path(tmp, "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n", encoding="utf-8")
+        for name in TOKENIZER_FILES:
+            os.replace(Path(tmp, name), out / name)
+    return out
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """Load a saved tokenizer, with a one-line error when the directory holds none."""
+    path = Path(path)
+    if not (path / "tokenizer.json").is_file() and not (path / "vocab.txt").is_file():
+        raise BerthError(f"{path}: no tokenizer here (no tokenizer.json or vocab.txt); run `berth tokenizer train`")
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:
+        raise BerthError(f"{path}: cannot load the tokenizer: {exc}") from None
+
+
+def measure(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> dict[str, float]:
+    """[UNK] rate (share of tokens) and tokens per character on `texts`, special tokens left out."""
+    if not texts:
+        return {"documents": 0, "characters": 0, "tokens": 0, "unk_rate": float("nan"), "tokens_per_char": float("nan")}
+    encoded = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+    tokens = sum(len(ids) for ids in encoded)
+    unks = sum(ids.count(tokenizer.unk_token_id) for ids in encoded)
+    characters = sum(len(t) for t in texts)
+    return {
+        "documents": len(texts),
+        "characters": characters,
+        "tokens": tokens,
+        "unk_rate": unks / max(tokens, 1),
+        "tokens_per_char": tokens / max(characters, 1),
+    }
+
+
+def _split_heldout(corpus: Any, cfg: WordPieceConfig, heldout: list[str]) -> Iterator[str]:
+    """Training texts; the held-out sample (chosen by a hash of the text) is appended to `heldout`."""
+    batches = corpus.iter(batch_size=1000) if isinstance(corpus, datasets.Dataset) else _batched(corpus)
+    for batch in batches:
+        for text in batch["text"]:
+            if hash_unit(text) < cfg.heldout_fraction:
+                if len(heldout) < cfg.max_heldout_documents:
+                    heldout.append(text)
+                continue
+            yield text
+
+
+def _batched(corpus: Iterable[dict[str, Any]], size: int = 1000) -> Iterator[dict[str, list[Any]]]:
+    texts: list[str] = []
+    for row in corpus:
+        texts.append(row["text"])
+        if len(texts) == size:
+            yield {"text": texts}
+            texts = []
+    if texts:
+        yield {"text": texts}
+
+
+def is_built(cfg: TokenizerJobConfig) -> bool:
+    """True when output_dir holds a tokenizer trained with exactly this config."""
+    out = Path(cfg.output_dir)
+    saved = out / CONFIG_FILENAME
+    if not all((out / name).is_file() for name in TOKENIZER_FILES) or not saved.is_file():
+        return False
+    return saved.read_text(encoding="utf-8") == dump_config(cfg)
+
+
+def train_tokenizer(cfg: TokenizerJobConfig, reuse: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Read the corpus, train, save to cfg.output_dir and return the summary (also saved as summary.json)."""
+    out = Path(cfg.output_dir)
+    if reuse and is_built(cfg):
+        logger.info("reusing the tokenizer in %s (built with the same config)", out)
+        return json.loads((out / SUMMARY_FILENAME).read_text(encoding="utf-8"))
+    start = time.perf_counter()
+    corpus = load_corpus(cfg.corpus)
+    length = corpus.num_rows if isinstance(corpus, datasets.Dataset) else None
+    heldout: list[str] = []
+    texts = _split_heldout(corpus, cfg.tokenizer, heldout)
+    tok = train_wordpiece(build_wordpiece(cfg.tokenizer), texts, cfg.tokenizer, length=length, progress=progress)
+    save_tokenizer(tok, cfg.tokenizer, out)
+    elapsed = time.perf_counter() - start
+    stats = measure(load_tokenizer(out), heldout)
+    summary = {
+        "output_dir": str(out),
+        "vocab_size": tok.get_vocab_size(),
+        "target_vocab_size": cfg.tokenizer.vocab_size,
+        "train_seconds": round(elapsed, 2),
+        "heldout": stats,
+    }
+    save_config(cfg, out)
+    (out / SUMMARY_FILENAME).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    held = summary["heldout"]
+    return "\n".join(
+        [
+            f"tokenizer saved to {summary['output_dir']}",
+            f"  vocab size       {summary['vocab_size']} (target {summary['target_vocab_size']})",
+            f"  training time    {summary['train_seconds']:.1f} s",
+            f"  held-out sample  {held['documents']} documents, {held['characters']} characters",
+            f"  [UNK] rate       {held['unk_rate']:.4%} of tokens",
+            f"  tokens per char  {held['tokens_per_char']:.3f}",
+        ]
+    )
