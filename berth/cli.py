@@ -39,6 +39,23 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from berth.config import dump_config, load_config
+    from pretrain.config import PretrainConfig
+    from pretrain.prepare import dump_examples, format_stats, prepare
+    from tokenizer.train import ensure_tokenizer
+
+    cfg = load_config(PretrainConfig, args.config, args.overrides)
+    if args.print_config:
+        print(dump_config(cfg), end="")
+        return 0
+    prepared = prepare(cfg, ensure_tokenizer(cfg.tokenizer.path, cfg.tokenizer.config))
+    logging.getLogger("berth").info("\n%s", format_stats(prepared))
+    if args.dump:
+        dump_examples(prepared, args.dump, sys.stdout)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from berth.config import load_config
     from tokenizer.config import TokenizerJobConfig
@@ -62,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(train)
     train.set_defaults(func=cmd_tokenizer_train)
 
+    prep = stages.add_parser("prepare", help="tokenize a corpus and draw pretraining examples (cached)")
+    _add_config_args(prep)
+    prep.add_argument("--dump", type=int, default=0, metavar="N",
+                      help="write N collated, masked training examples to standard output as JSON lines")  # fmt: skip
+    prep.set_defaults(func=cmd_prepare)
+
     demo = stages.add_parser("demo", help="run the pipeline on the embedded Chinese corpus")
     demo.add_argument("--output-dir", default="runs/demo", help="where the demo writes (default: runs/demo)")
     demo.add_argument("overrides", nargs="*", help="overrides for the tokenizer config")
@@ -81,7 +104,15 @@ def configure_logging(quiet: bool = False) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may come before or after options (`--dump 3 data.seed=1`): argparse stops collecting a
+    # positional list at the first option, so the ones after it arrive here as unknown arguments.
+    args, extra = parser.parse_known_args(argv)
+    late = [item for item in extra if "=" in item and not item.startswith("-")]
+    if len(late) != len(extra) or (late and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(x for x in extra if x not in late) or ' '.join(late)}")
+    if late:
+        args.overrides = [*args.overrides, *late]
     configure_logging(args.quiet)
     # Before datasets or transformers are imported: they read the offline switches at import time.
     configure_offline_mode()

@@ -34,3 +34,16 @@ def _isolated_datasets_cache(tmp_path_factory, monkeypatch):
     # One cache per test session, away from the user's ~/.cache, so cache hits in one test cannot hide
     # a reader bug and runs leave nothing behind.
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path_factory.getbasetemp() / "hf-datasets"))
+
+
+@pytest.fixture(scope="session")
+def zh_tokenizer_dir(tmp_path_factory):
+    """The tokenizer of configs/tokenizer/zh.yaml, trained once per test session on the embedded corpus."""
+    from berth.config import load_config
+    from tokenizer.config import TokenizerJobConfig
+    from tokenizer.train import train_tokenizer
+
+    out = tmp_path_factory.mktemp("zh-tokenizer")
+    cfg = load_config(TokenizerJobConfig, "configs/tokenizer/zh.yaml", [f"output_dir={out}"])
+    summary = train_tokenizer(cfg, progress=False)
+    return cfg, summary, out

@@ -123,10 +123,9 @@ def test_load_tokenizer_from_a_directory_without_one(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def embedded_tokenizer(tmp_path_factory):
-    out = tmp_path_factory.mktemp("zh")
-    cfg = load_config(TokenizerJobConfig, "configs/tokenizer/zh.yaml", [f"output_dir={out}"])
-    return cfg, train_tokenizer(cfg, progress=False)
+def embedded_tokenizer(zh_tokenizer_dir):
+    cfg, summary, _ = zh_tokenizer_dir
+    return cfg, summary
 
 
 def test_train_on_the_embedded_corpus(embedded_tokenizer):

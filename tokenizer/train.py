@@ -215,3 +215,17 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"  tokens per char  {held['tokens_per_char']:.3f}",
         ]
     )
+
+
+def ensure_tokenizer(path: str | Path, config: str | Path | None) -> PreTrainedTokenizerBase:
+    """The tokenizer in `path`; when there is none yet, train it first with the tokenizer config `config`."""
+    path = Path(path)
+    if not (path / "tokenizer.json").is_file() and not (path / "vocab.txt").is_file():
+        if not config:
+            raise BerthError(f"{path}: no tokenizer here, and tokenizer.config is empty; run `berth tokenizer train`")
+        from berth.config import load_config
+
+        logger.info("no tokenizer in %s yet: training it with %s", path, config)
+        cfg = load_config(TokenizerJobConfig, config, [f"output_dir={path}"])
+        logger.info("\n%s", format_summary(train_tokenizer(cfg)))
+    return load_tokenizer(path)

@@ -1,0 +1,138 @@
+"""Masked-LM masking at collate time: a fresh mask every time an example is seen, reproducible and resumable.
+
+Each example's mask comes from its own generator, seeded by (seed, epoch, example index). So the masks do
+not depend on the batch size, the number of processes or data-loader workers, and resuming at any step
+gives the masks an uninterrupted run would have used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from pretrain.config import DataConfig
+from pretrain.data import IGNORE_LABEL, NOT_A_WORD, SpecialIds
+
+# 64-bit mixing constants (splitmix64) so that neighbouring (seed, epoch, index) give unrelated streams.
+_MIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
+_MASK64 = (1 << 64) - 1
+
+
+def mask_seed(seed: int, epoch: int, index: int) -> int:
+    z = (seed * _MIX[0] + epoch * _MIX[1] + index * _MIX[2]) & _MASK64
+    z = ((z ^ (z >> 30)) * _MIX[1]) & _MASK64
+    z = ((z ^ (z >> 27)) * _MIX[2]) & _MASK64
+    return (z ^ (z >> 31)) & ((1 << 63) - 1)
+
+
+class EpochExamples(torch.utils.data.Dataset):
+    """The examples of one epoch, each returned with the seed of its mask."""
+
+    def __init__(self, examples: Any, seed: int, epoch: int):
+        self.examples = examples
+        self.seed = seed
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {**self.examples[int(index)], "mask_seed": mask_seed(self.seed, self.epoch, int(index))}
+
+
+def word_starts(word_ids: torch.Tensor) -> torch.Tensor:
+    """(B, L) -> (B, L): for every position, the index of the first token of its word (run of equal ids)."""
+    positions = torch.arange(word_ids.shape[1], device=word_ids.device).expand_as(word_ids)
+    is_start = torch.ones_like(word_ids, dtype=torch.bool)
+    is_start[:, 1:] = word_ids[:, 1:] != word_ids[:, :-1]
+    return torch.where(is_start, positions, 0).cummax(dim=1).values
+
+
+class MaskingCollator:
+    """Pads a list of examples and masks them: BERT's 15% with 80/10/10, per word when whole_word_mask.
+
+    Returns input_ids, token_type_ids, attention_mask (B, L); labels (B, L) with -100 where nothing is
+    predicted; mlm_positions (N,) the flat indices of predicted tokens in (B * L) and mlm_labels (N,), so the
+    model can run its MLM head on those N positions only; next_sentence_label (B,); word_ids (B, L).
+    """
+
+    def __init__(self, cfg: DataConfig, special: SpecialIds, mask: bool = True):
+        self.cfg = cfg
+        self.special = special
+        self.mask = mask
+        specials = torch.tensor(special.all)
+        every_id = torch.arange(special.vocab_size)
+        # Random replacements are ordinary tokens only: never [PAD], [CLS], [SEP], [MASK] or [UNK].
+        self.replacement_ids = every_id[~torch.isin(every_id, specials)]
+
+    def pad(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        multiple = self.cfg.pad_to_multiple_of
+        longest = max(len(e["input_ids"]) for e in examples)
+        length = -(-longest // multiple) * multiple
+        batch = len(examples)
+        input_ids = torch.full((batch, length), self.special.pad, dtype=torch.long)
+        token_type_ids = torch.zeros((batch, length), dtype=torch.long)
+        attention_mask = torch.zeros((batch, length), dtype=torch.long)
+        word_ids = torch.full((batch, length), NOT_A_WORD, dtype=torch.long)
+        for row, example in enumerate(examples):
+            n = len(example["input_ids"])
+            input_ids[row, :n] = torch.as_tensor(example["input_ids"])
+            token_type_ids[row, :n] = torch.as_tensor(example["token_type_ids"])
+            attention_mask[row, :n] = 1
+            word_ids[row, :n] = torch.as_tensor(example["word_ids"])
+        if not self.cfg.whole_word_mask:
+            # Every token a word of its own; specials and padding keep -1.
+            word_ids = torch.where(word_ids >= 0, torch.arange(length).expand(batch, length), NOT_A_WORD)
+        nsp = torch.tensor([int(e.get("next_sentence_label", IGNORE_LABEL)) for e in examples], dtype=torch.long)
+        return {
+            "input_ids": input_ids,
+            "token_type_ids": token_type_ids,
+            "attention_mask": attention_mask,
+            "word_ids": word_ids,
+            "next_sentence_label": nsp,
+        }
+
+    def draws(self, examples: Sequence[dict[str, Any]], length: int) -> tuple[torch.Tensor, ...]:
+        """Per-example uniform draws (choose, action) and random token ids, each (B, L).
+
+        Each example draws for its own length only, so its mask does not depend on how long the other
+        examples in the batch are. Padding positions get 1.0 (never chosen).
+        """
+        batch = len(examples)
+        choose = torch.ones(batch, length)
+        action = torch.ones(batch, length)
+        tokens = torch.zeros(batch, length, dtype=torch.long)
+        generator = torch.Generator()
+        for row, example in enumerate(examples):
+            n = len(example["input_ids"])
+            generator.manual_seed(int(example["mask_seed"]))
+            choose[row, :n] = torch.rand(n, generator=generator)
+            action[row, :n] = torch.rand(n, generator=generator)
+            tokens[row, :n] = torch.randint(len(self.replacement_ids), (n,), generator=generator)
+        return choose, action, self.replacement_ids[tokens]
+
+    def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = self.pad(examples)
+        input_ids, word_ids = batch["input_ids"], batch["word_ids"]
+        if not self.mask:
+            return batch
+        choose, action, random_tokens = self.draws(examples, input_ids.shape[1])
+        starts = word_starts(word_ids)  # (B, L): one draw per word, read at the word's first token
+        chosen = (choose.gather(1, starts) < self.cfg.mask_prob) & (word_ids != NOT_A_WORD)
+        act = action.gather(1, starts)
+        p_mask, p_random = self.cfg.mask_replace_prob, self.cfg.random_replace_prob
+        to_mask = chosen & (act < p_mask)
+        to_random = chosen & (act >= p_mask) & (act < p_mask + p_random)
+        labels = torch.where(chosen, input_ids, IGNORE_LABEL)
+        masked = torch.where(to_mask, self.special.mask, input_ids)
+        masked = torch.where(to_random, random_tokens, masked)
+        positions = chosen.flatten().nonzero().squeeze(1)  # (N,) flat indices into (B * L)
+        return {
+            **batch,
+            "input_ids": masked,
+            "labels": labels,
+            "mlm_positions": positions,
+            "mlm_labels": input_ids.flatten()[positions],
+        }

