@@ -6,18 +6,12 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from berth.errors import BerthError
 from berth.hub import configure_offline_mode
 
 CONFIG_HELP = "YAML config file (see configs/)"
 OVERRIDES_HELP = "config overrides as section.key=value, e.g. tokenizer.vocab_size=16000 output_dir=runs/x"
-
-
-def repo_configs_dir() -> Path:
-    """The configs/ folder shipped beside the packages (the repository root in an editable install)."""
-    return Path(__file__).resolve().parent.parent / "configs"
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -57,14 +51,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from berth.config import load_config
-    from tokenizer.config import TokenizerJobConfig
-    from tokenizer.train import format_summary, train_tokenizer
+    from berth.demo import run_demo
 
-    config = repo_configs_dir() / "tokenizer" / "zh.yaml"
-    overrides = [f"output_dir={Path(args.output_dir) / 'tokenizer'}", *args.overrides]
-    cfg = load_config(TokenizerJobConfig, config, overrides)
-    print(format_summary(train_tokenizer(cfg, reuse=True)))
+    print(run_demo(args.output_dir, args.overrides))
     return 0
 
 
@@ -87,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = stages.add_parser("demo", help="run the pipeline on the embedded Chinese corpus")
     demo.add_argument("--output-dir", default="runs/demo", help="where the demo writes (default: runs/demo)")
-    demo.add_argument("overrides", nargs="*", help="overrides for the tokenizer config")
+    demo.add_argument("overrides", nargs="*", help="overrides for the pretraining config, e.g. data.seed=1")
     demo.set_defaults(func=cmd_demo)
     return parser
 

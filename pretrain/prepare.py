@@ -251,6 +251,12 @@ def format_stats(prepared: PreparedData) -> str:
     if train["positive_share"] is not None:
         lines.append(f"  positive pairs   {train['positive_share']:.1%} ({prepared.data.sentence_task})")
     lines.append(f"  time             {s['prepare_seconds']:.1f} s (tokenizing {s['tokenize_seconds']:.1f} s)")
+    first = prepared.examples("train", 0)[0] if train["examples"] else None
+    if first is not None:
+        label = {0: "true continuation / in order", 1: "random / swapped"}.get(first["next_sentence_label"], "")
+        lines.append(f"  first example    {' '.join(decode_example(prepared.tokenizer, first['input_ids']))}")
+        if label:
+            lines.append(f"                   next_sentence_label={first['next_sentence_label']} ({label})")
     return "\n".join(lines)
 
 

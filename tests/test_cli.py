@@ -106,11 +106,15 @@ def test_reachable_hub_stays_online(monkeypatch):
     assert not hub.offline_requested()
 
 
-def test_demo_trains_then_reuses_the_tokenizer(tmp_path, capsys, caplog):
+def test_demo_builds_then_reuses(tmp_path, capsys, caplog):
     caplog.set_level("INFO")
     assert main(["demo", "--output-dir", str(tmp_path)]) == 0
     first = capsys.readouterr().out
     assert f"tokenizer saved to {tmp_path / 'tokenizer'}" in first
+    assert f"prepared data in {tmp_path / 'cache'}" in first
+    assert "positive pairs" in first
     assert main(["demo", "--output-dir", str(tmp_path)]) == 0
-    assert capsys.readouterr().out == first
+    second = capsys.readouterr().out
+    assert second.split("  time")[0] == first.split("  time")[0]
     assert "reusing the tokenizer" in caplog.text
+    assert "reusing tokenized documents" in caplog.text

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pretrain.config import DataConfig
-from pretrain.data import Document, DocumentEncoder, SpecialIds, pack_documents
+from pretrain.data import Document, DocumentEncoder, SpecialIds, pack_documents, renumber
 from pretrain.masking import EpochExamples, MaskingCollator, mask_seed, word_starts
 from tokenizer.train import load_tokenizer
 

@@ -443,3 +443,15 @@ def test_prepare_dump_writes_what_the_model_sees(zh_tokenizer_dir, tmp_path):
             if label == -100:
                 assert shown == original
         assert any(label != -100 for label in row["labels"])
+
+
+def test_streamed_corpus_gives_the_same_documents(tmp_path, hand_tokenizer):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("".join(f"我爱北京。天安门{'很' * (i % 5)}大！\n" for i in range(50)))
+    common = [f"corpus.sources=[{corpus}]", "data.eval_fraction=0", "data.num_proc=1"]
+    plain = load_config(PretrainConfig, None, [*common, f"data.cache_dir={tmp_path / 'a'}"])
+    streamed = load_config(PretrainConfig, None, [*common, f"data.cache_dir={tmp_path / 'b'}", "corpus.streaming=true"])
+    a = prepare_documents(plain.corpus, plain.data, hand_tokenizer).documents["train"]
+    b = prepare_documents(streamed.corpus, streamed.data, hand_tokenizer).documents["train"]
+    assert len(a) == 50
+    assert a["input_ids"] == b["input_ids"] and a["word_ids"] == b["word_ids"]
