@@ -51,7 +51,7 @@ def main() -> None:
                 num_attention_heads=4,
                 intermediate_size=1024,
                 max_position_embeddings=512,
-            )  # fmt: skip
+            )
         )
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         collate_s, step_s = [], []
@@ -62,10 +62,12 @@ def main() -> None:
             batch = collator(rows)
             t1 = time.perf_counter()
             out = model(
-                input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
-                attention_mask=batch["attention_mask"], labels=batch["labels"],
+                input_ids=batch["input_ids"],
+                token_type_ids=batch["token_type_ids"],
+                attention_mask=batch["attention_mask"],
+                labels=batch["labels"],
                 next_sentence_label=batch["next_sentence_label"],
-            )  # fmt: skip
+            )
             out.loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

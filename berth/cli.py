@@ -70,8 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     prep = stages.add_parser("prepare", help="tokenize a corpus and draw pretraining examples (cached)")
     _add_config_args(prep)
-    prep.add_argument("--dump", type=int, default=0, metavar="N",
-                      help="write N collated, masked training examples to standard output as JSON lines")  # fmt: skip
+    prep.add_argument(
+        "--dump",
+        type=int,
+        default=0,
+        metavar="N",
+        help="write N collated, masked training examples to standard output as JSON lines",
+    )
     prep.set_defaults(func=cmd_prepare)
 
     demo = stages.add_parser("demo", help="run the pipeline on the embedded Chinese corpus")

@@ -36,8 +36,12 @@ def run_demo(output_dir: str | Path = "runs/demo", overrides: Sequence[str] = ()
     pre_cfg = load_config(
         PretrainConfig,
         configs / "pretrain" / "mini_zh.yaml",
-        [f"output_dir={out / 'pretrain'}", f"tokenizer.path={out / 'tokenizer'}", f"data.cache_dir={out / 'cache'}",
-         *overrides],
-    )  # fmt: skip
+        [
+            f"output_dir={out / 'pretrain'}",
+            f"tokenizer.path={out / 'tokenizer'}",
+            f"data.cache_dir={out / 'cache'}",
+            *overrides,
+        ],
+    )
     prepared = prepare(pre_cfg, load_tokenizer(tok_cfg.output_dir))
     return f"{format_summary(summary)}\n\n{format_stats(prepared)}"

@@ -81,15 +81,19 @@ def check_tokenizer(tokenizer: PreTrainedTokenizerBase, where: str = "tokenizer"
     ids = {name: getattr(tokenizer, f"{name}_token_id", None) for name in names}
     missing = [f"[{n.upper()}]" for n, i in ids.items() if i is None]
     if missing:
-        raise BerthError(f"{where}: the tokenizer has no {', '.join(missing)} token; pretraining needs all of "
-                         "[PAD] [UNK] [CLS] [SEP] [MASK]")  # fmt: skip
+        raise BerthError(
+            f"{where}: the tokenizer has no {', '.join(missing)} token; pretraining needs all of "
+            "[PAD] [UNK] [CLS] [SEP] [MASK]"
+        )
     vocab_size = len(tokenizer)
     vocab_file = Path(getattr(tokenizer, "name_or_path", "") or ".") / "vocab.txt"
     if vocab_file.is_file():
         lines = vocab_file.read_text(encoding="utf-8").splitlines()
         if len(lines) != vocab_size:
-            raise BerthError(f"{vocab_file}: {len(lines)} entries, but the tokenizer has {vocab_size}; "
-                             "the vocabulary does not match tokenizer.json")  # fmt: skip
+            raise BerthError(
+                f"{vocab_file}: {len(lines)} entries, but the tokenizer has {vocab_size}; "
+                "the vocabulary does not match tokenizer.json"
+            )
         for name, i in ids.items():
             token = getattr(tokenizer, f"{name}_token")
             if lines[i] != token:
@@ -289,8 +293,13 @@ def pair_example(a: Segment, b: Segment, label: int, truncated: bool, special: S
     ids = [special.cls, *a.ids(), special.sep, *b.ids(), special.sep]
     words = renumber([NOT_A_WORD, *a.words(), NOT_A_WORD, *b.words(), NOT_A_WORD])
     types = [0] * (len(a.positions) + 2) + [1] * (len(b.positions) + 1)
-    return {"input_ids": ids, "token_type_ids": types, "word_ids": words, "next_sentence_label": label,
-            "truncated": truncated}  # fmt: skip
+    return {
+        "input_ids": ids,
+        "token_type_ids": types,
+        "word_ids": words,
+        "next_sentence_label": label,
+        "truncated": truncated,
+    }
 
 
 def target_length(max_tokens: int, short_seq_prob: float, rng: random.Random) -> int:
@@ -383,9 +392,15 @@ def pack_documents(docs: list[Document], cfg: DataConfig, special: SpecialIds) -
         if ids and ids[-1] == special.sep:
             ids, words = ids[:-1], words[:-1]
         if ids:
-            examples.append({"input_ids": [special.cls, *ids, special.sep], "token_type_ids": [0] * (len(ids) + 2),
-                             "word_ids": renumber([NOT_A_WORD, *words, NOT_A_WORD]),
-                             "next_sentence_label": IGNORE_LABEL, "truncated": truncated})  # fmt: skip
+            examples.append(
+                {
+                    "input_ids": [special.cls, *ids, special.sep],
+                    "token_type_ids": [0] * (len(ids) + 2),
+                    "word_ids": renumber([NOT_A_WORD, *words, NOT_A_WORD]),
+                    "next_sentence_label": IGNORE_LABEL,
+                    "truncated": truncated,
+                }
+            )
         ids, words, truncated = [], [], False
 
     for doc in docs:

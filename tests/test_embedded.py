@@ -32,8 +32,19 @@ def test_bio_tags_per_character():
     chars, tags = bio_characters(parse_tagged_line("新华社/nt  记者/n  兰/nr  红光/nr  摄于/v  北京/ns"))
     assert "".join(chars) == "新华社记者兰红光摄于北京"
     assert tags == [
-        "B-ORG", "I-ORG", "I-ORG", "O", "O", "B-PER", "I-PER", "I-PER", "O", "O", "B-LOC", "I-LOC",
-    ]  # fmt: skip
+        "B-ORG",
+        "I-ORG",
+        "I-ORG",
+        "O",
+        "O",
+        "B-PER",
+        "I-PER",
+        "I-PER",
+        "O",
+        "O",
+        "B-LOC",
+        "I-LOC",
+    ]
 
 
 def test_join_words_keeps_latin_words_apart():

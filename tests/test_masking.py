@@ -112,12 +112,19 @@ def test_chinese_whole_words_from_the_corpus_segmentation(zh_tokenizer_dir):
     _, _, tok_dir = zh_tokenizer_dir
     tokenizer = load_tokenizer(tok_dir)
     encode = DocumentEncoder(tokenizer, "auto", 0.0)
-    out = encode({"text": ["中共中央总书记、国家主席江泽民。"],
-                  "words": [["中共中央", "总书记", "、", "国家", "主席", "江", "泽民", "。"]]})  # fmt: skip
+    out = encode(
+        {
+            "text": ["中共中央总书记、国家主席江泽民。"],
+            "words": [["中共中央", "总书记", "、", "国家", "主席", "江", "泽民", "。"]],
+        }
+    )
     assert out["word_ids"] == [[0, 0, 0, 0, 1, 1, 1, 2, 3, 3, 4, 4, 5, 6, 6, 7]]
     special = SpecialIds(0, 1, 2, 3, 4, len(tokenizer))
-    examples = pack_documents([Document(out["input_ids"][0], out["word_ids"][0], out["sentence_ends"][0])],
-                              DataConfig(max_seq_len=32, sentence_task="none"), special)  # fmt: skip
+    examples = pack_documents(
+        [Document(out["input_ids"][0], out["word_ids"][0], out["sentence_ends"][0])],
+        DataConfig(max_seq_len=32, sentence_task="none"),
+        special,
+    )
     collator = MaskingCollator(DataConfig(mask_prob=0.5), special)
     for seed in range(200):
         b = collator([{**examples[0], "mask_seed": seed}])
@@ -128,8 +135,12 @@ def test_chinese_whole_words_from_the_corpus_segmentation(zh_tokenizer_dir):
 
 def test_english_whole_words_from_wordpiece_pieces():
     # un ##aff ##able | runs: word ids from the ## rule
-    example = {"input_ids": [2, 20, 21, 22, 23, 3], "token_type_ids": [0] * 6, "word_ids": [-1, 0, 0, 0, 1, -1],
-               "next_sentence_label": -100}  # fmt: skip
+    example = {
+        "input_ids": [2, 20, 21, 22, 23, 3],
+        "token_type_ids": [0] * 6,
+        "word_ids": [-1, 0, 0, 0, 1, -1],
+        "next_sentence_label": -100,
+    }
     collator = MaskingCollator(DataConfig(mask_prob=0.5), SPECIAL)
     patterns = set()
     for seed in range(100):
@@ -143,12 +154,20 @@ def test_padding_exact():
     collator = MaskingCollator(DataConfig(pad_to_multiple_of=8), SPECIAL, mask=False)
     batch = collator(
         [
-            {"input_ids": [2, 10, 3, 11, 3], "token_type_ids": [0, 0, 0, 1, 1], "word_ids": [-1, 0, -1, 1, -1],
-             "next_sentence_label": 1},
-            {"input_ids": [2, 12, 13, 3], "token_type_ids": [0, 0, 0, 0], "word_ids": [-1, 0, 0, -1],
-             "next_sentence_label": -100},
+            {
+                "input_ids": [2, 10, 3, 11, 3],
+                "token_type_ids": [0, 0, 0, 1, 1],
+                "word_ids": [-1, 0, -1, 1, -1],
+                "next_sentence_label": 1,
+            },
+            {
+                "input_ids": [2, 12, 13, 3],
+                "token_type_ids": [0, 0, 0, 0],
+                "word_ids": [-1, 0, 0, -1],
+                "next_sentence_label": -100,
+            },
         ]
-    )  # fmt: skip
+    )
     assert batch["input_ids"].tolist() == [[2, 10, 3, 11, 3, 0, 0, 0], [2, 12, 13, 3, 0, 0, 0, 0]]
     assert batch["token_type_ids"].tolist() == [[0, 0, 0, 1, 1, 0, 0, 0], [0] * 8]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0, 0, 0]]

@@ -163,8 +163,9 @@ def test_renumber():
 def doc(*sentence_lengths, first_id=100, first_word=0):
     """A document whose tokens are consecutive ids from first_id; each token a word of its own."""
     n = sum(sentence_lengths)
-    return Document(list(range(first_id, first_id + n)), list(range(first_word, first_word + n)),
-                    list(np.cumsum(sentence_lengths)))  # fmt: skip
+    return Document(
+        list(range(first_id, first_id + n)), list(range(first_word, first_word + n)), list(np.cumsum(sentence_lengths))
+    )
 
 
 def test_truncate_pair_google_way():
@@ -375,8 +376,11 @@ def test_cache_hit_and_miss(embedded, caplog):
 def test_cache_miss_when_a_corpus_file_changes(tmp_path, hand_tokenizer):
     corpus = tmp_path / "c.txt"
     corpus.write_text("我爱北京。天安门很大！\n")
-    cfg = load_config(PretrainConfig, None, [f"corpus.sources=[{corpus}]", f"data.cache_dir={tmp_path / 'cache'}",
-                                              "data.eval_fraction=0"])  # fmt: skip
+    cfg = load_config(
+        PretrainConfig,
+        None,
+        [f"corpus.sources=[{corpus}]", f"data.cache_dir={tmp_path / 'cache'}", "data.eval_fraction=0"],
+    )
     first = prepare_documents(cfg.corpus, cfg.data, hand_tokenizer)
     corpus.write_text("我爱北京。天安门很大！\n天安门很大！我爱北京。\n")
     second = prepare_documents(cfg.corpus, cfg.data, hand_tokenizer)
@@ -426,15 +430,36 @@ def test_bad_data_values_are_config_errors():
 def test_prepare_dump_writes_what_the_model_sees(zh_tokenizer_dir, tmp_path):
     _, _, tok_dir = zh_tokenizer_dir
     result = subprocess.run(
-        [sys.executable, "-m", "berth.cli", "-q", "prepare", "configs/pretrain/mini_zh.yaml", "--dump", "3",
-         f"tokenizer.path={tok_dir}", f"data.cache_dir={tmp_path}", "corpus.sources=[peoples_daily_words]"],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "berth.cli",
+            "-q",
+            "prepare",
+            "configs/pretrain/mini_zh.yaml",
+            "--dump",
+            "3",
+            f"tokenizer.path={tok_dir}",
+            f"data.cache_dir={tmp_path}",
+            "corpus.sources=[peoples_daily_words]",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(rows) == 3
     for row in rows:
-        assert set(row) == {"input_ids", "token_type_ids", "attention_mask", "labels", "word_ids",
-                            "next_sentence_label", "tokens", "original_tokens"}  # fmt: skip
+        assert set(row) == {
+            "input_ids",
+            "token_type_ids",
+            "attention_mask",
+            "labels",
+            "word_ids",
+            "next_sentence_label",
+            "tokens",
+            "original_tokens",
+        }
         n = len(row["input_ids"])
         assert all(len(row[k]) == n for k in ("token_type_ids", "attention_mask", "labels", "word_ids", "tokens"))
         assert row["tokens"][0] == "[CLS]" and row["tokens"][-1] == "[SEP]"

@@ -20,12 +20,30 @@ from tokenizer.train import (
 )
 
 HAND_VOCAB = [
-    *SPECIAL_TOKENS,                                   # 0-4
-    "我", "爱", "北", "京", "天", "安", "门", "。",        # 5-12
-    "hello", "world", ",", "!",                        # 13-16
-    "un", "##aff", "##able", "cafe", "naive", "café",  # 17-22
-    "12", "##3", "a", "##a",                           # 23-26
-]  # fmt: skip
+    *SPECIAL_TOKENS,  # 0-4
+    "我",
+    "爱",
+    "北",
+    "京",
+    "天",
+    "安",
+    "门",
+    "。",  # 5-12
+    "hello",
+    "world",
+    ",",
+    "!",  # 13-16
+    "un",
+    "##aff",
+    "##able",
+    "cafe",
+    "naive",
+    "café",  # 17-22
+    "12",
+    "##3",
+    "a",
+    "##a",  # 23-26
+]
 IDS = {token: i for i, token in enumerate(HAND_VOCAB)}
 
 
@@ -89,8 +107,11 @@ def test_cased_tokenizer_keeps_accents_and_case(tmp_path):
 def test_saved_files_and_vocab_txt_alone_give_the_same_ids(hand_tokenizer):
     tok, out = hand_tokenizer
     assert sorted(p.name for p in out.iterdir()) == [
-        "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
-    ]  # fmt: skip
+        "special_tokens_map.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.txt",
+    ]
     assert (out / "vocab.txt").read_text(encoding="utf-8").splitlines() == HAND_VOCAB
     from_vocab = BertTokenizer(vocab=str(out / "vocab.txt"))
     reference = BertTokenizerLegacy(vocab_file=str(out / "vocab.txt"))
@@ -154,8 +175,16 @@ def test_fast_tokenizer_matches_vocab_txt_tokenizer_on_the_whole_embedded_corpus
     out = summary["output_dir"]
     fast = load_tokenizer(out)
     reference = BertTokenizerLegacy(vocab_file=f"{out}/vocab.txt", do_lower_case=True)
-    texts = [t for name in ("peoples_daily", "reviews_sentiment:train", "reviews_sentiment:validation",
-                            "reviews_sentiment:test") for t in NAMED_CORPORA[name]()["text"]]  # fmt: skip
+    texts = [
+        t
+        for name in (
+            "peoples_daily",
+            "reviews_sentiment:train",
+            "reviews_sentiment:validation",
+            "reviews_sentiment:test",
+        )
+        for t in NAMED_CORPORA[name]()["text"]
+    ]
     assert len(texts) > 35_000
     fast_ids = fast(texts, add_special_tokens=False, verbose=False)["input_ids"]
     mismatches = [
