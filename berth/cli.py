@@ -50,6 +50,20 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from berth.config import dump_config, load_config
+    from pretrain.config import PretrainConfig
+    from pretrain.train import pretrain
+
+    cfg = load_config(PretrainConfig, args.config, args.overrides)
+    if args.print_config:
+        print(dump_config(cfg), end="")
+        return 0
+    final = pretrain(cfg)
+    logging.getLogger("berth").info("exported %s", final)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from berth.demo import run_demo
 
@@ -79,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prep.set_defaults(func=cmd_prepare)
 
+    pre = stages.add_parser("pretrain", help="pretrain BERT (MLM + NSP/SOP); under accelerate launch for many GPUs")
+    _add_config_args(pre)
+    pre.set_defaults(func=cmd_pretrain)
+
     demo = stages.add_parser("demo", help="run the pipeline on the embedded Chinese corpus")
     demo.add_argument("--output-dir", default="runs/demo", help="where the demo writes (default: runs/demo)")
     demo.add_argument("overrides", nargs="*", help="overrides for the pretraining config, e.g. data.seed=1")
@@ -93,8 +111,10 @@ def configure_logging(quiet: bool = False) -> None:
         datefmt="%H:%M:%S",
     )
     # The libraries are chatty at INFO; their warnings still show.
-    for name in ("datasets", "transformers", "httpx", "huggingface_hub", "urllib3"):
+    for name in ("datasets", "transformers", "httpx", "huggingface_hub", "urllib3", "accelerate"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Said on every checkpoint of a model with tied input/output embeddings, which is how BERT is meant to be.
+    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

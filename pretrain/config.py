@@ -61,9 +61,77 @@ class DataConfig:
             raise ValueError("num_proc and pad_to_multiple_of must be at least 1")
 
 
+# Google's BERT miniatures (layers, hidden size); heads = hidden / 64, feed-forward = 4 x hidden.
+MODEL_SIZES = {
+    "tiny": (2, 128),
+    "mini": (4, 256),
+    "small": (4, 512),
+    "medium": (8, 512),
+    "base": (12, 768),
+    "large": (24, 1024),
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: Literal["bert"] = "bert"
+    size: Literal["tiny", "mini", "small", "medium", "base", "large"] = "mini"
+    # A checkpoint directory (or hub id) to continue pretraining from; empty: from scratch.
+    init: str = ""
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    max_position_embeddings: int = 512
+    # The embedding matrix is padded to a multiple of this (faster matmuls); padding rows are never predicted.
+    pad_vocab_multiple: int = 64
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_steps: int = 1000
+    # Examples per process per micro-batch; the global batch is batch_size x processes x grad_accum.
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 5e-4
+    # Warm-up and decay count optimizer steps, whatever the number of processes and accumulation.
+    warmup_steps: int = 100
+    schedule: Literal["linear", "cosine", "constant", "noam"] = "linear"
+    min_lr_ratio: float = 0.0
+    optimizer: Literal["adamw", "lamb"] = "adamw"
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.98
+    adam_eps: float = 1e-6
+    max_grad_norm: float = 1.0
+    # auto: bf16 on GPUs with it and on CPUs with AVX512-BF16/AMX, fp16 on older GPUs, else fp32.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 200
+    # Evaluation batches (0: the whole validation split).
+    eval_batches: int = 0
+    save_every: int = 500
+    keep_last: int = 2
+    # auto: continue from the newest checkpoint in output_dir (or start fresh); a path: that checkpoint.
+    resume: str = ""
+    trackers: tuple[str, ...] = ()
+    # Peak FLOP/s of one device, for MFU; 0 uses a table for known GPUs and leaves MFU out elsewhere.
+    peak_tflops: float = 0.0
+    progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum", "log_every", "eval_every", "save_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
+        if self.warmup_steps < 0 or self.lr <= 0:
+            raise ValueError("warmup_steps must be >= 0 and lr > 0")
+
+
 @dataclass(frozen=True)
 class PretrainConfig:
     output_dir: str = "runs/pretrain/mini_zh"
     tokenizer: TokenizerRef = field(default_factory=TokenizerRef)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)

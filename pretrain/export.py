@@ -1,0 +1,80 @@
+"""Export to <output_dir>/final/ in Hugging Face format: loads with AutoModelForPreTraining / ForMaskedLM."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+from transformers import BertForPreTraining, PreTrainedTokenizerBase
+
+from runtime.tracking import read_metrics
+
+FINAL = "final"
+
+
+def model_card(cfg: Any, metrics: dict[str, Any], base_model: str = "") -> str:
+    """A short model card with the hub's YAML metadata and the last evaluation."""
+    from berth.config import dump_config
+
+    meta = {
+        "language": ["zh"] if "peoples_daily" in " ".join(cfg.corpus.sources) else [],
+        "library_name": "transformers",
+        "pipeline_tag": "fill-mask",
+        "tags": ["bert", "berth", "fill-mask", "pretraining"],
+    }
+    if base_model:
+        meta["base_model"] = base_model
+    rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in metrics.items() if isinstance(v, float))
+    front = "\n".join(f"{k}: {json.dumps(v, ensure_ascii=False)}" for k, v in meta.items())
+    return f"""---
+{front}
+---
+
+# {Path(cfg.output_dir).name}
+
+A BERT encoder ({cfg.model.size}) pretrained with [berth](https://github.com/) on {", ".join(cfg.corpus.sources)}:
+masked-LM ({cfg.data.mask_prob:.0%} of tokens, {"whole-word" if cfg.data.whole_word_mask else "token"} masking)
+plus the [CLS] task `{cfg.data.sentence_task}`, sequences of {cfg.data.max_seq_len} tokens.
+
+```python
+from transformers import pipeline
+fill = pipeline("fill-mask", model="path/to/this/folder")
+```
+
+## Evaluation (held-out documents, fixed mask)
+
+| metric | value |
+|---|---|
+{rows}
+
+## Training config
+
+```yaml
+{dump_config(cfg)}```
+"""
+
+
+def export_final(
+    accelerator: Accelerator, model: BertForPreTraining, tokenizer: PreTrainedTokenizerBase, cfg: Any, out: Path
+) -> Path:
+    final = out / FINAL
+    # Gathered on every process (FSDP / DeepSpeed shard it), written by the main one.
+    state_dict = accelerator.get_state_dict(accelerator._models[0]) if accelerator._models else None
+    if accelerator.is_main_process:
+        tmp = out / f".tmp-final-{time.time_ns()}"
+        inner = {k.removeprefix("model."): v for k, v in state_dict.items()} if state_dict is not None else None
+        model.save_pretrained(tmp, state_dict=inner)
+        tokenizer.save_pretrained(tmp)
+        vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+        (tmp / "vocab.txt").write_text("".join(f"{t}\n" for t, _ in vocab), encoding="utf-8")
+        evals = [m for m in read_metrics(out) if "eval_mlm_accuracy" in m]
+        last = {k: v for k, v in (evals[-1] if evals else {}).items() if k.startswith("eval_")}
+        (tmp / "README.md").write_text(model_card(cfg, last, cfg.model.init), encoding="utf-8")
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    accelerator.wait_for_everyone()
+    return final

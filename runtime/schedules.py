@@ -1,0 +1,58 @@
+"""Learning-rate warm-up and decay, as multipliers of the peak LR, counted in optimizer steps.
+
+Optimizer steps, not micro-batches or process-steps: the schedule is the same whatever the number of
+processes and the gradient accumulation (Accelerate's prepared schedulers step once per process unless told
+otherwise, which stretches or squeezes warm-up when the process count changes).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+SCHEDULES = ("linear", "cosine", "constant", "noam")
+
+
+def lr_multiplier(schedule: str, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> Callable[[int], float]:
+    """step -> multiplier of the peak LR. Step 0 is the first optimizer step.
+
+    linear (BERT): linear warm-up, then linear decay to min_ratio at total_steps.
+    cosine: linear warm-up, then half a cosine down to min_ratio.
+    constant: linear warm-up, then flat.
+    noam (inverse square root, "Attention is all you need"): linear warm-up, then sqrt(warmup / step).
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    warmup = max(0, warmup_steps)
+
+    def multiplier(step: int) -> float:
+        done = step + 1  # the LR used for the (step + 1)-th update
+        if done <= warmup:
+            return done / warmup
+        if schedule == "constant":
+            return 1.0
+        if schedule == "noam":
+            return math.sqrt(max(warmup, 1) / done)
+        progress = min(1.0, (done - warmup) / max(1, total_steps - warmup))
+        if schedule == "linear":
+            return min_ratio + (1.0 - min_ratio) * (1.0 - progress)
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return multiplier
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, schedule: str, warmup_steps: int, total_steps: int, min_ratio: float = 0.0
+) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(schedule, warmup_steps, total_steps, min_ratio))
+
+
+def planned_curve(
+    peak_lr: float, schedule: str, warmup_steps: int, total_steps: int, min_ratio: float = 0.0, points: int = 11
+) -> list[tuple[int, float]]:
+    """(step, lr) at evenly spaced steps, warm-up end included: what the run will do, logged at start."""
+    f = lr_multiplier(schedule, warmup_steps, total_steps, min_ratio)
+    steps = sorted({0, max(0, warmup_steps - 1), *(round(i * (total_steps - 1) / (points - 1)) for i in range(points))})
+    return [(s, peak_lr * f(s)) for s in steps if s < total_steps]
