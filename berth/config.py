@@ -148,6 +148,8 @@ def _convert(tp: Any, value: Any, source: str, key: str) -> Any:
             raise ConfigError(f"{source}: '{key}' must be an integer; got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):
+            value = _float_or_same(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: '{key}' must be a number; got {value!r}")
         return float(value)
@@ -156,6 +158,13 @@ def _convert(tp: Any, value: Any, source: str, key: str) -> Any:
             raise ConfigError(f"{source}: '{key}' must be a string; got {value!r}")
         return str(value)
     raise ConfigError(f"{source}: '{key}' has unsupported type {_type_name(tp)}")
+
+
+def _float_or_same(value: str) -> float | str:
+    try:
+        return float(value)
+    except ValueError:
+        return value
 
 
 def _parse_override(value: str, source: str, key: str) -> Any:

@@ -80,10 +80,13 @@ def batches(
         order = epoch_order(cfg.data.seed, state.epoch, len(examples))
         while state.epoch_offset + per_step <= len(examples):
             block = order[state.epoch_offset : state.epoch_offset + per_step]
-            for k in range(cfg.train.grad_accum):
-                mine = block[(k * procs + rank) * size : (k * procs + rank + 1) * size]
-                yield collator([examples[int(i)] for i in mine])
+            micro = [
+                block[(k * procs + rank) * size : (k * procs + rank + 1) * size] for k in range(cfg.train.grad_accum)
+            ]
+            # The position moves before the step runs, so a checkpoint after it resumes at the next block.
             state.epoch_offset += per_step
+            for indices in micro:
+                yield collator([examples[int(i)] for i in indices])
         state.epoch, state.epoch_offset = state.epoch + 1, 0
 
 

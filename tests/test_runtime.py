@@ -1,0 +1,58 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from runtime.optim import Lamb, build_optimizer, parameter_groups
+from runtime.schedules import lr_multiplier, planned_curve
+
+
+@pytest.mark.parametrize(
+    ("schedule", "expected"),
+    [
+        # warm-up 4 of 10 steps: 1/4, 2/4, 3/4, 4/4, then decay over the 6 remaining
+        ("linear", [0.25, 0.5, 0.75, 1.0, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6, 0.0]),
+        ("constant", [0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]),
+        ("noam", [0.25, 0.5, 0.75, 1.0, *(math.sqrt(4 / d) for d in range(5, 11))]),
+        ("cosine", [0.25, 0.5, 0.75, 1.0, *(0.5 * (1 + math.cos(math.pi * p / 6)) for p in range(1, 7))]),
+    ],
+)
+def test_schedules_exact(schedule, expected):
+    f = lr_multiplier(schedule, warmup_steps=4, total_steps=10)
+    assert [f(s) for s in range(10)] == pytest.approx(expected)
+
+
+def test_min_lr_ratio_and_no_warmup():
+    f = lr_multiplier("linear", warmup_steps=0, total_steps=4, min_ratio=0.1)
+    assert [f(s) for s in range(4)] == pytest.approx([0.775, 0.55, 0.325, 0.1])
+
+
+def test_planned_curve_names_warmup_end_and_last_step():
+    curve = dict(planned_curve(1e-3, "linear", warmup_steps=10, total_steps=100))
+    assert curve[9] == pytest.approx(1e-3)
+    assert curve[0] == pytest.approx(1e-4)
+    assert curve[99] == pytest.approx(0.0)
+
+
+def test_no_weight_decay_on_biases_and_layer_norms():
+    model = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3))
+    decay, no_decay = parameter_groups(model, 0.01)
+    assert [p.shape for p in decay["params"]] == [torch.Size([3, 4])]
+    assert sorted(p.numel() for p in no_decay["params"]) == [3, 3, 3]
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.01, 0.0)
+
+
+def test_lamb_step_matches_the_formula():
+    w = nn.Parameter(torch.tensor([3.0, 4.0]))
+    w.grad = torch.tensor([0.5, -1.0])
+    Lamb([w], lr=0.1, betas=(0.9, 0.999), eps=0.0, weight_decay=0.0).step()
+    # step 1: m_hat = g, v_hat = g^2, update = sign(g); trust = ||w|| / ||update|| = 5 / sqrt(2)
+    expected = torch.tensor([3.0, 4.0]) - 0.1 * (5 / math.sqrt(2)) * torch.tensor([1.0, -1.0])
+    assert torch.allclose(w.detach(), expected)
+
+
+def test_build_optimizer_names():
+    model = nn.Linear(2, 2)
+    assert isinstance(build_optimizer(model, "adamw", 1e-3, 0.01), torch.optim.AdamW)
+    assert isinstance(build_optimizer(model, "lamb", 1e-3, 0.01), Lamb)
