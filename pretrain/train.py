@@ -141,8 +141,9 @@ class Loop:
         self.flops_per_token = flops_per_token(model, cfg.data.max_seq_len, cfg.data.mask_prob)
         self.objective = PretrainingObjective(model, self.prepared.special.vocab_size, cfg.data.sentence_task != "none")
         t = cfg.train
-        optimizer = build_optimizer(self.objective, t.optimizer, t.lr, t.weight_decay, (t.adam_beta1, t.adam_beta2),
-                                    t.adam_eps, acc.device.type)  # fmt: skip
+        optimizer = build_optimizer(
+            self.objective, t.optimizer, t.lr, t.weight_decay, (t.adam_beta1, t.adam_beta2), t.adam_eps, acc.device.type
+        )
         self.scheduler = build_scheduler(optimizer, t.schedule, t.warmup_steps, t.max_steps, t.min_lr_ratio)
         self.model, self.optimizer = acc.prepare(self.objective, optimizer)
         acc.register_for_checkpointing(self.scheduler)
@@ -155,8 +156,13 @@ class Loop:
         if differences:
             raise BerthError(f"refusing to resume from {checkpoint}: the config changed: {'; '.join(differences)}")
         self.state = TrainState(**load_checkpoint(self.accelerator, checkpoint))
-        logger.info("resumed from %s at step %d (epoch %d, example %d)", checkpoint, self.state.step,
-                    self.state.epoch, self.state.epoch_offset)  # fmt: skip
+        logger.info(
+            "resumed from %s at step %d (epoch %d, example %d)",
+            checkpoint,
+            self.state.step,
+            self.state.epoch,
+            self.state.epoch_offset,
+        )
 
     def start_logging(self) -> None:
         cfg, acc = self.cfg, self.accelerator
@@ -164,14 +170,24 @@ class Loop:
         self.metrics = MetricsLog(self.out, acc.is_main_process, self.state.step if resumed else None)
         if acc.is_main_process:
             save_config(cfg, self.out)
-            plan = planned_curve(cfg.train.lr, cfg.train.schedule, cfg.train.warmup_steps, cfg.train.max_steps,
-                                 cfg.train.min_lr_ratio)  # fmt: skip
-            logger.info("planned learning rate (%s, warm-up %d of %d optimizer steps): %s", cfg.train.schedule,
-                        cfg.train.warmup_steps, cfg.train.max_steps,
-                        ", ".join(f"{s}: {lr:.2e}" for s, lr in plan))  # fmt: skip
-            logger.info("global batch %d = %d per process x %d processes x %d accumulation; precision %s",
-                        global_batch(cfg, acc), cfg.train.batch_size, acc.num_processes, cfg.train.grad_accum,
-                        acc.mixed_precision)  # fmt: skip
+            plan = planned_curve(
+                cfg.train.lr, cfg.train.schedule, cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.min_lr_ratio
+            )
+            logger.info(
+                "planned learning rate (%s, warm-up %d of %d optimizer steps): %s",
+                cfg.train.schedule,
+                cfg.train.warmup_steps,
+                cfg.train.max_steps,
+                ", ".join(f"{s}: {lr:.2e}" for s, lr in plan),
+            )
+            logger.info(
+                "global batch %d = %d per process x %d processes x %d accumulation; precision %s",
+                global_batch(cfg, acc),
+                cfg.train.batch_size,
+                acc.num_processes,
+                cfg.train.grad_accum,
+                acc.mixed_precision,
+            )
         if cfg.train.trackers:
             acc.init_trackers(self.out.name, config=_flat(to_dict(cfg)))
         self.start_time = time.perf_counter() - self.state.elapsed
@@ -184,8 +200,12 @@ class Loop:
         micro_batches = [{k: v.to(device) for k, v in b.items()} for b in micro_batches]
         # Normalise by the counts over every process and micro-batch, so the step's gradient is the same
         # whatever the split; DDP averages over processes, hence the factor num_processes.
-        local = torch.stack([sum(b["mlm_labels"].numel() for b in micro_batches) * torch.ones((), device=device),
-                             sum((b["next_sentence_label"] >= 0).sum() for b in micro_batches).float()])  # fmt: skip
+        local = torch.stack(
+            [
+                sum(b["mlm_labels"].numel() for b in micro_batches) * torch.ones((), device=device),
+                sum((b["next_sentence_label"] >= 0).sum() for b in micro_batches).float(),
+            ]
+        )
         mlm_total, nsp_total = acc.reduce(local, reduction="sum").clamp(min=1)
         self.model.train()
         for k, batch in enumerate(micro_batches):
@@ -205,8 +225,12 @@ class Loop:
 
     def accumulate(self, out: dict[str, torch.Tensor], loss: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
         real = batch["attention_mask"].sum()
-        values = {**{k: v.detach().float() for k, v in out.items()}, "loss": loss, "tokens": real.float(),
-                  "slots": torch.tensor(float(batch["attention_mask"].numel()), device=real.device)}  # fmt: skip
+        values = {
+            **{k: v.detach().float() for k, v in out.items()},
+            "loss": loss,
+            "tokens": real.float(),
+            "slots": torch.tensor(float(batch["attention_mask"].numel()), device=real.device),
+        }
         for name, value in values.items():
             self.sums[name] = self.sums.get(name, 0) + value
         # Kept on the device (no sync): the first step whose loss was not finite, or -1.
@@ -257,8 +281,10 @@ class Loop:
         first = int(self.accelerator.reduce(self.first_bad.reshape(1), reduction="max").item())
         if first >= 0 or not math.isfinite(loss):
             where = f"step {first}" if first >= 0 else f"the steps up to {self.state.step}"
-            raise BerthError(f"the loss is not finite at {where}; stopping. The last good checkpoint is kept in "
-                             f"{self.out / 'checkpoints'}; lower train.lr or use train.precision=fp32")  # fmt: skip
+            raise BerthError(
+                f"the loss is not finite at {where}; stopping. The last good checkpoint is kept in "
+                f"{self.out / 'checkpoints'}; lower train.lr or use train.precision=fp32"
+            )
 
     def emit(self, record: dict[str, Any]) -> None:
         self.metrics.write(record)
@@ -268,16 +294,27 @@ class Loop:
     def maybe_eval(self, force: bool = False) -> None:
         if not force and self.state.step % self.cfg.train.eval_every:
             return
-        self.emit({"step": self.state.step, "time": round(time.perf_counter() - self.start_time, 3),
-                   **evaluate(self.model, self.prepared, self.cfg, self.accelerator)})  # fmt: skip
+        self.emit(
+            {
+                "step": self.state.step,
+                "time": round(time.perf_counter() - self.start_time, 3),
+                **evaluate(self.model, self.prepared, self.cfg, self.accelerator),
+            }
+        )
 
     def maybe_checkpoint(self, force: bool = False) -> None:
         if not force and self.state.step % self.cfg.train.save_every:
             return
         self.maybe_log(force=True)  # never save a state whose loss went non-finite
         self.state.elapsed = time.perf_counter() - self.start_time
-        save_checkpoint(self.accelerator, self.out, self.state.step, asdict(self.state), dump_config(self.cfg),
-                        self.cfg.train.keep_last)  # fmt: skip
+        save_checkpoint(
+            self.accelerator,
+            self.out,
+            self.state.step,
+            asdict(self.state),
+            dump_config(self.cfg),
+            self.cfg.train.keep_last,
+        )
 
     # -- the run -------------------------------------------------------------------------------------------
 
@@ -287,8 +324,14 @@ class Loop:
         self.start_logging()
         cfg, acc = self.cfg, self.accelerator
         stream = batches(self.prepared, cfg, self.state, acc)
-        self.bar = tqdm(total=cfg.train.max_steps, initial=self.state.step, desc="pretraining", unit="step",
-                        disable=not (acc.is_main_process and cfg.train.progress_bar), dynamic_ncols=True)  # fmt: skip
+        self.bar = tqdm(
+            total=cfg.train.max_steps,
+            initial=self.state.step,
+            desc="pretraining",
+            unit="step",
+            disable=not (acc.is_main_process and cfg.train.progress_bar),
+            dynamic_ncols=True,
+        )
         while self.state.step < cfg.train.max_steps:
             self.train_step([next(stream) for _ in range(cfg.train.grad_accum)])
             self.bar.update(1)
@@ -322,9 +365,15 @@ def evaluate(model: torch.nn.Module, prepared: PreparedData, cfg: PretrainConfig
     for start in range(0, min(len(mine), limit * size), size):
         batch = {k: v.to(acc.device) for k, v in collator([examples[i] for i in mine[start : start + size]]).items()}
         out = model(**{name: batch[name] for name in MODEL_INPUTS})
-        sums += torch.stack([out["mlm_loss"], out["mlm_correct"].float(), out["mlm_count"].float(),
-                             out.get("nsp_correct", torch.zeros((), device=acc.device)).float(),
-                             out.get("nsp_count", torch.zeros((), device=acc.device)).float()])  # fmt: skip
+        sums += torch.stack(
+            [
+                out["mlm_loss"],
+                out["mlm_correct"].float(),
+                out["mlm_count"].float(),
+                out.get("nsp_correct", torch.zeros((), device=acc.device)).float(),
+                out.get("nsp_count", torch.zeros((), device=acc.device)).float(),
+            ]
+        )
     model.train()
     loss, correct, count, nsp_correct, nsp_count = acc.reduce(sums, reduction="sum").tolist()
     result = {

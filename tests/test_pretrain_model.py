@@ -19,10 +19,15 @@ def batch(seed=0, n=6):
         length = int(torch.randint(10, 40, (1,), generator=g))
         ids = torch.randint(5, VOCAB, (length,), generator=g).tolist()
         cut = length // 2
-        examples.append({"input_ids": [2, *ids[:cut], 3, *ids[cut:], 3],
-                         "token_type_ids": [0] * (cut + 2) + [1] * (length - cut + 1),
-                         "word_ids": [-1, *range(cut), -1, *range(cut, length), -1],
-                         "next_sentence_label": i % 2, "mask_seed": mask_seed(seed, 0, i)})  # fmt: skip
+        examples.append(
+            {
+                "input_ids": [2, *ids[:cut], 3, *ids[cut:], 3],
+                "token_type_ids": [0] * (cut + 2) + [1] * (length - cut + 1),
+                "word_ids": [-1, *range(cut), -1, *range(cut, length), -1],
+                "next_sentence_label": i % 2,
+                "mask_seed": mask_seed(seed, 0, i),
+            }
+        )
     return MaskingCollator(DataConfig(mask_prob=0.3), SPECIAL)(examples)
 
 
@@ -49,9 +54,13 @@ def test_masked_only_head_equals_transformers_full_sequence_loss():
     b = batch()
     objective = PretrainingObjective(model, VOCAB, sentence_task=True)
     ours = objective(**inputs(b))
-    reference = model(input_ids=b["input_ids"], token_type_ids=b["token_type_ids"],
-                      attention_mask=b["attention_mask"], labels=b["labels"],
-                      next_sentence_label=b["next_sentence_label"])  # fmt: skip
+    reference = model(
+        input_ids=b["input_ids"],
+        token_type_ids=b["token_type_ids"],
+        attention_mask=b["attention_mask"],
+        labels=b["labels"],
+        next_sentence_label=b["next_sentence_label"],
+    )
     mlm = ours["mlm_loss"] / ours["mlm_count"]
     nsp = ours["nsp_loss"] / ours["nsp_count"]
     assert torch.allclose(mlm + nsp, reference.loss, atol=1e-5)

@@ -114,16 +114,30 @@ def test_resume_refuses_a_changed_data_or_model_config(setup, finished):
 
 
 def test_gradient_accumulation_gives_the_same_step(setup):
-    common = ("model.hidden_dropout=0", "model.attention_dropout=0", "train.max_steps=3", "train.eval_every=100",
-              "train.save_every=100")  # fmt: skip
+    common = (
+        "model.hidden_dropout=0",
+        "model.attention_dropout=0",
+        "train.max_steps=3",
+        "train.eval_every=100",
+        "train.save_every=100",
+    )
     one = pretrain(config(setup, "accum1", *common))
     two = pretrain(config(setup, "accum2", *common, "train.batch_size=4", "train.grad_accum=2"))
     assert_same_weights(weights(one.parent), weights(two.parent), atol=1e-5)
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(setup):
-    cfg = config(setup, "nan", "train.lr=1e12", "train.warmup_steps=0", "train.max_steps=40", "train.save_every=1",
-                 "train.log_every=1", "train.eval_every=100", "train.optimizer=lamb")  # fmt: skip
+    cfg = config(
+        setup,
+        "nan",
+        "train.lr=1e12",
+        "train.warmup_steps=0",
+        "train.max_steps=40",
+        "train.save_every=1",
+        "train.log_every=1",
+        "train.eval_every=100",
+        "train.optimizer=lamb",
+    )
     with pytest.raises(BerthError, match=r"the loss is not finite at step \d+; stopping"):
         pretrain(cfg)
     checkpoints = sorted((setup[0] / "nan" / "checkpoints").glob("step-*"))
@@ -135,15 +149,39 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(setup
 
 
 def test_two_processes_reach_the_weights_of_one(setup):
-    common = ["model.hidden_dropout=0", "model.attention_dropout=0", "train.max_steps=3", "train.eval_every=2",
-              "train.save_every=100"]  # fmt: skip
+    common = [
+        "model.hidden_dropout=0",
+        "model.attention_dropout=0",
+        "train.max_steps=3",
+        "train.eval_every=2",
+        "train.save_every=100",
+    ]
     one = pretrain(config(setup, "procs1", *common))
     root, base = setup
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-               "-m", "pretrain", "configs/pretrain/mini_zh.yaml", *base, f"output_dir={root / 'procs2'}", *common,
-               "train.batch_size=4"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",
+        "-m",
+        "pretrain",
+        "configs/pretrain/mini_zh.yaml",
+        *base,
+        f"output_dir={root / 'procs2'}",
+        *common,
+        "train.batch_size=4",
+    ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "8 = 4 per process x 2 processes" in result.stderr
