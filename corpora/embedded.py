@@ -107,12 +107,38 @@ def _peoples_daily_paragraphs() -> tuple[TaggedParagraph, ...]:
     return tuple(p for p in map(parse_tagged_line, lines) if p.words)
 
 
-def peoples_daily(with_words: bool = False) -> datasets.Dataset:
-    """People's Daily paragraphs as documents; `with_words` keeps the corpus's own word segmentation."""
+# A paragraph that ends in one of these is body text; one that does not is a headline, byline or caption.
+_BODY_ENDINGS = tuple("。！？…”』」）)；：")
+
+
+def article_starts(texts: list[str]) -> list[int]:
+    """Indices of the paragraphs that start an article.
+
+    The corpus keeps no article boundaries, but every article opens with headline lines that end in no
+    punctuation (headline, subtitle, byline), followed by body paragraphs that do. An article starts at
+    the first such line after a body paragraph.
+    """
+    starts = [0] if texts else []
+    for i in range(1, len(texts)):
+        if texts[i - 1].endswith(_BODY_ENDINGS) and not texts[i].endswith(_BODY_ENDINGS):
+            starts.append(i)
+    return starts
+
+
+def peoples_daily(with_words: bool = False, unit: str = "article") -> datasets.Dataset:
+    """People's Daily as documents: whole articles (paragraphs joined by newlines), or single paragraphs.
+
+    Articles are what BERT's sentence tasks want: a true continuation can run across paragraphs, and the
+    headline lines (no sentence of their own to pair) stay with their article. `with_words` adds the
+    corpus's own word segmentation.
+    """
     paragraphs = _peoples_daily_paragraphs()
-    data: dict[str, list] = {"text": [join_words(p.words) for p in paragraphs]}
+    texts = [join_words(p.words) for p in paragraphs]
+    bounds = article_starts(texts) if unit == "article" else list(range(len(texts)))
+    spans = list(zip(bounds, [*bounds[1:], len(texts)], strict=True))
+    data: dict[str, list] = {"text": ["\n".join(texts[a:b]) for a, b in spans]}
     if with_words:
-        data["words"] = [list(p.words) for p in paragraphs]
+        data["words"] = [[w for p in paragraphs[a:b] for w in p.words] for a, b in spans]
     return datasets.Dataset.from_dict(data)
 
 
@@ -221,6 +247,7 @@ def review_texts(split: str) -> datasets.Dataset:
 NAMED_CORPORA = {
     "peoples_daily": lambda: peoples_daily(with_words=False),
     "peoples_daily_words": lambda: peoples_daily(with_words=True),
+    "peoples_daily_paragraphs": lambda: peoples_daily(with_words=False, unit="paragraph"),
     "reviews_sentiment": lambda: review_texts("train"),
     "reviews_sentiment:train": lambda: review_texts("train"),
     "reviews_sentiment:validation": lambda: review_texts("validation"),

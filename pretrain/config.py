@@ -42,6 +42,9 @@ class DataConfig:
     cache_dir: str = "runs/cache"
     # Dynamic padding rounds the batch length up to a multiple of this (tensor-core friendly).
     pad_to_multiple_of: int = 8
+    # Pack the examples of a batch into as few rows of max_seq_len as they fit, each attending to itself only
+    # (block-diagonal attention mask, positions restarting per example): fewer padding tokens to compute.
+    pack_sequences: bool = True
 
     def __post_init__(self) -> None:
         if self.max_seq_len < 8:

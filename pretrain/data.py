@@ -35,8 +35,8 @@ from pretrain.sentences import sentence_ends
 
 logger = logging.getLogger(__name__)
 
-# Bump when the layout of cached datasets changes, so old caches are rebuilt rather than misread.
-FORMAT_VERSION = 1
+# Bump when the layout of cached datasets or the way examples are drawn changes, so old caches are rebuilt.
+FORMAT_VERSION = 2
 # Documents per unit of work when drawing examples. Fixed, so results do not depend on num_proc.
 GROUP_SIZE = 256
 NOT_A_WORD = -1
@@ -306,14 +306,36 @@ def target_length(max_tokens: int, short_seq_prob: float, rng: random.Random) ->
     return rng.randint(2, max_tokens) if rng.random() < short_seq_prob else max_tokens
 
 
-def random_continuation(other: Document, budget: int, rng: random.Random) -> tuple[int, int]:
-    """Whole sentences of `other`, as many as fit `budget` (at least one), from a random sentence but its first.
+class RandomSegments:
+    """Where random B segments start: a sentence (not the first) of a document with two or more sentences.
 
-    A true continuation never starts with a document's first sentence (a headline, a greeting), so a random
-    one must not either, or the first sentence would give the label away.
+    Drawn uniformly over all such sentences, not over documents: true continuations come from each document
+    in proportion to its sentences, so random ones must too, or a corpus of long articles and short reviews
+    would give random B segments a review's style (and its missing final stop) far more often than true ones.
     """
+
+    def __init__(self, doc_indices: Sequence[int], sentence_counts: Sequence[int]):
+        self.docs = np.asarray(doc_indices, dtype=np.int64)
+        # Document i offers sentence_counts[i] - 1 start sentences (its 2nd, 3rd, ...).
+        self.ends = np.cumsum(np.asarray(sentence_counts, dtype=np.int64) - 1)
+
+    def draw(self, rng: random.Random, exclude: int) -> tuple[int, int] | None:
+        """(document, first sentence) of a random B segment outside document `exclude`; None if none exists."""
+        total = int(self.ends[-1]) if len(self.ends) else 0
+        for _ in range(10):
+            if total == 0:
+                return None
+            slot = rng.randrange(total)
+            k = int(np.searchsorted(self.ends, slot, side="right"))
+            if int(self.docs[k]) != exclude:
+                previous = int(self.ends[k - 1]) if k else 0
+                return int(self.docs[k]), 1 + slot - previous
+        return None
+
+
+def random_continuation(other: Document, first: int, budget: int) -> tuple[int, int]:
+    """Whole sentences of `other` from sentence `first` on, as many as fit `budget` (at least one)."""
     spans = other.spans
-    first = rng.randrange(1, len(spans)) if len(spans) > 1 else 0
     last, length = first, 0
     while last < len(spans) and (last == first or length + spans[last][1] - spans[last][0] <= budget):
         length += spans[last][1] - spans[last][0]
@@ -328,13 +350,13 @@ def document_pairs(
     special: SpecialIds,
     rng: random.Random,
     fetch: Any = None,
-    pair_docs: Sequence[int] = (),
+    segments: RandomSegments | None = None,
 ) -> tuple[list[dict[str, Any]], int]:
     """Google BERT's create_instances_from_document, in whole sentences. Returns (examples, unused sentences).
 
     A chunk takes whole sentences up to a target length (at least two sentences, so that there is a cut).
     A is its first 1..k-1 sentences. nsp: B is the rest of the chunk, or (half the time) whole sentences
-    from another document of `pair_docs` (`fetch(index)` reads one), and then the chunk's unused sentences go
+    from another document drawn by `segments` (`fetch(index)` reads one), and then the chunk's unused sentences go
     back to start the next chunk. sop: B is the rest of the chunk, and half the time A and B are swapped.
     """
     max_tokens = cfg.max_seq_len - 3
@@ -351,12 +373,12 @@ def document_pairs(
         a_end = rng.randint(i + 1, j - 1)
         a = Segment.of(doc, i, a_end)
         next_i, label = j, 0
-        other_index = None
-        if cfg.sentence_task == "nsp" and rng.random() < 0.5:
-            other_index = _other_document(doc_index, pair_docs, rng)
-        if other_index is not None:
-            first, last = random_continuation(other := fetch(other_index), max(1, target - len(a.positions)), rng)
-            b = Segment.of(other, first, last)
+        drawn = None
+        if cfg.sentence_task == "nsp" and segments is not None and rng.random() < 0.5:
+            drawn = segments.draw(rng, exclude=doc_index)
+        if drawn is not None:
+            other = fetch(drawn[0])
+            b = Segment.of(other, *random_continuation(other, drawn[1], max(1, target - len(a.positions))))
             next_i, label = a_end, 1
         else:
             b = Segment.of(doc, a_end, j)
@@ -366,17 +388,6 @@ def document_pairs(
         examples.append(pair_example(a, b, label, truncated, special))
         i = next_i
     return examples, len(spans) - i
-
-
-def _other_document(doc_index: int, pair_docs: Sequence[int], rng: random.Random) -> int | None:
-    """A random document of `pair_docs` other than `doc_index`; None when there is none."""
-    for _ in range(10):
-        if len(pair_docs) == 0:
-            return None
-        other = int(pair_docs[rng.randrange(len(pair_docs))])
-        if other != doc_index:
-            return other
-    return None
 
 
 def pack_documents(docs: list[Document], cfg: DataConfig, special: SpecialIds) -> list[dict[str, Any]]:
@@ -432,7 +443,8 @@ class ExampleBuilder:
         self.order = None
         # Random B segments come from documents of two sentences or more, like true continuations do.
         sentences = pc.list_value_length(documents.with_format("arrow")["sentence_ends"]).to_numpy()
-        self.pair_docs = np.flatnonzero(sentences >= 2)
+        pair_docs = np.flatnonzero(sentences >= 2)
+        self.segments = RandomSegments(pair_docs, sentences[pair_docs])
         if cfg.sentence_task == "none":
             # Documents are shuffled per epoch before packing, so neighbours change from epoch to epoch.
             self.order = np.random.default_rng([cfg.seed, epoch]).permutation(len(documents))
@@ -452,7 +464,7 @@ class ExampleBuilder:
         examples = []
         for index, doc in enumerate(self._documents(slice(lo, hi)), start=lo):
             rng = random.Random(f"{self.cfg.seed}-{self.epoch}-{index}")
-            pairs, _ = document_pairs(index, doc, self.cfg, self.special, rng, self.fetch, self.pair_docs)
+            pairs, _ = document_pairs(index, doc, self.cfg, self.special, rng, self.fetch, self.segments)
             examples.extend(pairs)
         return examples
 

@@ -136,3 +136,50 @@ class MaskingCollator:
             "mlm_positions": positions,
             "mlm_labels": input_ids.flatten()[positions],
         }
+
+
+def pack_batch(batch: dict[str, torch.Tensor], capacity: int, multiple: int = 8) -> dict[str, torch.Tensor]:
+    """Pack a collated batch of B examples into R <= B rows of at most `capacity` tokens (first-fit decreasing).
+
+    Examples keep their own positions (position_ids restart at 0) and see only themselves: `sequence_ids`
+    (R, L) names each token's example (-1 for padding), from which the model builds a block-diagonal
+    attention mask. Without it, sdpa would let packed examples attend to each other. `cls_positions` (B,)
+    are the flat indices of each example's [CLS] in (R * L), in the order of `next_sentence_label`.
+    """
+    lengths = batch["attention_mask"].sum(1).tolist()
+    fill: list[int] = []
+    place: list[tuple[int, int]] = [(0, 0)] * len(lengths)
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((r for r, used in enumerate(fill) if used + lengths[i] <= capacity), len(fill))
+        if row == len(fill):
+            fill.append(0)
+        place[i] = (row, fill[row])
+        fill[row] += lengths[i]
+    rows, length = len(fill), -(-max(fill) // multiple) * multiple
+    pad_id = int(batch["input_ids"][batch["attention_mask"] == 0][0]) if (batch["attention_mask"] == 0).any() else 0
+    out = {
+        "input_ids": torch.full((rows, length), pad_id, dtype=torch.long),
+        "token_type_ids": torch.zeros((rows, length), dtype=torch.long),
+        "attention_mask": torch.zeros((rows, length), dtype=torch.long),
+        "position_ids": torch.zeros((rows, length), dtype=torch.long),
+        "sequence_ids": torch.full((rows, length), -1, dtype=torch.long),
+        "word_ids": torch.full((rows, length), NOT_A_WORD, dtype=torch.long),
+    }
+    if "labels" in batch:
+        out["labels"] = torch.full((rows, length), IGNORE_LABEL, dtype=torch.long)
+    cls_positions = torch.empty(len(lengths), dtype=torch.long)
+    for i, (row, start) in enumerate(place):
+        n, end = lengths[i], place[i][1] + lengths[i]
+        for key in ("input_ids", "token_type_ids", "attention_mask", "word_ids", "labels"):
+            if key in out:
+                out[key][row, start:end] = batch[key][i, :n]
+        out["position_ids"][row, start:end] = torch.arange(n)
+        out["sequence_ids"][row, start:end] = i
+        cls_positions[i] = row * length + start
+    out["cls_positions"] = cls_positions
+    out["next_sentence_label"] = batch["next_sentence_label"]
+    if "labels" in out:
+        flat = out["labels"].flatten()
+        out["mlm_positions"] = (flat != IGNORE_LABEL).nonzero().squeeze(1)
+        out["mlm_labels"] = flat[out["mlm_positions"]]
+    return out

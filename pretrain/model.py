@@ -69,6 +69,38 @@ def load_checkpoint_model(path_or_id: str, attn_implementation: str) -> BertForP
     return AutoModelForPreTraining.from_pretrained(path_or_id, attn_implementation=attn_implementation)
 
 
+class FastDropout(nn.Module):
+    """Dropout whose mask comes from torch.rand: the same distribution as nn.Dropout, about twice as fast on CPU.
+
+    PyTorch's CPU dropout draws its mask with bernoulli_, which took a quarter of a mini-model training step
+    here. Only the module differs: the weights, the saved checkpoints and the exported model are unchanged.
+    """
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = torch.rand(x.shape, device=x.device) >= self.p
+        return x * keep / (1.0 - self.p)
+
+
+def use_fast_dropout(model: nn.Module) -> int:
+    """Swap every nn.Dropout in `model` for FastDropout (CPU training). Returns how many were swapped.
+
+    BERT's attention modules keep theirs in name only: sdpa reads `.p` and drops out inside its kernel.
+    """
+    swapped = 0
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if type(child) is nn.Dropout:
+                setattr(module, name, FastDropout(child.p))
+                swapped += 1
+    return swapped
+
+
 class PretrainingObjective(nn.Module):
     """Masked-LM (+ NSP/SOP) sums for one batch, running the MLM head on the masked positions only.
 
@@ -85,16 +117,24 @@ class PretrainingObjective(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.Tensor,  # (B, L)
-        token_type_ids: torch.Tensor,  # (B, L)
-        attention_mask: torch.Tensor,  # (B, L)
-        mlm_positions: torch.Tensor,  # (N,) flat indices into B * L
+        input_ids: torch.Tensor,  # (R, L)
+        token_type_ids: torch.Tensor,  # (R, L)
+        attention_mask: torch.Tensor,  # (R, L)
+        mlm_positions: torch.Tensor,  # (N,) flat indices into R * L
         mlm_labels: torch.Tensor,  # (N,)
         next_sentence_label: torch.Tensor,  # (B,), -100 where there is no [CLS] task
+        position_ids: torch.Tensor | None = None,  # (R, L), packed batches only
+        sequence_ids: torch.Tensor | None = None,  # (R, L) example of each token, -1 padding; packed only
+        cls_positions: torch.Tensor | None = None,  # (B,) flat indices of each example's [CLS]; packed only
     ) -> dict[str, torch.Tensor]:
+        mask = attention_mask if sequence_ids is None else self.block_diagonal_mask(sequence_ids)
         sequence, pooled = self.model.bert(
-            input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask, return_dict=False
-        )[:2]  # (B, L, H), (B, H)
+            input_ids=input_ids,
+            token_type_ids=token_type_ids,
+            attention_mask=mask,
+            position_ids=position_ids,
+            return_dict=False,
+        )[:2]  # (R, L, H), (R, H)
         hidden = sequence.flatten(0, 1).index_select(0, mlm_positions)  # (N, H)
         logits = self.model.cls.predictions(hidden)[:, : self.vocab_size].float()  # (N, V): padding rows cut
         out = {
@@ -103,9 +143,27 @@ class PretrainingObjective(nn.Module):
             "mlm_count": torch.tensor(mlm_labels.numel(), device=logits.device),
         }
         if self.sentence_task:
+            if cls_positions is not None:  # packed: the pooler on every example's [CLS], not only row starts
+                pooler = self.model.bert.pooler
+                pooled = pooler.activation(pooler.dense(sequence.flatten(0, 1).index_select(0, cls_positions)))
             nsp_logits = self.model.cls.seq_relationship(pooled).float()  # (B, 2)
             valid = next_sentence_label >= 0
             out["nsp_loss"] = F.cross_entropy(nsp_logits, next_sentence_label, ignore_index=-100, reduction="sum")
             out["nsp_correct"] = ((nsp_logits.argmax(-1) == next_sentence_label) & valid).sum()
             out["nsp_count"] = valid.sum()
         return out
+
+    def block_diagonal_mask(self, sequence_ids: torch.Tensor) -> torch.Tensor:
+        """(R, L) example ids -> (R, 1, L, L) mask: a token attends to the tokens of its own example only.
+
+        Padding attends to itself alone, so that no softmax row is empty (an empty row is NaN, and NaN
+        times a zero attention weight still spreads).
+        """
+        same = sequence_ids[:, :, None] == sequence_ids[:, None, :]  # (R, L, L)
+        real = (sequence_ids >= 0)[:, :, None]
+        eye = torch.eye(sequence_ids.shape[1], dtype=torch.bool, device=sequence_ids.device)
+        allowed = ((same & real) | eye)[:, None]  # (R, 1, L, L)
+        if self.model.config._attn_implementation == "sdpa":
+            return allowed
+        blocked = torch.finfo(self.model.dtype).min
+        return torch.zeros(allowed.shape, dtype=self.model.dtype, device=allowed.device).masked_fill(~allowed, blocked)

@@ -22,8 +22,8 @@ from berth.errors import BerthError
 from pretrain.config import PretrainConfig
 from pretrain.data import check_seq_len
 from pretrain.export import export_final
-from pretrain.masking import EpochExamples, MaskingCollator
-from pretrain.model import PretrainingObjective, build_model
+from pretrain.masking import EpochExamples, MaskingCollator, pack_batch
+from pretrain.model import PretrainingObjective, build_model, use_fast_dropout
 from pretrain.prepare import PreparedData, prepare
 from runtime.accel import build_accelerator
 from runtime.checkpoint import config_differences, load_checkpoint, resolve_resume, save_checkpoint
@@ -36,7 +36,17 @@ logger = logging.getLogger(__name__)
 
 # Sections whose change makes a checkpoint meaningless for this run (the train section may change).
 RESUME_SECTIONS = ("tokenizer", "corpus", "data", "model")
-MODEL_INPUTS = ("input_ids", "token_type_ids", "attention_mask", "mlm_positions", "mlm_labels", "next_sentence_label")
+MODEL_INPUTS = (
+    "input_ids",
+    "token_type_ids",
+    "attention_mask",
+    "mlm_positions",
+    "mlm_labels",
+    "next_sentence_label",
+    "position_ids",
+    "sequence_ids",
+    "cls_positions",
+)
 # Dense bf16 peak FLOP/s of one device, for MFU.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0, "4090": 165.0}
 
@@ -86,8 +96,17 @@ def batches(
             # The position moves before the step runs, so a checkpoint after it resumes at the next block.
             state.epoch_offset += per_step
             for indices in micro:
-                yield collator([examples[int(i)] for i in indices])
+                yield collate([examples[int(i)] for i in indices], collator, cfg)
         state.epoch, state.epoch_offset = state.epoch + 1, 0
+
+
+def collate(examples: list[dict], collator: MaskingCollator, cfg: PretrainConfig) -> dict[str, torch.Tensor]:
+    batch = collator(examples)
+    return pack_batch(batch, cfg.data.max_seq_len, cfg.data.pad_to_multiple_of) if cfg.data.pack_sequences else batch
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: batch[name] for name in MODEL_INPUTS if name in batch}
 
 
 def flops_per_token(model: torch.nn.Module, seq_len: int, mask_prob: float) -> float:
@@ -139,6 +158,8 @@ class Loop:
         model = build_model(cfg.model, self.prepared.special.vocab_size, self.prepared.special.pad)
         check_seq_len(cfg.data.max_seq_len, model.config.max_position_embeddings, "the model's position embeddings")
         self.flops_per_token = flops_per_token(model, cfg.data.max_seq_len, cfg.data.mask_prob)
+        if acc.device.type == "cpu":
+            use_fast_dropout(model)  # GPUs have a fused dropout kernel already
         self.objective = PretrainingObjective(model, self.prepared.special.vocab_size, cfg.data.sentence_task != "none")
         t = cfg.train
         optimizer = build_optimizer(
@@ -211,7 +232,7 @@ class Loop:
         for k, batch in enumerate(micro_batches):
             sync = contextlib.nullcontext() if k == len(micro_batches) - 1 else acc.no_sync(self.model)
             with sync:
-                out = self.model(**{name: batch[name] for name in MODEL_INPUTS})
+                out = self.model(**model_inputs(batch))
                 loss = out["mlm_loss"] / mlm_total
                 if "nsp_loss" in out:
                     loss = loss + out["nsp_loss"] / nsp_total
@@ -363,8 +384,8 @@ def evaluate(model: torch.nn.Module, prepared: PreparedData, cfg: PretrainConfig
     sums = torch.zeros(5, device=acc.device)  # mlm loss, mlm correct, mlm count, nsp correct, nsp count
     model.eval()
     for start in range(0, min(len(mine), limit * size), size):
-        batch = {k: v.to(acc.device) for k, v in collator([examples[i] for i in mine[start : start + size]]).items()}
-        out = model(**{name: batch[name] for name in MODEL_INPUTS})
+        rows = collate([examples[i] for i in mine[start : start + size]], collator, cfg)
+        out = model(**model_inputs({k: v.to(acc.device) for k, v in rows.items()}))
         sums += torch.stack(
             [
                 out["mlm_loss"],

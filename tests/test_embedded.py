@@ -5,6 +5,7 @@ import pytest
 from corpora import embedded
 from corpora.embedded import (
     NER_LABELS,
+    article_starts,
     bio_characters,
     entity_spans,
     join_words,
@@ -59,14 +60,23 @@ def test_split_of_is_a_fixed_function_of_the_text():
 
 
 def test_peoples_daily_is_the_whole_january_1998_corpus():
-    corpus = peoples_daily(with_words=True)
-    assert corpus.num_rows == 19_484
-    assert corpus[1] == {
+    paragraphs = peoples_daily(unit="paragraph", with_words=True)
+    assert paragraphs.num_rows == 19_484
+    assert paragraphs[1] == {
         "text": "中共中央总书记、国家主席江泽民",
         "words": ["中共中央", "总书记", "、", "国家", "主席", "江", "泽民"],
     }
-    characters = sum(len(t) for t in corpus["text"])
+    characters = sum(len(t) for t in paragraphs["text"])
     assert 1_800_000 < characters < 1_900_000
+    articles = peoples_daily(with_words=True)
+    assert 2_000 < articles.num_rows < 4_000
+    assert "\n".join(articles["text"]) == "\n".join(paragraphs["text"])  # regrouped, nothing lost
+    assert articles[1]["text"].startswith("中共中央总书记、国家主席江泽民\n（一九九七年十二月三十一日）\n")
+
+
+def test_article_starts_at_headlines_after_body_text():
+    lines = ["标题一", "副标题", "正文第一段。", "正文第二段！", "标题二", "正文。", "（附图片）", "正文又一段。"]
+    assert article_starts(lines) == [0, 4]
 
 
 def test_peoples_daily_ner_splits_are_disjoint_and_tagged():

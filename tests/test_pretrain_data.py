@@ -13,6 +13,7 @@ from pretrain.data import (
     Document,
     DocumentEncoder,
     ExampleBuilder,
+    RandomSegments,
     SpecialIds,
     align_words,
     check_seq_len,
@@ -194,9 +195,11 @@ def test_nsp_positive_pairs_exact():
 def test_nsp_negative_takes_whole_sentences_from_another_document():
     cfg = DataConfig(max_seq_len=16, sentence_task="nsp", short_seq_prob=0.0)
     other = doc(2, 3, 4, first_id=500)
-    examples, _ = document_pairs(0, doc(3, 4, 5), cfg, SPECIAL, Scripted(0.1), fetch=lambda i: other, pair_docs=[7])
-    # random() < 0.5: B is random; the other document starts at its second sentence (randrange -> 1), and
-    # takes whole sentences within 13 - 3 = 10 tokens: 3 + 4 = 7. A's unused sentences start the next chunk.
+    segments = RandomSegments([7], [3])  # document 7 offers its 2nd and 3rd sentences as starts
+    examples, _ = document_pairs(0, doc(3, 4, 5), cfg, SPECIAL, Scripted(0.1), lambda i: other, segments)
+    # random() < 0.5: B is random; it starts at the first slot (randrange -> 0): the other document's second
+    # sentence, and takes whole sentences within 13 - 3 = 10 tokens: 3 + 4 = 7. A's unused sentences start
+    # the next chunk.
     first = examples[0]
     assert first["input_ids"] == [2, 100, 101, 102, 3, 502, 503, 504, 505, 506, 507, 508, 3]
     assert first["next_sentence_label"] == 1
@@ -213,6 +216,16 @@ def test_sop_swaps_a_and_b():
     assert [(e["input_ids"], e["next_sentence_label"]) for e in in_order] == [([2, 100, 101, 3, 102, 103, 104, 3], 0)]
     assert [(e["input_ids"], e["next_sentence_label"]) for e in swapped] == [([2, 102, 103, 104, 3, 100, 101, 3], 1)]
     assert swapped[0]["token_type_ids"] == [0, 0, 0, 0, 0, 1, 1, 1]
+
+
+def test_random_segments_are_drawn_per_sentence():
+    segments = RandomSegments([3, 8], [2, 5])  # starts: (3, 1) and (8, 1..4)
+    rng = random.Random(0)
+    draws = [segments.draw(rng, exclude=-1) for _ in range(5000)]
+    assert set(draws) == {(3, 1), (8, 1), (8, 2), (8, 3), (8, 4)}
+    assert abs(draws.count((3, 1)) / 5000 - 0.2) < 0.02
+    assert all(d[0] == 8 for d in (segments.draw(rng, exclude=3) for _ in range(100)))
+    assert RandomSegments([3], [2]).draw(rng, exclude=3) is None
 
 
 def test_single_sentence_documents_give_no_pair():
@@ -338,11 +351,19 @@ def test_cls_label_cannot_be_read_off_segment_edges(embedded, task):
 
 
 def test_edge_detector_flags_a_leaky_builder(embedded):
-    # Control: draw negatives from any document, headlines included (a first version of berth did):
-    # random B segments then end without punctuation far more often, and the detector must notice.
+    # Control: draw random B segments uniformly over documents (as Google's builder does) instead of over
+    # sentences: short reviews then supply most of them, which end without a stop far more often than
+    # true continuations do, and the detector must notice.
     prepared = embedded("data.sentence_task=nsp")
     builder = ExampleBuilder(prepared.documents["train"], prepared.data, prepared.special, epoch=0)
-    builder.pair_docs = np.arange(len(prepared.documents["train"]))
+    counts = [len(ends) for ends in prepared.documents["train"]["sentence_ends"]]
+
+    class PerDocument:  # Google's way: a random document, then a random sentence of it
+        def draw(self, rng, exclude):
+            doc = rng.randrange(len(counts))
+            return (doc, rng.randrange(counts[doc])) if doc != exclude else None
+
+    builder.segments = PerDocument()
     rows = edge_features([e for g in range(40) for e in builder.group_examples(g)], prepared.tokenizer)
     assert edge_accuracy(rows) > 0.58
 
@@ -350,13 +371,13 @@ def test_edge_detector_flags_a_leaky_builder(embedded):
 def test_embedded_statistics(embedded):
     prepared = embedded()
     s = prepared.stats
-    assert s["train_documents"] > 30_000 and s["validation_documents"] > 200
-    assert s["single_sentence_documents"] > 10_000
+    assert s["train_documents"] > 15_000 and s["validation_documents"] > 100  # articles and reviews
+    assert s["single_sentence_documents"] > 5_000  # one-line reviews
     train = s["train_epoch0"]
-    assert train["examples"] > 20_000
+    assert train["examples"] > 25_000
     assert 0.47 < train["positive_share"] < 0.53
-    assert train["tokens"] / s["train_tokens"] > 0.8  # share of corpus tokens the examples use
-    assert 0.0 < train["padding_fraction"] < 0.4
+    assert train["tokens"] / s["train_tokens"] > 0.95  # examples use nearly every token of the corpus
+    assert 0.0 < train["padding_fraction"] < 0.3
 
 
 def test_cache_hit_and_miss(embedded, caplog):

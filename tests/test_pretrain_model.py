@@ -131,3 +131,20 @@ def test_continued_pretraining_from_a_real_checkpoint():
 def test_init_that_is_not_a_model(tmp_path):
     with pytest.raises(BerthError, match="not a model directory"):
         build_model(ModelConfig(init=str(tmp_path)), vocab_size=10, pad_token_id=0)
+
+
+def test_fast_dropout_matches_dropout_in_distribution():
+    from pretrain.model import FastDropout, use_fast_dropout
+
+    torch.manual_seed(0)
+    x = torch.ones(200_000)
+    layer = FastDropout(0.1).train()
+    y = layer(x)
+    assert abs((y == 0).float().mean().item() - 0.1) < 0.005
+    assert torch.allclose(y[y != 0], torch.full_like(y[y != 0], 1 / 0.9))
+    assert torch.equal(layer.eval()(x), x)
+    model = build_model(ModelConfig(size="tiny"), VOCAB, 0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert use_fast_dropout(model) == 2 + 3 * 2  # embeddings, and per layer: attention, its output, the FFN output
+    assert model.state_dict().keys() == before.keys()
+    assert model.bert.encoder.layer[0].attention.self.dropout.p == 0.1  # sdpa reads p from here

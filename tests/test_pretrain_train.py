@@ -22,7 +22,7 @@ def setup(zh_tokenizer_dir, tmp_path_factory):
     _, _, tok_dir = zh_tokenizer_dir
     root = tmp_path_factory.mktemp("pretrain")
     corpus = root / "corpus.txt"
-    paragraphs = [t for t in peoples_daily()["text"] if t.count("。") >= 3][:400]
+    paragraphs = peoples_daily(unit="paragraph")["text"][:1200]
     corpus.write_text("\n".join(paragraphs) + "\n", encoding="utf-8")
     base = [
         f"tokenizer.path={tok_dir}",

@@ -1,0 +1,172 @@
+"""berth's pretraining step against the Hugging Face recipe, interleaved in one run, counting real tokens.
+
+    .venv/bin/python bench/pretrain_bench.py [--size mini] [--steps 30] [--batch-size 32] [--precision bf16]
+
+Baseline: what run_mlm.py does -- BertForMaskedLM, texts tokenized with special tokens, concatenated and cut
+into max_seq_len blocks (group_texts, so no padding), DataCollatorForLanguageModeling(mlm_probability=0.15),
+the MLM head over every position, AdamW. berth: BertForPreTraining with NSP, examples from `berth prepare`,
+berth's collator, the MLM head on the masked positions only. Same model size, corpus, batch, sequence length
+and precision; both steps run alternately in one loop so machine noise hits both. Peak memory is measured in
+a separate process per side (the resident set of a process is shared by everything in it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import BertForMaskedLM, DataCollatorForLanguageModeling
+
+from berth.config import load_config
+from pretrain.config import PretrainConfig
+from pretrain.train import Loop, TrainState, batches
+
+
+def setup(args):
+    overrides = [
+        f"model.size={args.size}",
+        f"train.batch_size={args.batch_size}",
+        f"data.max_seq_len={args.seq_len}",
+        f"train.precision={args.precision}",
+        "train.progress_bar=false",
+    ]
+    cfg = load_config(PretrainConfig, "configs/pretrain/mini_zh.yaml", overrides)
+    loop = Loop(cfg)  # berth's own training step, exactly as `berth pretrain` runs it
+    loop.build()
+    return cfg, loop
+
+
+def berth_side(cfg, loop):
+    stream = batches(loop.prepared, cfg, TrainState(), loop.accelerator)
+
+    def step() -> int:
+        batch = next(stream)
+        loop.train_step([batch])
+        return int(batch["attention_mask"].sum())
+
+    return step
+
+
+def baseline_side(cfg, loop):
+    prepared, accelerator = loop.prepared, loop.accelerator
+    torch.manual_seed(0)
+    model = BertForMaskedLM(loop.objective.model.config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    tokenizer = prepared.tokenizer
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15)
+    # run_mlm's group_texts: every document as [CLS] ... [SEP], concatenated, cut into max_seq_len blocks.
+    docs = prepared.documents["train"]["input_ids"][:20000]
+    stream = [t for ids in docs for t in (prepared.special.cls, *ids, prepared.special.sep)]
+    size = cfg.data.max_seq_len
+    blocks = [stream[i : i + size] for i in range(0, len(stream) - size, size)]
+    position = 0
+
+    def step() -> int:
+        nonlocal position
+        rows = blocks[position : position + cfg.train.batch_size]
+        position += cfg.train.batch_size
+        batch = collator([{"input_ids": r} for r in rows])
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return int(batch["attention_mask"].sum())
+
+    return step
+
+
+def reset_peak_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # resets the process's peak resident set (VmHWM)
+
+
+def read_peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    status = Path("/proc/self/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) / 1024
+
+
+def peak_memory(args, side: str) -> float:
+    """Peak resident memory (MiB) of a process running only `side` for a few steps."""
+    command = [
+        sys.executable,
+        __file__,
+        "--memory-of",
+        side,
+        "--steps",
+        "5",
+        "--size",
+        args.size,
+        "--batch-size",
+        str(args.batch_size),
+        "--seq-len",
+        str(args.seq_len),
+        "--precision",
+        args.precision,
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])["peak_mb"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--size", default="mini")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--memory-of", choices=["berth", "baseline"])
+    args = parser.parse_args()
+    cfg, loop = setup(args)
+    if args.memory_of:
+        step = (berth_side if args.memory_of == "berth" else baseline_side)(cfg, loop)
+        step()  # model, optimizer state and data set up before the peak is reset
+        reset_peak_memory()
+        for _ in range(args.steps):
+            step()
+        print(json.dumps({"peak_mb": read_peak_memory_mb()}))
+        return
+
+    sides = {"berth": berth_side(cfg, loop), "baseline": baseline_side(cfg, loop)}
+    timings: dict[str, list[float]] = {name: [] for name in sides}
+    ratios = []
+    for i in range(args.steps + 3):
+        pair = {}
+        for name, step in sides.items():
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            tokens = step()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            pair[name] = tokens / (time.perf_counter() - start)
+        if i >= 3:  # warm-up
+            for name, speed in pair.items():
+                timings[name].append(speed)
+            ratios.append(pair["berth"] / pair["baseline"])
+    speed = {name: statistics.median(v) for name, v in timings.items()}
+    memory = {name: peak_memory(args, name) for name in sides}
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    print(f"{args.size}, seq {args.seq_len}, batch {args.batch_size}, {args.precision}, {device}, {args.steps} steps")
+    for name in sides:
+        print(f"  {name:9s} {speed[name]:10.0f} real tokens/s   peak memory during steps {memory[name]:8.0f} MiB")
+    quartiles = statistics.quantiles(ratios, n=4)
+    print(
+        f"  speed-up  {statistics.median(ratios):.2f}x (median of per-step ratios; quartiles "
+        f"{quartiles[0]:.2f}-{quartiles[2]:.2f})   memory ratio {memory['berth'] / memory['baseline']:.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
