@@ -145,6 +145,6 @@ def test_fast_dropout_matches_dropout_in_distribution():
     assert torch.equal(layer.eval()(x), x)
     model = build_model(ModelConfig(size="tiny"), VOCAB, 0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    assert use_fast_dropout(model) == 2 + 3 * 2  # embeddings, and per layer: attention, its output, the FFN output
+    assert use_fast_dropout(model) == 1 + 2 * 3  # embeddings; per layer (2): attention, its output, FFN output
     assert model.state_dict().keys() == before.keys()
     assert model.bert.encoder.layer[0].attention.self.dropout.p == 0.1  # sdpa reads p from here
