@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
@@ -39,6 +41,8 @@ def build_accelerator(precision: str, trackers: tuple[str, ...], project_dir: st
         raise BerthError(f"train.trackers: unknown {', '.join(unknown)}; choose from {', '.join(TRACKERS)}")
     if "wandb" in trackers:
         configure_wandb()
+    if "tensorboard" in trackers and not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
+        raise BerthError("train.trackers: tensorboard is not installed; pip install tensorboard")
     cpu = not torch.cuda.is_available()
     mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[resolve_precision(precision, cpu)]
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=find_unused)]

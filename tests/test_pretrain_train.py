@@ -1,6 +1,7 @@
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -158,22 +159,19 @@ def test_two_processes_reach_the_weights_of_one(setup):
     ]
     one = pretrain(config(setup, "procs1", *common))
     root, base = setup
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = str(free.getsockname()[1])
+    # The shipped CPU config: two real processes (plain `--cpu --num_processes 2` would run one).
     command = [
         sys.executable,
         "-m",
         "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
+        "--config_file",
+        "configs/accelerate/cpu_ddp_2proc.yaml",
         "--main_process_port",
-        "0",
+        port,
         "-m",
         "pretrain",
         "configs/pretrain/mini_zh.yaml",

@@ -56,3 +56,28 @@ def test_build_optimizer_names():
     model = nn.Linear(2, 2)
     assert isinstance(build_optimizer(model, "adamw", 1e-3, 0.01), torch.optim.AdamW)
     assert isinstance(build_optimizer(model, "lamb", 1e-3, 0.01), Lamb)
+
+
+def test_wandb_is_offline_unless_logged_in(monkeypatch, tmp_path):
+    from runtime.tracking import configure_wandb
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    assert configure_wandb() == "offline"
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert configure_wandb() == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert configure_wandb() == "disabled"  # the user's choice stands
+
+
+def test_metrics_log_drops_lines_past_a_resumed_step(tmp_path):
+    from runtime.tracking import MetricsLog, read_metrics
+
+    log = MetricsLog(tmp_path)
+    for step in (1, 2, 3, 4):
+        log.write({"step": step, "loss": float("nan") if step == 4 else 1.0 / step})
+    assert read_metrics(tmp_path)[-1] == {"step": 4, "loss": None}  # JSON has no NaN
+    MetricsLog(tmp_path, resume_step=2)
+    assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2]
