@@ -7,7 +7,8 @@ into max_seq_len blocks (group_texts, so no padding), DataCollatorForLanguageMod
 the MLM head over every position, AdamW. berth: BertForPreTraining with NSP, examples from `berth prepare`,
 berth's collator, the MLM head on the masked positions only. Same model size, corpus, batch, sequence length
 and precision; both steps run alternately in one loop so machine noise hits both. Peak memory is measured in
-a separate process per side (the resident set of a process is shared by everything in it).
+a separate process per side: on GPU the allocator's peak, on CPU the peak anonymous resident memory (sampled
+every millisecond) above what was resident before the steps, i.e. activations, gradients and optimizer work.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -83,18 +85,41 @@ def baseline_side(cfg, loop):
     return step
 
 
-def reset_peak_memory() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        Path("/proc/self/clear_refs").write_text("5")  # resets the process's peak resident set (VmHWM)
-
-
-def read_peak_memory_mb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
+def rss_anon_mb() -> float:
+    """Anonymous resident memory: what the process allocated, without memory-mapped dataset files."""
     status = Path("/proc/self/status").read_text()
-    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) / 1024
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("RssAnon"))) / 1024
+
+
+class PeakMemory:
+    """Peak memory while the steps run, above what was resident before: sampled every millisecond on CPU."""
+
+    def __enter__(self) -> PeakMemory:
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated() / 2**20
+            return self
+        self.base = self.peak = rss_anon_mb()
+        self.running = True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while self.running:
+            self.peak = max(self.peak, rss_anon_mb())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc: object) -> None:
+        if torch.cuda.is_available():
+            self.peak = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            self.running = False
+            self.thread.join()
+
+    @property
+    def above_base_mb(self) -> float:
+        return self.peak - self.base
 
 
 def peak_memory(args, side: str) -> float:
@@ -131,11 +156,11 @@ def main() -> None:
     cfg, loop = setup(args)
     if args.memory_of:
         step = (berth_side if args.memory_of == "berth" else baseline_side)(cfg, loop)
-        step()  # model, optimizer state and data set up before the peak is reset
-        reset_peak_memory()
-        for _ in range(args.steps):
-            step()
-        print(json.dumps({"peak_mb": read_peak_memory_mb()}))
+        step()  # model, optimizer state and data set up before measuring
+        with PeakMemory() as memory:
+            for _ in range(args.steps):
+                step()
+        print(json.dumps({"peak_mb": memory.above_base_mb}))
         return
 
     sides = {"berth": berth_side(cfg, loop), "baseline": baseline_side(cfg, loop)}
@@ -160,7 +185,7 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
     print(f"{args.size}, seq {args.seq_len}, batch {args.batch_size}, {args.precision}, {device}, {args.steps} steps")
     for name in sides:
-        print(f"  {name:9s} {speed[name]:10.0f} real tokens/s   peak memory during steps {memory[name]:8.0f} MiB")
+        print(f"  {name:9s} {speed[name]:10.0f} real tokens/s   peak memory of a step {memory[name]:8.0f} MiB")
     quartiles = statistics.quantiles(ratios, n=4)
     print(
         f"  speed-up  {statistics.median(ratios):.2f}x (median of per-step ratios; quartiles "
