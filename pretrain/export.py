@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import Accelerator
 from transformers import BertForPreTraining, PreTrainedTokenizerBase
 
@@ -16,12 +17,19 @@ from runtime.tracking import read_metrics
 FINAL = "final"
 
 
-def model_card(cfg: Any, metrics: dict[str, Any], base_model: str = "") -> str:
+def vocabulary_languages(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """["zh"] when CJK characters make up much of the vocabulary; the hub's `language` field."""
+    vocab = tokenizer.get_vocab()
+    cjk = sum(1 for token in vocab if any("\u4e00" <= ch <= "\u9fff" for ch in token))
+    return ["zh"] if cjk > 0.3 * len(vocab) else []
+
+
+def model_card(cfg: Any, metrics: dict[str, Any], languages: list[str], base_model: str = "") -> str:
     """A short model card with the hub's YAML metadata and the last evaluation."""
     from berth.config import dump_config
 
     meta = {
-        "language": ["zh"] if "peoples_daily" in " ".join(cfg.corpus.sources) else [],
+        "language": languages,
         "library_name": "transformers",
         "pipeline_tag": "fill-mask",
         "tags": ["bert", "berth", "fill-mask", "pretraining"],
@@ -36,7 +44,7 @@ def model_card(cfg: Any, metrics: dict[str, Any], base_model: str = "") -> str:
 
 # {Path(cfg.output_dir).name}
 
-A BERT encoder ({cfg.model.size}) pretrained with [berth](https://github.com/) on {", ".join(cfg.corpus.sources)}:
+A BERT encoder ({cfg.model.size}) pretrained with berth on {", ".join(cfg.corpus.sources)}:
 masked-LM ({cfg.data.mask_prob:.0%} of tokens, {"whole-word" if cfg.data.whole_word_mask else "token"} masking)
 plus the [CLS] task `{cfg.data.sentence_task}`, sequences of {cfg.data.max_seq_len} tokens.
 
@@ -59,21 +67,28 @@ fill = pipeline("fill-mask", model="path/to/this/folder")
 
 
 def export_final(
-    accelerator: Accelerator, model: BertForPreTraining, tokenizer: PreTrainedTokenizerBase, cfg: Any, out: Path
+    accelerator: Accelerator,
+    prepared: torch.nn.Module,
+    model: BertForPreTraining,
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: Any,
+    out: Path,
 ) -> Path:
+    """`prepared` is the model as Accelerate wrapped it (DDP, FSDP, ...); `model` the BERT inside it."""
     final = out / FINAL
     # Gathered on every process (FSDP / DeepSpeed shard it), written by the main one.
-    state_dict = accelerator.get_state_dict(accelerator._models[0]) if accelerator._models else None
+    state_dict = accelerator.get_state_dict(prepared)
     if accelerator.is_main_process:
         tmp = out / f".tmp-final-{time.time_ns()}"
-        inner = {k.removeprefix("model."): v for k, v in state_dict.items()} if state_dict is not None else None
+        inner = {k.removeprefix("model."): v for k, v in state_dict.items()}
         model.save_pretrained(tmp, state_dict=inner)
         tokenizer.save_pretrained(tmp)
         vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
         (tmp / "vocab.txt").write_text("".join(f"{t}\n" for t, _ in vocab), encoding="utf-8")
         evals = [m for m in read_metrics(out) if "eval_mlm_accuracy" in m]
         last = {k: v for k, v in (evals[-1] if evals else {}).items() if k.startswith("eval_")}
-        (tmp / "README.md").write_text(model_card(cfg, last, cfg.model.init), encoding="utf-8")
+        card = model_card(cfg, last, vocabulary_languages(tokenizer), cfg.model.init)
+        (tmp / "README.md").write_text(card, encoding="utf-8")
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
     accelerator.wait_for_everyone()

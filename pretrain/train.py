@@ -364,7 +364,7 @@ class Loop:
             self.maybe_eval(force=True)
         if self.state.step % cfg.train.save_every:
             self.maybe_checkpoint(force=True)
-        final = export_final(acc, self.objective.model, self.prepared.tokenizer, cfg, self.out)
+        final = export_final(acc, self.model, self.objective.model, self.prepared.tokenizer, cfg, self.out)
         acc.end_training()
         return final
 

