@@ -278,7 +278,8 @@ class Loop:
             "step": self.state.step,
             "time": round(now - self.start_time, 3),
             "epoch": self.state.epoch,
-            "loss": sums.get("loss", 0.0) / max(steps, 1) / acc.num_processes,
+            # each process adds its share of the global mean, so the sum over processes is the step loss
+            "loss": sums.get("loss", 0.0) / max(steps, 1),
             "mlm_loss": sums.get("mlm_loss", 0.0) / max(sums.get("mlm_count", 1), 1),
             "mlm_accuracy": sums.get("mlm_correct", 0.0) / max(sums.get("mlm_count", 1), 1),
             "lr": self.scheduler.get_last_lr()[0],
