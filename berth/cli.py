@@ -20,28 +20,35 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
-def cmd_tokenizer_train(args: argparse.Namespace) -> int:
+def _config_unless_printed(cls: type, args: argparse.Namespace):
+    """The resolved config, or None after printing it for --print-config."""
     from berth.config import dump_config, load_config
+
+    cfg = load_config(cls, args.config, args.overrides)
+    if args.print_config:
+        print(dump_config(cfg), end="")
+        return None
+    return cfg
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     from tokenizer.config import TokenizerJobConfig
     from tokenizer.train import format_summary, train_tokenizer
 
-    cfg = load_config(TokenizerJobConfig, args.config, args.overrides)
-    if args.print_config:
-        print(dump_config(cfg), end="")
+    cfg = _config_unless_printed(TokenizerJobConfig, args)
+    if cfg is None:
         return 0
     print(format_summary(train_tokenizer(cfg)))
     return 0
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from berth.config import dump_config, load_config
     from pretrain.config import PretrainConfig
     from pretrain.prepare import dump_examples, format_stats, prepare
     from tokenizer.train import ensure_tokenizer
 
-    cfg = load_config(PretrainConfig, args.config, args.overrides)
-    if args.print_config:
-        print(dump_config(cfg), end="")
+    cfg = _config_unless_printed(PretrainConfig, args)
+    if cfg is None:
         return 0
     prepared = prepare(cfg, ensure_tokenizer(cfg.tokenizer.path, cfg.tokenizer.config))
     logging.getLogger("berth").info("\n%s", format_stats(prepared))
@@ -51,13 +58,11 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from berth.config import dump_config, load_config
     from pretrain.config import PretrainConfig
     from pretrain.train import pretrain
 
-    cfg = load_config(PretrainConfig, args.config, args.overrides)
-    if args.print_config:
-        print(dump_config(cfg), end="")
+    cfg = _config_unless_printed(PretrainConfig, args)
+    if cfg is None:
         return 0
     final = pretrain(cfg)
     logging.getLogger("berth").info("exported %s", final)

@@ -63,7 +63,7 @@ def test_missing_corpus_is_one_line_on_stderr(tmp_path, capsys):
     assert code == 2
     assert err == (
         "berth: error: corpus source 'data/*.txt': no such file, directory or glob match (embedded corpora are: "
-        "peoples_daily, peoples_daily_words, reviews_sentiment, reviews_sentiment:train, "
+        "peoples_daily, peoples_daily_words, peoples_daily_paragraphs, reviews_sentiment, reviews_sentiment:train, "
         "reviews_sentiment:validation, reviews_sentiment:test; hub datasets are written hf:OWNER/NAME)\n"
     )
     assert not (tmp_path / "o").exists()
@@ -118,3 +118,16 @@ def test_demo_builds_then_reuses(tmp_path, capsys, caplog):
     assert second.split("  time")[0] == first.split("  time")[0]
     assert "reusing the tokenizer" in caplog.text
     assert "reusing tokenized documents" in caplog.text
+
+
+@pytest.mark.parametrize("module", ["pretrain"])
+def test_python_dash_m_stage_prints_its_config(module):
+    result = subprocess.run(
+        [sys.executable, "-m", module, "configs/pretrain/mini_zh.yaml", "train.max_steps=7", "--print-config"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    resolved = yaml.safe_load(result.stdout)
+    assert resolved["train"]["max_steps"] == 7
+    assert resolved["model"]["size"] == "mini"
