@@ -37,6 +37,7 @@ def setup(args):
         f"data.max_seq_len={args.seq_len}",
         f"train.precision={args.precision}",
         "train.progress_bar=false",
+        *args.override,
     ]
     cfg = load_config(PretrainConfig, "configs/pretrain/mini_zh.yaml", overrides)
     loop = Loop(cfg)  # berth's own training step, exactly as `berth pretrain` runs it
@@ -152,6 +153,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--memory-of", choices=["berth", "baseline"])
+    parser.add_argument("--override", nargs="*", default=[], help="config overrides; model.* apply to both sides")
     args = parser.parse_args()
     cfg, loop = setup(args)
     if args.memory_of:
