@@ -148,3 +148,51 @@ def test_fast_dropout_matches_dropout_in_distribution():
     assert use_fast_dropout(model) == 1 + 2 * 3  # embeddings; per layer (2): attention, its output, FFN output
     assert model.state_dict().keys() == before.keys()
     assert model.bert.encoder.layer[0].attention.self.dropout.p == 0.1  # sdpa reads p from here
+
+
+def test_pack_batch_exact():
+    from pretrain.masking import pack_batch
+
+    collator = MaskingCollator(DataConfig(pad_to_multiple_of=4), SPECIAL, mask=False)
+    examples = [
+        {
+            "input_ids": [2, 10, 11, 3, 12, 3],
+            "token_type_ids": [0, 0, 0, 0, 1, 1],
+            "word_ids": [-1, 0, 1, -1, 2, -1],
+            "next_sentence_label": 0,
+        },
+        {"input_ids": [2, 20, 3], "token_type_ids": [0, 0, 0], "word_ids": [-1, 0, -1], "next_sentence_label": 1},
+        {
+            "input_ids": [2, 30, 31, 32, 3],
+            "token_type_ids": [0] * 5,
+            "word_ids": [-1, 0, 1, 2, -1],
+            "next_sentence_label": 1,
+        },
+    ]
+    packed = pack_batch(collator(examples), capacity=9, multiple=4)
+    # first-fit decreasing: 6 tokens -> row 0; 5 -> row 1 (6 + 5 > 9); 3 -> row 0 (6 + 3 = 9)
+    assert packed["input_ids"].tolist() == [[2, 10, 11, 3, 12, 3, 2, 20, 3, 0, 0, 0], [2, 30, 31, 32, 3] + [0] * 7]
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 0, 1, 2, 0, 0, 0], [0, 1, 2, 3, 4] + [0] * 7]
+    assert packed["sequence_ids"].tolist() == [[0] * 6 + [1] * 3 + [-1] * 3, [2] * 5 + [-1] * 7]
+    assert packed["token_type_ids"].tolist()[0] == [0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0]
+    assert packed["cls_positions"].tolist() == [0, 6, 12]
+    assert packed["next_sentence_label"].tolist() == [0, 1, 1]
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_packed_batch_gives_the_losses_of_the_unpacked_one(impl):
+    from pretrain.masking import pack_batch
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(size="tiny", attn_implementation=impl), VOCAB, 0).eval()
+    objective = PretrainingObjective(model, VOCAB, sentence_task=True)
+    unpacked = batch(seed=5, n=12)
+    packed = pack_batch(unpacked, capacity=96)
+    assert packed["input_ids"].shape[0] < 12  # several examples share a row
+    a, b = (
+        objective(**inputs(unpacked)),
+        objective(**inputs(packed), **{k: packed[k] for k in ("position_ids", "sequence_ids", "cls_positions")}),
+    )
+    for key in ("mlm_loss", "nsp_loss"):
+        assert torch.allclose(a[key], b[key], rtol=1e-5, atol=1e-5), key
+    assert torch.equal(a["mlm_correct"], b["mlm_correct"]) and torch.equal(a["mlm_count"], b["mlm_count"])
