@@ -7,6 +7,7 @@ Either way the result is Arrow-backed (memory-mapped, cached) or, with `streamin
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import logging
@@ -246,7 +247,7 @@ def _load_hub(name: str, cfg: CorpusConfig) -> Corpus:
 
 
 def _exclude_texts(corpus: Corpus, cfg: CorpusConfig) -> Corpus:
-    plain = CorpusConfig(**{**cfg.__dict__, "sources": cfg.exclude, "exclude": (), "streaming": False})
+    plain = dataclasses.replace(cfg, sources=cfg.exclude, exclude=(), streaming=False)
     excluded = {t.strip() for source in plain.sources for t in load_source(source, plain)["text"]}
     return corpus.filter(lambda row: row["text"].strip() not in excluded)
 

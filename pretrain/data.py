@@ -122,7 +122,7 @@ def continuation_mask(tokenizer: PreTrainedTokenizerBase) -> np.ndarray:
     return mask
 
 
-def _has_cjk(text: str) -> bool:
+def has_cjk(text: str) -> bool:
     return any("\u4e00" <= ch <= "\u9fff" or "\u3400" <= ch <= "\u4dbf" for ch in text)
 
 
@@ -191,7 +191,7 @@ class DocumentEncoder:
             return None
         if self.segmenter == "auto" and words:
             return word_starts(text, words)
-        if not _has_cjk(text):
+        if not has_cjk(text):
             return None  # ## continuations already give English words
         import jieba
 

@@ -12,7 +12,9 @@ import torch
 from accelerate import Accelerator
 from transformers import BertForPreTraining, PreTrainedTokenizerBase
 
+from pretrain.data import has_cjk
 from runtime.tracking import read_metrics
+from tokenizer.train import write_vocab_txt
 
 FINAL = "final"
 
@@ -20,7 +22,7 @@ FINAL = "final"
 def vocabulary_languages(tokenizer: PreTrainedTokenizerBase) -> list[str]:
     """["zh"] when CJK characters make up much of the vocabulary; the hub's `language` field."""
     vocab = tokenizer.get_vocab()
-    cjk = sum(1 for token in vocab if any("\u4e00" <= ch <= "\u9fff" for ch in token))
+    cjk = sum(1 for token in vocab if has_cjk(token))
     return ["zh"] if cjk > 0.3 * len(vocab) else []
 
 
@@ -83,8 +85,7 @@ def export_final(
         inner = {k.removeprefix("model."): v for k, v in state_dict.items()}
         model.save_pretrained(tmp, state_dict=inner)
         tokenizer.save_pretrained(tmp)
-        vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
-        (tmp / "vocab.txt").write_text("".join(f"{t}\n" for t, _ in vocab), encoding="utf-8")
+        write_vocab_txt(tokenizer.get_vocab(), tmp / "vocab.txt")
         evals = [m for m in read_metrics(out) if "eval_mlm_accuracy" in m]
         last = {k: v for k, v in (evals[-1] if evals else {}).items() if k.startswith("eval_")}
         card = model_card(cfg, last, vocabulary_languages(tokenizer), cfg.model.init)

@@ -138,7 +138,9 @@ class MaskingCollator:
         }
 
 
-def pack_batch(batch: dict[str, torch.Tensor], capacity: int, multiple: int = 8) -> dict[str, torch.Tensor]:
+def pack_batch(
+    batch: dict[str, torch.Tensor], capacity: int, pad_id: int, multiple: int = 8
+) -> dict[str, torch.Tensor]:
     """Pack a collated batch of B examples into R <= B rows of at most `capacity` tokens (first-fit decreasing).
 
     Examples keep their own positions (position_ids restart at 0) and see only themselves: `sequence_ids`
@@ -156,7 +158,6 @@ def pack_batch(batch: dict[str, torch.Tensor], capacity: int, multiple: int = 8)
         place[i] = (row, fill[row])
         fill[row] += lengths[i]
     rows, length = len(fill), -(-max(fill) // multiple) * multiple
-    pad_id = int(batch["input_ids"][batch["attention_mask"] == 0][0]) if (batch["attention_mask"] == 0).any() else 0
     out = {
         "input_ids": torch.full((rows, length), pad_id, dtype=torch.long),
         "token_type_ids": torch.zeros((rows, length), dtype=torch.long),

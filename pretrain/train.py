@@ -102,7 +102,9 @@ def batches(
 
 def collate(examples: list[dict], collator: MaskingCollator, cfg: PretrainConfig) -> dict[str, torch.Tensor]:
     batch = collator(examples)
-    return pack_batch(batch, cfg.data.max_seq_len, cfg.data.pad_to_multiple_of) if cfg.data.pack_sequences else batch
+    if not cfg.data.pack_sequences:
+        return batch
+    return pack_batch(batch, cfg.data.max_seq_len, collator.special.pad, cfg.data.pad_to_multiple_of)
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -145,7 +147,7 @@ class Loop:
         self.state = TrainState()
         self.sums: dict[str, torch.Tensor] = {}
         self.first_bad = torch.tensor(-1, device=self.accelerator.device)
-        self.last_log = (0, time.perf_counter(), 0)
+        self.last_log = (0, time.perf_counter())  # (step, time) of the last log line
 
     # -- set-up --------------------------------------------------------------------------------------------
 
@@ -212,7 +214,7 @@ class Loop:
         if cfg.train.trackers:
             acc.init_trackers(self.out.name, config=_flat(to_dict(cfg)))
         self.start_time = time.perf_counter() - self.state.elapsed
-        self.last_log = (self.state.step, time.perf_counter(), self.state.tokens)
+        self.last_log = (self.state.step, time.perf_counter())
 
     # -- one optimizer step --------------------------------------------------------------------------------
 
@@ -294,7 +296,7 @@ class Loop:
         peak = peak_flops(self.cfg)
         if peak:
             record["mfu"] = tokens_per_s * self.flops_per_token / (peak * acc.num_processes)
-        self.last_log = (self.state.step, now, self.state.tokens)
+        self.last_log = (self.state.step, now)
         self.emit(record)
         if hasattr(self, "bar"):
             self.bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.1e}", refresh=False)

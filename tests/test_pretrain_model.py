@@ -169,7 +169,7 @@ def test_pack_batch_exact():
             "next_sentence_label": 1,
         },
     ]
-    packed = pack_batch(collator(examples), capacity=9, multiple=4)
+    packed = pack_batch(collator(examples), capacity=9, pad_id=0, multiple=4)
     # first-fit decreasing: 6 tokens -> row 0; 5 -> row 1 (6 + 5 > 9); 3 -> row 0 (6 + 3 = 9)
     assert packed["input_ids"].tolist() == [[2, 10, 11, 3, 12, 3, 2, 20, 3, 0, 0, 0], [2, 30, 31, 32, 3] + [0] * 7]
     assert packed["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 0, 1, 2, 0, 0, 0], [0, 1, 2, 3, 4] + [0] * 7]
@@ -187,7 +187,7 @@ def test_packed_batch_gives_the_losses_of_the_unpacked_one(impl):
     model = build_model(ModelConfig(size="tiny", attn_implementation=impl), VOCAB, 0).eval()
     objective = PretrainingObjective(model, VOCAB, sentence_task=True)
     unpacked = batch(seed=5, n=12)
-    packed = pack_batch(unpacked, capacity=96)
+    packed = pack_batch(unpacked, capacity=96, pad_id=0)
     assert packed["input_ids"].shape[0] < 12  # several examples share a row
     a, b = (
         objective(**inputs(unpacked)),

@@ -106,9 +106,7 @@ def save_tokenizer(tok: Tokenizer, cfg: WordPieceConfig, output_dir: str | Path)
     with tempfile.TemporaryDirectory(dir=out, prefix=".tmp-") as tmp:
         hf = to_transformers(tok, cfg)
         hf.save_pretrained(tmp)
-        vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
-        # vocab.txt alone rebuilds the same tokenizer with transformers' BertTokenizer (ids are line numbers).
-        Path(tmp, "vocab.txt").write_text("".join(f"{token}\n" for token, _ in vocab), encoding="utf-8")
+        write_vocab_txt(tok.get_vocab(), Path(tmp, "vocab.txt"))
         special = {"unk_token": UNK, "sep_token": SEP, "pad_token": PAD, "cls_token": CLS, "mask_token": MASK}
         Path(tmp, "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n", encoding="utf-8")
         for name in TOKENIZER_FILES:
@@ -116,10 +114,20 @@ def save_tokenizer(tok: Tokenizer, cfg: WordPieceConfig, output_dir: str | Path)
     return out
 
 
+def write_vocab_txt(vocab: dict[str, int], path: Path) -> None:
+    """vocab.txt alone rebuilds the same tokenizer with transformers' BertTokenizer (ids are line numbers)."""
+    tokens = sorted(vocab.items(), key=lambda kv: kv[1])
+    path.write_text("".join(f"{token}\n" for token, _ in tokens), encoding="utf-8")
+
+
+def has_tokenizer(path: Path) -> bool:
+    return (path / "tokenizer.json").is_file() or (path / "vocab.txt").is_file()
+
+
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """Load a saved tokenizer, with a one-line error when the directory holds none."""
     path = Path(path)
-    if not (path / "tokenizer.json").is_file() and not (path / "vocab.txt").is_file():
+    if not has_tokenizer(path):
         raise BerthError(f"{path}: no tokenizer here (no tokenizer.json or vocab.txt); run `berth tokenizer train`")
     try:
         return AutoTokenizer.from_pretrained(str(path))
@@ -220,7 +228,7 @@ def format_summary(summary: dict[str, Any]) -> str:
 def ensure_tokenizer(path: str | Path, config: str | Path | None) -> PreTrainedTokenizerBase:
     """The tokenizer in `path`; when there is none yet, train it first with the tokenizer config `config`."""
     path = Path(path)
-    if not (path / "tokenizer.json").is_file() and not (path / "vocab.txt").is_file():
+    if not has_tokenizer(path):
         if not config:
             raise BerthError(f"{path}: no tokenizer here, and tokenizer.config is empty; run `berth tokenizer train`")
         from berth.config import load_config
