@@ -72,8 +72,8 @@ def load_checkpoint_model(path_or_id: str, attn_implementation: str) -> BertForP
 class FastDropout(nn.Module):
     """Dropout whose mask comes from torch.rand: the same distribution as nn.Dropout, about twice as fast on CPU.
 
-    PyTorch's CPU dropout draws its mask with bernoulli_, which took a quarter of a mini-model training step
-    here. Only the module differs: the weights, the saved checkpoints and the exported model are unchanged.
+    PyTorch's CPU dropout draws its mask with bernoulli_, and BERT's dropouts run on every hidden state of
+    every layer. Only the module differs: the weights, the saved checkpoints and the exported model are unchanged.
     """
 
     def __init__(self, p: float):
