@@ -69,6 +69,25 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from finetune.config import FinetuneConfig
+    from finetune.train import finetune
+
+    cfg = _config_unless_printed(FinetuneConfig, args)
+    if cfg is None:
+        return 0
+    final = finetune(cfg)
+    logging.getLogger("berth").info("exported %s", final)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from finetune.predict import predict_file
+
+    predict_file(args.model_dir, args.input, sys.stdout, batch_size=args.batch_size, progress=not args.quiet)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from berth.demo import run_demo
 
@@ -101,6 +120,18 @@ def build_parser() -> argparse.ArgumentParser:
     pre = stages.add_parser("pretrain", help="pretrain BERT (MLM + NSP/SOP); under accelerate launch for many GPUs")
     _add_config_args(pre)
     pre.set_defaults(func=cmd_pretrain)
+
+    fine = stages.add_parser("finetune", help="fine-tune a checkpoint: classification (long texts in windows) or NER")
+    _add_config_args(fine)
+    fine.set_defaults(func=cmd_finetune)
+
+    pred = stages.add_parser("predict", help="label texts of any length with a fine-tuned model (JSON lines out)")
+    pred.add_argument("model_dir", help="a fine-tuned model directory (a run's final/ or best/)")
+    pred.add_argument(
+        "--input", default="-", help="a file with one text a line, or JSON lines with a 'text' field; - for stdin"
+    )
+    pred.add_argument("--batch-size", type=int, default=64, help="windows per forward pass (default: 64)")
+    pred.set_defaults(func=cmd_predict)
 
     demo = stages.add_parser("demo", help="run the pipeline on the embedded Chinese corpus")
     demo.add_argument("--output-dir", default="runs/demo", help="where the demo writes (default: runs/demo)")

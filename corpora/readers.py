@@ -199,7 +199,7 @@ def iter_jsonl_documents(
             yield text.strip()
 
 
-def _check_utf8(path: Path) -> None:
+def check_utf8(path: Path) -> None:
     for _ in _decoded_lines(path, "error"):
         pass
 
@@ -207,7 +207,7 @@ def _check_utf8(path: Path) -> None:
 def _from_builder(files: list[Path], fmt: str, cfg: CorpusConfig) -> Corpus:
     if fmt in ("csv", "tsv"):
         for f in files:
-            _check_utf8(f)  # pandas would fail with a stack trace and no line number
+            check_utf8(f)  # pandas would fail with a stack trace and no line number
         builder, kwargs = "csv", {"delimiter": "\t" if fmt == "tsv" else ","}
     else:
         builder, kwargs = "parquet", {}

@@ -1,0 +1,381 @@
+"""Sequence classification on the [CLS] vector, with long texts in windows aggregated per document."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerBase
+
+from berth.errors import BerthError
+from finetune.batching import encoder_batch, eval_order
+from finetune.config import FinetuneConfig, TaskData
+from finetune.data import Split, check_labels, check_texts, label_values, load_splits, require_columns, resolve_labels
+from finetune.metrics import load_metric
+from finetune.windows import truncate, window_spans
+
+logger = logging.getLogger(__name__)
+
+AGGREGATIONS = ("mean", "max", "attention")
+
+
+@dataclass(frozen=True)
+class WindowSettings:
+    """How a text becomes model inputs; saved in the exported config so predict cuts texts the same way."""
+
+    max_seq_len: int = 128
+    long_text: str = "windows"
+    stride: int = 64
+    head_fraction: float = 0.25
+    aggregation: str = "mean"  # the one used at prediction (auto is resolved on validation)
+
+    @classmethod
+    def from_data(cls, data: TaskData) -> WindowSettings:
+        aggregation = "mean" if data.aggregation == "auto" else data.aggregation
+        return cls(data.max_seq_len, data.long_text, data.stride, data.head_fraction, aggregation)
+
+
+@dataclass
+class Encoded:
+    """A split as windows: window w belongs to document window_doc[w]; every document has at least one."""
+
+    window_ids: list[list[int]] = field(default_factory=list)  # [CLS] tokens [SEP] (pairs: ... [SEP] B [SEP])
+    window_types: list[list[int]] = field(default_factory=list)
+    window_doc: list[int] = field(default_factory=list)
+    doc_windows: list[list[int]] = field(default_factory=list)
+    doc_tokens: list[int] = field(default_factory=list)  # content tokens before cutting
+    doc_labels: list[int] = field(default_factory=list)  # -1: unknown (prediction)
+
+    def add(self, doc: int, ids: list[int], types: list[int]) -> None:
+        self.doc_windows[doc].append(len(self.window_ids))
+        self.window_ids.append(ids)
+        self.window_types.append(types)
+        self.window_doc.append(doc)
+
+
+def encode_texts(
+    tokenizer: PreTrainedTokenizerBase,
+    texts: list[str],
+    settings: WindowSettings,
+    pairs: list[str] | None = None,
+    labels: list[int] | None = None,
+) -> Encoded:
+    """Tokenize and cut: windows of max_seq_len - 2 tokens `stride` apart, or one truncated window per text.
+
+    Text pairs are truncated longest-first into one window (windows slide over single texts only).
+    """
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    room = settings.max_seq_len - 2
+    encoded = Encoded(doc_labels=list(labels) if labels is not None else [-1] * len(texts))
+    # verbose=False: long texts are expected here (they are cut below), so no "longer than the maximum" warning.
+    pieces = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+    pair_pieces = tokenizer(pairs, add_special_tokens=False, verbose=False)["input_ids"] if pairs is not None else None
+    for doc, ids in enumerate(pieces):
+        encoded.doc_windows.append([])
+        if pair_pieces is not None:
+            a, b = _truncate_pair(ids, pair_pieces[doc], settings.max_seq_len - 3)
+            encoded.doc_tokens.append(len(ids) + len(pair_pieces[doc]))
+            encoded.add(doc, [cls, *a, sep, *b, sep], [0] * (len(a) + 2) + [1] * (len(b) + 1))
+            continue
+        encoded.doc_tokens.append(len(ids))
+        if settings.long_text == "windows":
+            cuts = [ids[start:end] for start, end in window_spans(len(ids), room, settings.stride)]
+        else:
+            cuts = [truncate(ids, room, settings.long_text, settings.head_fraction)]
+        for cut in cuts:
+            encoded.add(doc, [cls, *cut, sep], [0] * (len(cut) + 2))
+    return encoded
+
+
+def _truncate_pair(a: list[int], b: list[int], room: int) -> tuple[list[int], list[int]]:
+    a, b = list(a), list(b)
+    while len(a) + len(b) > room:
+        (a if len(a) >= len(b) else b).pop()
+    return a, b
+
+
+class WindowPooler(nn.Module):
+    """Attention pooling over the windows of a document: a learned score per window's [CLS] vector, a softmax
+    within each document, and the weighted sum of the vectors."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.score = nn.Linear(hidden_size, 1)
+
+    def forward(self, vectors: torch.Tensor, doc: torch.Tensor, num_docs: int) -> torch.Tensor:
+        # vectors [W, H], doc [W] -> [D, H]
+        scores = self.score(vectors).squeeze(-1).float()  # [W]
+        top = torch.full((num_docs,), float("-inf"), device=scores.device).scatter_reduce(0, doc, scores, "amax")
+        weights = torch.exp(scores - top[doc])  # [W]
+        total = torch.zeros(num_docs, device=scores.device).index_add(0, doc, weights)
+        weights = (weights / total[doc]).to(vectors.dtype)
+        pooled = torch.zeros(num_docs, vectors.shape[-1], dtype=vectors.dtype, device=vectors.device)
+        return pooled.index_add(0, doc, weights[:, None] * vectors)
+
+
+def aggregate(window_logits: torch.Tensor, doc: torch.Tensor, num_docs: int, how: str) -> torch.Tensor:
+    """Per-document logits [D, C] from window logits [W, C]: their mean or their elementwise max."""
+    classes = window_logits.shape[-1]
+    if how == "mean":
+        total = torch.zeros(num_docs, classes, dtype=window_logits.dtype).index_add(0, doc, window_logits)
+        count = torch.zeros(num_docs, dtype=window_logits.dtype).index_add(
+            0, doc, torch.ones_like(doc, dtype=window_logits.dtype)
+        )
+        return total / count[:, None]
+    if how == "max":
+        start = torch.full((num_docs, classes), float("-inf"), dtype=window_logits.dtype)
+        return start.scatter_reduce(0, doc[:, None].expand(-1, classes), window_logits, "amax")
+    raise ValueError(f"unknown aggregation {how!r}")
+
+
+class WindowClassifier(nn.Module):
+    """A transformers sequence classifier, plus the attention pooler when documents are pooled that way.
+
+    For BERT-style models (a pooler and a `classifier` layer) the [CLS] vectors are returned beside the
+    logits, so attention pooling can feed a document's pooled vector to the same classifier.
+    """
+
+    def __init__(self, model: nn.Module, attention: bool):
+        super().__init__()
+        self.model = model
+        self.has_vectors = all(hasattr(model, n) for n in ("classifier", "dropout")) and hasattr(
+            model.base_model, "pooler"
+        )
+        if attention and not (self.has_vectors and model.base_model.pooler is not None):
+            raise BerthError("data.aggregation=attention needs a BERT-style model with a pooler and a classifier layer")
+        self.pooler = WindowPooler(model.config.hidden_size) if attention else None
+
+    def forward(
+        self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not self.has_vectors:
+            out = self.model(input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask)
+            return out.logits, None
+        out = self.model.base_model(input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask)
+        vectors = out.pooler_output  # [W, H]: the [CLS] vector through BERT's pooler
+        return self.model.classifier(self.model.dropout(vectors)), vectors
+
+    def documents(self, vectors: torch.Tensor, doc: torch.Tensor, num_docs: int) -> torch.Tensor:
+        """Document logits [D, C] from window vectors [W, H] by attention pooling."""
+        return self.model.classifier(self.model.dropout(self.pooler(vectors, doc, num_docs)))
+
+
+class ClassificationTask:
+    """Data, model, loss and metrics of text (pair) classification; the fine-tuning loop drives it."""
+
+    kind = "classification"
+    metrics = ("accuracy", "macro_f1", "micro_f1", "loss")
+
+    def __init__(self, cfg: FinetuneConfig, tokenizer: PreTrainedTokenizerBase):
+        data = cfg.data
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.settings = WindowSettings.from_data(data)
+        self.attention = data.aggregation == "attention" and data.long_text == "windows"
+        splits = load_splits(data)
+        columns = [data.text_column, data.label_column] + ([data.text_pair_column] if data.text_pair_column else [])
+        for split in splits.values():
+            require_columns(split, columns)
+        self.labels = resolve_labels(data, splits["train"], data.label_column)
+        if data.class_weights and len(data.class_weights) != len(self.labels):
+            raise BerthError(
+                f"data.class_weights has {len(data.class_weights)} values for {len(self.labels)} labels "
+                f"({', '.join(self.labels)})"
+            )
+        self.splits = {name: self._encode(split) for name, split in splits.items()}
+        train = self.splits["train"]
+        logger.info(
+            "classification: %d labels (%s); train %d texts in %d windows, validation %d texts",
+            len(self.labels),
+            ", ".join(self.labels),
+            len(train.doc_labels),
+            len(train.window_ids),
+            len(self.splits["validation"].doc_labels),
+        )
+
+    def _encode(self, split: Split) -> Encoded:
+        data = self.cfg.data
+        texts = check_texts(split, data.text_column)
+        pairs = check_texts(split, data.text_pair_column) if data.text_pair_column else None
+        values = label_values(split, data.label_column)
+        check_labels(split, values, self.labels, data.label_column, training_labels=not data.label_names)
+        index = {name: i for i, name in enumerate(self.labels)}
+        return encode_texts(self.tokenizer, texts, self.settings, pairs, [index[v] for v in values])
+
+    # -- model ---------------------------------------------------------------------------------------------
+
+    def build_model(self, init: str, config: Any, from_scratch: bool) -> WindowClassifier:
+        from finetune.modeling import build_pretrained
+
+        config.num_labels = len(self.labels)
+        config.id2label = dict(enumerate(self.labels))
+        config.label2id = {name: i for i, name in enumerate(self.labels)}
+        model = build_pretrained(AutoModelForSequenceClassification, init, config, from_scratch)
+        return WindowClassifier(model, self.attention)
+
+    def export_settings(self, aggregation: str) -> dict[str, Any]:
+        return {"task": self.kind, **asdict(self.settings), "aggregation": aggregation}
+
+    # -- training ------------------------------------------------------------------------------------------
+
+    def train_units(self, epoch: int) -> tuple[list[list[int]], list[int]]:
+        """Units of a training batch: single windows (each with its document's label), or whole documents
+        for attention pooling (at most max_train_windows of their windows, drawn per epoch). Returns the
+        window indices of each unit and its length for grouping."""
+        train = self.splits["train"]
+        if not self.attention:
+            units = [[w] for w in range(len(train.window_ids))]
+        else:
+            rng = np.random.default_rng([self.cfg.train.seed, epoch, 3])
+            cap = self.cfg.data.max_train_windows
+            units = [
+                sorted(rng.choice(ws, cap, replace=False).tolist()) if cap and len(ws) > cap else ws
+                for ws in train.doc_windows
+            ]
+        return units, [sum(len(train.window_ids[w]) for w in unit) for unit in units]
+
+    def collate(self, units: list[list[int]], split: str = "train") -> dict[str, torch.Tensor]:
+        encoded = self.splits[split]
+        windows = [w for unit in units for w in unit]
+        batch = encoder_batch(
+            [encoded.window_ids[w] for w in windows],
+            [encoded.window_types[w] for w in windows],
+            self.tokenizer.pad_token_id,
+        )
+        batch["unit"] = torch.tensor([u for u, unit in enumerate(units) for _ in unit])  # [W]
+        batch["labels"] = torch.tensor([encoded.doc_labels[encoded.window_doc[unit[0]]] for unit in units])  # [U]
+        return batch
+
+    def loss(self, model: WindowClassifier, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed cross-entropy over the batch's units and their count (the loop normalises over all processes)."""
+        logits, vectors = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
+        if self.attention:
+            inner = model.module if hasattr(model, "module") else model
+            logits = inner.documents(vectors, batch["unit"], len(batch["labels"]))
+        weight = (
+            torch.tensor(self.cfg.data.class_weights, device=logits.device) if self.cfg.data.class_weights else None
+        )
+        loss = nn.functional.cross_entropy(logits.float(), batch["labels"], weight=weight, reduction="sum")
+        return loss, torch.tensor(len(batch["labels"]), device=logits.device)
+
+    # -- evaluation ----------------------------------------------------------------------------------------
+
+    def predict_split(
+        self, model: WindowClassifier, encoded: Encoded, acc: Any, batch_size: int
+    ) -> dict[str, torch.Tensor]:
+        """Document logits [D, C] by every aggregation this model supports."""
+        hows = ("mean", "max", "attention") if self.attention else ("mean", "max")
+        return document_logits(model, encoded, self.tokenizer.pad_token_id, acc, batch_size, hows)
+
+    def evaluate(
+        self, model: WindowClassifier, split: str, acc: Any, batch_size: int, aggregation: str | None = None
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Document-level metrics (all documents, and those longer than one window), for each aggregation;
+        the headline figures use `aggregation`, or the best of mean and max when the config says auto."""
+        encoded = self.splits[split]
+        by_aggregation = self.predict_split(model, encoded, acc, batch_size)
+        labels = torch.tensor(encoded.doc_labels)
+        room = self.settings.max_seq_len - 2
+        long_docs = [d for d, n in enumerate(encoded.doc_tokens) if n > room]
+        results = {how: self._scores(logits, labels, long_docs) for how, logits in by_aggregation.items()}
+        chosen = aggregation or self._choose(results)
+        metrics: dict[str, Any] = {**results[chosen], "aggregation": chosen, "long_count": len(long_docs)}
+        for how, scores in results.items():
+            metrics[f"accuracy_{how}"] = scores["accuracy"]
+            metrics[f"long_accuracy_{how}"] = scores["long_accuracy"]
+        probs = torch.softmax(by_aggregation[chosen], dim=-1)
+        score, predicted = probs.max(dim=-1)
+        predictions = [
+            {
+                "index": d,
+                "label": self.labels[int(predicted[d])],
+                "score": round(float(score[d]), 6),
+                "reference": self.labels[int(labels[d])] if labels[d] >= 0 else None,
+                "windows": len(encoded.doc_windows[d]),
+            }
+            for d in range(len(labels))
+        ]
+        return metrics, predictions
+
+    def _choose(self, results: dict[str, dict[str, float]]) -> str:
+        configured = self.cfg.data.aggregation
+        if self.cfg.data.long_text != "windows":
+            return "mean"  # one window per text: every aggregation is the same
+        if configured != "auto":
+            return configured
+        metric = self.cfg.train.metric
+        return max(("mean", "max"), key=lambda how: (results[how].get(metric, 0.0), how == "mean"))
+
+    def _scores(self, logits: torch.Tensor, labels: torch.Tensor, long_docs: list[int]) -> dict[str, float]:
+        predicted = logits.argmax(dim=-1)
+        loss = nn.functional.cross_entropy(logits, labels).item() if len(labels) else 0.0
+        scores = {**self._classification_scores(predicted, labels), "loss": loss}
+        if long_docs:
+            subset = torch.tensor(long_docs)
+            long = self._classification_scores(predicted[subset], labels[subset])
+            scores.update({f"long_{k}": v for k, v in long.items()})
+        else:
+            scores.update({"long_accuracy": float("nan"), "long_macro_f1": float("nan")})
+        return scores
+
+    def _classification_scores(self, predicted: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        accuracy = load_metric("accuracy").compute(predictions=predicted.tolist(), references=labels.tolist())
+        f1 = load_metric("f1").compute(
+            predictions=predicted.tolist(), references=labels.tolist(), num_labels=len(self.labels)
+        )
+        return {**accuracy, "macro_f1": f1["macro_f1"], "micro_f1": f1["micro_f1"]}
+
+
+@torch.no_grad()
+def document_logits(
+    model: WindowClassifier, encoded: Encoded, pad_id: int, acc: Any, batch_size: int, hows: tuple[str, ...]
+) -> dict[str, torch.Tensor]:
+    """Run every window (this process's share, in batches of similar length) and aggregate per document:
+    {aggregation: [D, C]} for each of `hows`. Dropout is off."""
+    lengths = [len(ids) for ids in encoded.window_ids]
+    logits_parts, vector_parts, index_parts = [], [], []
+    model.eval()
+    for rows in eval_order(lengths, batch_size, acc.process_index, acc.num_processes):
+        batch = encoder_batch([encoded.window_ids[w] for w in rows], [encoded.window_types[w] for w in rows], pad_id)
+        logits, vectors = model(**{k: v.to(acc.device) for k, v in batch.items()})
+        logits_parts.append(logits.float().cpu())
+        if "attention" in hows:
+            vector_parts.append(vectors.float().cpu())
+        index_parts.append(torch.tensor(rows))
+    _, logits, vectors = _gather_rows(acc, index_parts, logits_parts, vector_parts, len(lengths))
+    doc = torch.tensor(encoded.window_doc)
+    num_docs = len(encoded.doc_windows)
+    out = {how: aggregate(logits, doc, num_docs, how) for how in hows if how != "attention"}
+    if "attention" in hows:
+        inner = acc.unwrap_model(model)
+        with torch.autocast(acc.device.type, enabled=False):
+            out["attention"] = inner.documents(vectors.to(acc.device), doc.to(acc.device), num_docs).float().cpu()
+    model.train()
+    return out
+
+
+def _gather_rows(
+    acc: Any, index_parts: list, logits_parts: list, vector_parts: list, total: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Rows computed by every process, put back in row order."""
+    from accelerate.utils import gather_object
+
+    local = [
+        (
+            torch.cat(index_parts) if index_parts else torch.zeros(0, dtype=torch.long),
+            torch.cat(logits_parts) if logits_parts else None,
+            torch.cat(vector_parts) if vector_parts else None,
+        )
+    ]
+    parts = gather_object(local) if acc.num_processes > 1 else local
+    parts = [p for p in parts if p[1] is not None]
+    index = torch.cat([p[0] for p in parts])
+    order = torch.argsort(index)
+    if len(index) != total:
+        raise RuntimeError(f"evaluation gathered {len(index)} rows of {total}")
+    logits = torch.cat([p[1] for p in parts])[order]
+    vectors = torch.cat([p[2] for p in parts])[order] if parts and parts[0][2] is not None else None
+    return index[order], logits, vectors

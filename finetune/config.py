@@ -1,0 +1,116 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    # The checkpoint to fine-tune: a directory in Hugging Face format (berth's <pretrain output>/final, or any
+    # BERT the user has) or a hub id.
+    init: str = "runs/pretrain/mini_zh/final"
+    # Same architecture and tokenizer as `init`, but random weights: the baseline that shows what pretraining bought.
+    from_scratch: bool = False
+    # Dropout of the encoder (hidden and attention) and of the classifier while fine-tuning; null keeps the
+    # checkpoint's own (a model pretrained without dropout gets it back here, as BERT fine-tunes with 0.1).
+    hidden_dropout: float | None = 0.1
+    attention_dropout: float | None = 0.1
+    classifier_dropout: float = 0.1
+
+
+@dataclass(frozen=True)
+class TaskData:
+    # An embedded dataset (reviews_sentiment, peoples_daily_ner), hf:OWNER/NAME, or empty to read the files below.
+    dataset: str = "reviews_sentiment"
+    hub_config: str = ""
+    # Local files per split (.jsonl/.json, .csv, .tsv, .parquet); test is optional.
+    train_file: str = ""
+    validation_file: str = ""
+    test_file: str = ""
+    # Classification: the text (and optional second text of a pair) and the label columns.
+    text_column: str = "text"
+    text_pair_column: str = ""
+    label_column: str = "label"
+    # Token classification: the pre-split tokens (characters for Chinese) and their BIO tags.
+    tokens_column: str = "tokens"
+    tags_column: str = "ner_tags"
+    # Label names in id order; empty: taken from the dataset's ClassLabel feature, else sorted training labels.
+    label_names: tuple[str, ...] = ()
+    # Class weights for the loss, in label order (e.g. for imbalanced data); empty: unweighted.
+    class_weights: tuple[float, ...] = ()
+    max_seq_len: int = 128
+    # Texts longer than one window: windows (overlapping, every window of a training document carries its
+    # label; outputs aggregated per document), or truncation keeping the head, the tail, or both.
+    long_text: Literal["windows", "head", "tail", "head_tail"] = "windows"
+    # Tokens between the starts of consecutive windows (Google's doc_stride); windows overlap by
+    # max_seq_len - 2 - stride tokens. The last window is aligned to the end of the text.
+    stride: int = 64
+    # How window outputs become a document's: mean of logits, max of logits, attention pooling over the
+    # windows' [CLS] vectors (a small learned layer, trained with documents as units), or auto: mean or max,
+    # whichever scores better on validation.
+    aggregation: Literal["auto", "mean", "max", "attention"] = "auto"
+    # head_tail: the share of the kept tokens taken from the head (Sun et al. 2019 found about 1/4 best).
+    head_fraction: float = 0.25
+    # Attention pooling trains on documents; each contributes at most this many windows per step (0: all).
+    max_train_windows: int = 8
+
+    def __post_init__(self) -> None:
+        if self.max_seq_len < 8:
+            raise ValueError(f"max_seq_len must be at least 8; got {self.max_seq_len}")
+        if not 1 <= self.stride <= self.max_seq_len - 2:
+            raise ValueError(
+                f"stride must be between 1 and max_seq_len - 2 ({self.max_seq_len - 2}); got {self.stride}"
+            )
+        if not 0.0 <= self.head_fraction <= 1.0:
+            raise ValueError(f"head_fraction must be in [0, 1]; got {self.head_fraction}")
+        if self.max_train_windows < 0:
+            raise ValueError(f"max_train_windows must be >= 0; got {self.max_train_windows}")
+
+
+@dataclass(frozen=True)
+class FinetuneTrainConfig:
+    epochs: int = 3
+    # Optimizer steps; 0: epochs x steps per epoch.
+    max_steps: int = 0
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    grad_accum: int = 1
+    lr: float = 1e-4
+    # Warm-up as a share of all optimizer steps (BERT fine-tunes with 10%).
+    warmup_ratio: float = 0.1
+    schedule: Literal["linear", "cosine", "constant", "noam"] = "linear"
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    seed: int = 0
+    log_every: int = 20
+    # Evaluate every N optimizer steps; 0: at the end of every epoch.
+    eval_every: int = 0
+    # The validation metric that picks the best checkpoint and drives early stopping (higher is better,
+    # except for names ending in loss). Classification: accuracy, macro_f1, micro_f1; ner: f1, precision, recall.
+    metric: str = "accuracy"
+    # Stop after this many evaluations without improvement; 0: never stop early.
+    early_stopping_patience: int = 2
+    # Short texts are batched with short texts (random chunks of 50 batches sorted by length).
+    group_by_length: bool = True
+    trackers: tuple[str, ...] = ()
+    progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "eval_batch_size", "grad_accum", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
+        if self.max_steps < 0 or self.eval_every < 0 or self.early_stopping_patience < 0:
+            raise ValueError("max_steps, eval_every and early_stopping_patience must be >= 0")
+        if not 0.0 <= self.warmup_ratio < 1.0 or self.lr <= 0:
+            raise ValueError("warmup_ratio must be in [0, 1) and lr > 0")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    output_dir: str = "runs/finetune/reviews_sentiment"
+    # classification: one label per text or text pair (long texts in windows); ner: BIO tags per token.
+    task: Literal["classification", "ner"] = "classification"
+    model: ModelRef = field(default_factory=ModelRef)
+    data: TaskData = field(default_factory=TaskData)
+    train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)

@@ -1,0 +1,151 @@
+"""Model directories of a fine-tuning run: best/ while training, final/ with a model card at the end.
+
+Both are Hugging Face format (config.json with id2label, model.safetensors, tokenizer files), so
+AutoModelForSequenceClassification / AutoModelForTokenClassification and pipelines load them. config.json also
+carries berth's settings (task, window length, stride, aggregation) for `berth predict`, and
+window_pooler.safetensors holds the attention-pooling layer when the model was trained with one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import PreTrainedTokenizerBase
+
+from berth.config import dump_config
+from finetune.modeling import BERTH_KEY
+from tokenizer.train import write_vocab_txt
+
+BEST = "best"
+FINAL = "final"
+POOLER_FILE = "window_pooler.safetensors"
+PIPELINE_TAGS = {"classification": "text-classification", "ner": "token-classification"}
+
+
+def _parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    """The transformers model and the window pooler (None without one)."""
+    inner = getattr(model, "model", model)
+    return inner, getattr(model, "pooler", None)
+
+
+def save_model_dir(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    settings: dict[str, Any],
+    target: Path,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write the model atomically: a temporary directory renamed over `target`, so a kill leaves the old one."""
+    hf_model, pooler = _parts(model)
+    tmp = target.parent / f".tmp-{target.name}-{time.time_ns()}"
+    setattr(hf_model.config, BERTH_KEY, settings)
+    hf_model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    write_vocab_txt(tokenizer.get_vocab(), tmp / "vocab.txt")
+    if pooler is not None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in pooler.state_dict().items()}, str(tmp / POOLER_FILE))
+    if extra:
+        (tmp / "berth_state.json").write_text(json.dumps(extra, indent=2) + "\n")
+    old = target.parent / f".old-{target.name}-{time.time_ns()}"
+    if target.exists():
+        target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def load_best(model: torch.nn.Module, directory: Path) -> None:
+    """Load the weights saved in `directory` into `model` (and its pooler)."""
+    hf_model, pooler = _parts(model)
+    weights = load_file(str(directory / "model.safetensors"))
+    missing, unexpected = hf_model.load_state_dict(weights, strict=False)
+    # Tied or buffer entries may be left out of the file; anything else missing means a different model.
+    real_missing = [k for k in missing if not k.endswith("position_ids")]
+    if real_missing or unexpected:
+        raise RuntimeError(
+            f"{directory}: weights do not match the model (missing {real_missing}, unexpected {unexpected})"
+        )
+    if pooler is not None:
+        pooler.load_state_dict(load_file(str(directory / POOLER_FILE)))
+
+
+def _metric_rows(results: dict[str, Any]) -> str:
+    rows = []
+    for split in ("validation", "test"):
+        for name, value in (results.get(split) or {}).items():
+            if isinstance(value, float) and not name.startswith(("long_accuracy_", "accuracy_")):
+                rows.append(f"| {split} | {name} | {value:.4f} |")
+    return "\n".join(rows)
+
+
+def model_card(cfg: Any, results: dict[str, Any], labels: list[str], languages: list[str]) -> str:
+    task = cfg.task
+    meta = {
+        "language": languages,
+        "library_name": "transformers",
+        "pipeline_tag": PIPELINE_TAGS[task],
+        "tags": ["bert", "berth", PIPELINE_TAGS[task]],
+        "datasets": [cfg.data.dataset] if cfg.data.dataset else [],
+        "metrics": ["accuracy", "f1"] if task == "classification" else ["f1", "precision", "recall"],
+    }
+    if cfg.model.init and not cfg.model.from_scratch:
+        meta["base_model"] = cfg.model.init
+    front = "\n".join(f"{k}: {json.dumps(v, ensure_ascii=False)}" for k, v in meta.items())
+    settings = (
+        f"windows of {cfg.data.max_seq_len} tokens, stride {cfg.data.stride}"
+        if task == "ner" or cfg.data.long_text == "windows"
+        else f"{cfg.data.long_text} truncation to {cfg.data.max_seq_len} tokens"
+    )
+    scratch = " (its architecture, random init)" if cfg.model.from_scratch else ""
+    return f"""---
+{front}
+---
+
+# {Path(cfg.output_dir).name}
+
+A {PIPELINE_TAGS[task]} model fine-tuned with berth from `{cfg.model.init}`{scratch}
+on {cfg.data.dataset or cfg.data.train_file}. Labels: {", ".join(labels)}. Long texts: {settings}.
+
+```python
+from transformers import pipeline
+model = pipeline("{PIPELINE_TAGS[task]}", model="path/to/this/folder")
+```
+
+For texts longer than {cfg.data.max_seq_len} tokens use `berth predict path/to/this/folder --input FILE`,
+which cuts and aggregates them as in training.
+
+## Evaluation (best checkpoint, step {results.get("best_step")})
+
+| split | metric | value |
+|---|---|---|
+{_metric_rows(results)}
+
+## Training config
+
+```yaml
+{dump_config(cfg)}```
+"""
+
+
+def export_final(best: Path, final: Path, cfg: Any, results: dict[str, Any]) -> Path:
+    """final/ = the best checkpoint plus a model card; written beside and renamed into place."""
+    from transformers import AutoTokenizer
+
+    from pretrain.export import vocabulary_languages
+
+    tmp = final.parent / f".tmp-{final.name}-{time.time_ns()}"
+    shutil.copytree(best, tmp, ignore=shutil.ignore_patterns("berth_state.json"))
+    config = json.loads((tmp / "config.json").read_text())
+    labels = [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
+    languages = vocabulary_languages(AutoTokenizer.from_pretrained(tmp))
+    (tmp / "README.md").write_text(model_card(cfg, results, labels, languages), encoding="utf-8")
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return final

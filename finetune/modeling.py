@@ -1,0 +1,96 @@
+"""Loading a checkpoint to fine-tune (or its architecture with fresh weights), with the checks users need."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+
+from berth.errors import BerthError
+from berth.hub import require_hub
+
+logger = logging.getLogger(__name__)
+
+# Written into the exported model's config.json: how predict must cut and aggregate long texts.
+BERTH_KEY = "berth"
+
+
+def is_model_dir(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+def check_init(init: str) -> str:
+    """A local model directory, or a hub id (which needs the hub). Errors name the path and what is wrong."""
+    if not init:
+        raise BerthError(
+            "model.init is empty: name a checkpoint directory (e.g. runs/pretrain/mini_zh/final) or hub id"
+        )
+    path = Path(init)
+    if path.exists():
+        if not path.is_dir() or not is_model_dir(path):
+            raise BerthError(f"model.init={init}: not a model directory (no config.json)")
+        return str(path)
+    if init.startswith((".", "/", "runs")) or init.count("/") != 1:
+        raise BerthError(f"model.init={init}: no such directory (and not a hub id OWNER/NAME)")
+    require_hub(f"model.init={init}")
+    return init
+
+
+def load_tokenizer(init: str) -> PreTrainedTokenizerBase:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(init)
+    except (OSError, ValueError) as exc:
+        raise BerthError(f"{init}: cannot load its tokenizer: {str(exc).splitlines()[0]}") from None
+    if not tokenizer.is_fast:
+        raise BerthError(f"{init}: berth needs a fast tokenizer (tokenizer.json) for word alignment and offsets")
+    return tokenizer
+
+
+def load_config(init: str, overrides: dict[str, Any]) -> PretrainedConfig:
+    try:
+        config = AutoConfig.from_pretrained(init)
+    except (OSError, ValueError) as exc:
+        raise BerthError(f"{init}: cannot load its config: {str(exc).splitlines()[0]}") from None
+    for key, value in overrides.items():
+        if value is not None and (hasattr(config, key) or key == "classifier_dropout"):
+            setattr(config, key, value)
+    return config
+
+
+def check_vocab(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig, where: str) -> None:
+    """The tokenizer's ids must all have an embedding row (a padded vocabulary may have more rows)."""
+    if len(tokenizer) > config.vocab_size:
+        raise BerthError(
+            f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's vocabulary holds "
+            f"{config.vocab_size}; this checkpoint and tokenizer do not belong together"
+        )
+
+
+def dropout_overrides(hidden: float | None, attention: float | None, classifier: float) -> dict[str, Any]:
+    return {
+        "hidden_dropout_prob": hidden,
+        "attention_probs_dropout_prob": attention,
+        "classifier_dropout": classifier,
+    }
+
+
+def build_pretrained(auto_class: type, init: str, config: PretrainedConfig, from_scratch: bool) -> torch.nn.Module:
+    """The checkpoint's weights (task head freshly initialised), or the same architecture from random init."""
+    if from_scratch:
+        return auto_class.from_config(config)
+    try:
+        model = auto_class.from_pretrained(init, config=config)
+    except (OSError, ValueError) as exc:
+        raise BerthError(f"{init}: cannot load the model: {str(exc).splitlines()[0]}") from None
+    logger.info("loaded %s from %s; the task head starts from random weights", type(model).__name__, init)
+    return model
+
+
+def berth_settings(model_dir: str | Path) -> dict[str, Any]:
+    """The fine-tuning settings a berth export carries in its config.json (empty for other checkpoints)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return config.get(BERTH_KEY) or {}

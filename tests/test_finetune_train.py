@@ -1,0 +1,309 @@
+"""Fine-tuning end to end on tiny models and data: exports, predict equivalence, early stopping, bad input."""
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    BertConfig,
+    BertForPreTraining,
+    pipeline,
+)
+
+from berth.cli import main
+from berth.config import load_config
+from corpora.embedded import peoples_daily_ner, reviews_sentiment
+from finetune.classification import WindowSettings, encode_texts
+from finetune.config import FinetuneConfig
+from finetune.predict import predict_file
+from finetune.train import FinetuneLoop, finetune
+from pretrain.data import has_cjk
+from tokenizer.train import load_tokenizer
+
+SMALL = ["train.epochs=2", "train.batch_size=8", "train.precision=fp32", "train.progress_bar=false"]
+
+
+@pytest.fixture(scope="module")
+def tiny(zh_tokenizer_dir, tmp_path_factory):
+    """A tiny random BERT with berth's Chinese tokenizer, and small review and NER files."""
+    _, _, tokenizer_dir = zh_tokenizer_dir
+    root = tmp_path_factory.mktemp("finetune")
+    tokenizer = load_tokenizer(tokenizer_dir)
+    config = BertConfig(
+        vocab_size=-(-len(tokenizer) // 64) * 64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    BertForPreTraining(config).save_pretrained(root / "ckpt")
+    tokenizer.save_pretrained(root / "ckpt")
+
+    reviews = reviews_sentiment()
+    names = {0: "neg", 1: "pos"}
+    for split, count in (("train", 64), ("validation", 24), ("test", 24)):
+        rows = reviews[split]
+        picked = [i for i in range(len(rows)) if rows[i]["label"] == 0][: count // 2]
+        picked += [i for i in range(len(rows)) if rows[i]["label"] == 1][: count // 2]
+        with (root / f"reviews_{split}.jsonl").open("w") as handle:
+            for i in picked:
+                handle.write(json.dumps({"review": rows[i]["text"], "sentiment": names[rows[i]["label"]]}) + "\n")
+
+    ner = peoples_daily_ner()
+    labels = ner["train"].features["ner_tags"].feature.names
+    for split, count in (("train", 48), ("validation", 16), ("test", 16)):
+        with (root / f"ner_{split}.jsonl").open("w") as handle:
+            kept = 0
+            for row in ner[split]:
+                # all-CJK paragraphs: one word per character both as tokens and as raw text for predict
+                if kept < count and all(has_cjk(c) for c in row["tokens"]) and any(row["ner_tags"]):
+                    tags = [labels[t] for t in row["ner_tags"]]
+                    handle.write(json.dumps({"tokens": row["tokens"], "ner_tags": tags}, ensure_ascii=False) + "\n")
+                    kept += 1
+    return root
+
+
+def review_config(tiny, out, *overrides):
+    return load_config(
+        FinetuneConfig,
+        "configs/finetune/reviews_sentiment.yaml",
+        [
+            f"output_dir={out}",
+            f"model.init={tiny / 'ckpt'}",
+            "data.dataset=",
+            f"data.train_file={tiny / 'reviews_train.jsonl'}",
+            f"data.validation_file={tiny / 'reviews_validation.jsonl'}",
+            f"data.test_file={tiny / 'reviews_test.jsonl'}",
+            "data.text_column=review",
+            "data.label_column=sentiment",
+            "data.max_seq_len=32",
+            "data.stride=16",
+            *SMALL,
+            *overrides,
+        ],
+    )
+
+
+def ner_config(tiny, out, *overrides):
+    return load_config(
+        FinetuneConfig,
+        "configs/finetune/peoples_daily_ner.yaml",
+        [
+            f"output_dir={out}",
+            f"model.init={tiny / 'ckpt'}",
+            "data.dataset=",
+            f"data.train_file={tiny / 'ner_train.jsonl'}",
+            f"data.validation_file={tiny / 'ner_validation.jsonl'}",
+            f"data.test_file={tiny / 'ner_test.jsonl'}",
+            "data.max_seq_len=24",
+            "data.stride=8",
+            "train.lr=1e-3",
+            *SMALL,
+            *overrides,
+        ],
+    )
+
+
+def texts_of(path: Path, field: str) -> list[str]:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return ["".join(r[field]) if isinstance(r[field], list) else r[field] for r in rows]
+
+
+def run_predict(model_dir: Path, texts: list[str], tmp_path: Path) -> list[dict]:
+    source = tmp_path / "input.txt"
+    source.write_text("".join(f"{t}\n" for t in texts), encoding="utf-8")
+    out = io.StringIO()
+    predict_file(str(model_dir), str(source), out, batch_size=7, progress=False)
+    return [json.loads(line) for line in out.getvalue().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def review_run(tiny):
+    final = finetune(review_config(tiny, tiny / "run-reviews"))
+    return final.parent
+
+
+def test_classification_run_writes_results_predictions_and_a_loadable_export(review_run, tiny):
+    results = json.loads((review_run / "eval_results.json").read_text())
+    for split in ("validation", "test"):
+        assert 0.0 <= results[split]["accuracy"] <= 1.0
+        assert results[split]["long_count"] > 0  # texts longer than one 32-token window
+        assert results[split]["aggregation"] in ("mean", "max")
+    assert results["test"]["aggregation"] == results["validation"]["aggregation"]  # chosen on validation
+    rows = [json.loads(line) for line in (review_run / "test_predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 24 and {r["reference"] for r in rows} == {"neg", "pos"}
+    assert (review_run / "config.yaml").is_file()
+    metrics = [json.loads(line) for line in (review_run / "metrics.jsonl").read_text().splitlines()]
+    # every window is a training unit: an epoch is (windows // batch) steps, evaluated at its end
+    settings = WindowSettings(max_seq_len=32, stride=16)
+    windows = encode_texts(load_tokenizer(tiny / "ckpt"), texts_of(tiny / "reviews_train.jsonl", "review"), settings)
+    per_epoch = -(-len(windows.window_ids) // 8)
+    assert per_epoch > 64 // 8  # long reviews gave several windows
+    assert [m["step"] for m in metrics if "eval_accuracy" in m] == [per_epoch, 2 * per_epoch]
+
+    final = review_run / "final"
+    model = AutoModelForSequenceClassification.from_pretrained(final)
+    assert model.config.id2label == {0: "neg", 1: "pos"}
+    card = (final / "README.md").read_text()
+    assert 'pipeline_tag: "text-classification"' in card and "| test | accuracy |" in card
+    classify = pipeline("text-classification", model=str(final))
+    assert classify("质量很好")[0]["label"] in ("neg", "pos")
+
+
+def test_predict_reproduces_the_runs_test_predictions(review_run, tiny, tmp_path):
+    """berth predict cuts and aggregates as evaluation did: the same label and score for every test text."""
+    texts = texts_of(tiny / "reviews_test.jsonl", "review")
+    predicted = run_predict(review_run / "final", texts, tmp_path)
+    expected = [json.loads(line) for line in (review_run / "test_predictions.jsonl").read_text().splitlines()]
+    assert [p["label"] for p in predicted] == [e["label"] for e in expected]
+    assert [p["score"] for p in predicted] == pytest.approx([e["score"] for e in expected], abs=1e-5)
+
+
+def test_predict_agrees_with_the_transformers_pipeline_on_short_texts(review_run, tmp_path):
+    texts = ["质量很好", "太差了，不会再买"]
+    classify = pipeline("text-classification", model=str(review_run / "final"))
+    ours = run_predict(review_run / "final", texts, tmp_path)
+    theirs = classify(texts)
+    assert [o["label"] for o in ours] == [t["label"] for t in theirs]
+    assert [o["score"] for o in ours] == pytest.approx([t["score"] for t in theirs], abs=1e-5)
+
+
+def test_attention_pooling_is_trained_saved_and_used_by_predict(tiny, tmp_path):
+    final = finetune(review_config(tiny, tmp_path / "run", "data.aggregation=attention"))
+    assert (final / "window_pooler.safetensors").is_file()
+    pooler = load_file(str(final / "window_pooler.safetensors"))
+    assert pooler["score.weight"].shape == (1, 32)
+    results = json.loads((final.parent / "eval_results.json").read_text())
+    assert results["test"]["aggregation"] == "attention"
+    texts = texts_of(tiny / "reviews_test.jsonl", "review")
+    predicted = run_predict(final, texts, tmp_path)
+    expected = [json.loads(line) for line in (final.parent / "test_predictions.jsonl").read_text().splitlines()]
+    assert [p["score"] for p in predicted] == pytest.approx([e["score"] for e in expected], abs=1e-5)
+
+
+def test_truncation_gives_one_window_per_text(tiny, tmp_path):
+    final = finetune(review_config(tiny, tmp_path / "run", "data.long_text=head_tail", "train.epochs=1"))
+    rows = [json.loads(line) for line in (final.parent / "test_predictions.jsonl").read_text().splitlines()]
+    assert {r["windows"] for r in rows} == {1}
+    assert json.loads((final / "config.json").read_text())["berth"]["long_text"] == "head_tail"
+
+
+def test_gradient_accumulation_gives_the_same_weights(tiny, tmp_path):
+    common = ["train.max_steps=3", "model.hidden_dropout=0", "model.attention_dropout=0", "model.classifier_dropout=0"]
+    one = finetune(review_config(tiny, tmp_path / "one", *common))
+    two = finetune(review_config(tiny, tmp_path / "two", *common, "train.batch_size=4", "train.grad_accum=2"))
+    a, b = load_file(str(one / "model.safetensors")), load_file(str(two / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-5)
+
+
+def test_early_stopping_keeps_the_best_evaluation(tiny, tmp_path):
+    scripted = iter([0.50, 0.70, 0.60, 0.65, 0.99, 0.99])
+
+    class Scripted(FinetuneLoop):
+        def build(self):
+            super().build()
+            real = self.task.evaluate
+
+            def evaluate(model, split, acc, batch_size, aggregation=None):
+                metrics, rows = real(model, split, acc, batch_size, aggregation)
+                return {**metrics, "accuracy": next(scripted)}, rows
+
+            self.task.evaluate = evaluate
+
+    cfg = review_config(tiny, tmp_path / "run", "train.eval_every=2", "train.early_stopping_patience=2")
+    Scripted(cfg).run()
+    results = json.loads((tmp_path / "run" / "eval_results.json").read_text())
+    assert results["best_step"] == 4 and results["steps"] == 8  # 0.70 at step 4; 0.60, 0.65 then stop
+    assert results["validation"]["accuracy"] == 0.70
+
+
+def test_ner_run_and_predict_give_the_same_entities(tiny, tmp_path):
+    final = finetune(ner_config(tiny, tmp_path / "run"))
+    results = json.loads((final.parent / "eval_results.json").read_text())
+    assert {"f1", "precision", "recall", "PER_f1"} <= set(results["test"])
+    assert results["test"]["long_count"] > 0  # paragraphs longer than one 24-token window
+    model = AutoModelForTokenClassification.from_pretrained(final)
+    assert model.config.id2label[0] == "O"
+    texts = texts_of(tiny / "ner_test.jsonl", "tokens")
+    predicted = run_predict(final, texts, tmp_path)
+    expected = [json.loads(line) for line in (final.parent / "test_predictions.jsonl").read_text().splitlines()]
+    assert [[(e["type"], e["start"], e["end"]) for e in p["entities"]] for p in predicted] == [
+        [(e["type"], e["start"], e["end"]) for e in row["entities"]] for row in expected
+    ]
+    for p, text in zip(predicted, texts, strict=True):
+        assert all(e["text"] == text[e["start"] : e["end"]] for e in p["entities"])
+
+
+# -- bad input: one line naming what is wrong, and nothing already written is touched -----------------------
+
+
+def cli(args, capsys):
+    """The exit code and the error lines (progress bars of datasets may precede them on standard error)."""
+    code = main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, [line for line in err if "error" in line]
+
+
+def test_bad_input_gets_one_clear_line_and_leaves_the_run_intact(review_run, tiny, tmp_path, capsys):
+    before = {p: p.read_bytes() for p in review_run.rglob("*") if p.is_file()}
+    base = [
+        "finetune",
+        "configs/finetune/reviews_sentiment.yaml",
+        f"output_dir={review_run}",
+        f"model.init={tiny / 'ckpt'}",
+        "data.dataset=",
+        f"data.train_file={tiny / 'reviews_train.jsonl'}",
+        "data.text_column=review",
+        "data.label_column=sentiment",
+    ]
+    unseen = tmp_path / "unseen.jsonl"
+    unseen.write_text('{"review": "还行", "sentiment": "pos"}\n{"review": "一般", "sentiment": "meh"}\n')
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"review": "好", "sentiment": "pos"}\n{"review": "  ", "sentiment": "neg"}\n')
+    cases = [
+        ([f"data.validation_file={unseen}"], f"{unseen} row 1: label 'meh' never seen in training (labels: neg, pos)"),
+        ([f"data.validation_file={empty}"], f"{empty} row 1: empty text in column 'review'"),
+        (
+            [f"data.validation_file={unseen}", "data.label_column=stars"],
+            "no column 'stars' (columns: review, sentiment)",
+        ),
+        ([f"data.validation_file={unseen}", f"model.init={tmp_path}"], "not a model directory (no config.json)"),
+        ([f"data.validation_file={unseen}", "train.metric=f1"], "train.metric=f1: not a classification metric"),
+    ]
+    for extra, message in cases:
+        code, err = cli([*base, *extra], capsys)
+        assert code == 2 and len(err) == 1, err
+        assert message in err[0]
+    after = {p: p.read_bytes() for p in review_run.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_a_checkpoint_whose_vocabulary_does_not_match_its_tokenizer_is_refused(tiny, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny / "ckpt", broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["vocab_size"] = 100
+    (broken / "config.json").write_text(json.dumps(config))
+    code, err = cli(["finetune", "configs/finetune/reviews_sentiment.yaml", f"model.init={broken}"], capsys)
+    assert code == 2 and len(err) == 1
+    assert "the model's vocabulary holds 100; this checkpoint and tokenizer do not belong together" in err[0]
+
+
+def test_predict_rejects_bad_input_before_writing_anything(review_run, tmp_path, capsys):
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"text": "好"}\n{"text": ""}\n')
+    code, err = cli(["predict", str(review_run / "final"), "--input", str(source)], capsys)
+    assert code == 2 and err == [f"berth: error: {source} line 2: empty text"]
+    assert capsys.readouterr().out == ""
+    code, err = cli(["predict", str(tmp_path), "--input", str(source)], capsys)
+    assert code == 2 and "not a model directory" in err[-1]
