@@ -88,10 +88,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_push(args: argparse.Namespace) -> int:
+    from berth.hub import push_folder
+
+    url = push_folder(args.directory, args.repo_id, args.revision, args.private)
+    logging.getLogger("berth").info("pushed %s to %s", args.directory, url)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from berth.demo import run_demo
 
-    print(run_demo(args.output_dir, args.overrides))
+    output_dir = args.output_dir or ("runs/demo-quick" if args.quick else "runs/demo")
+    print(run_demo(output_dir, args.overrides, quick=args.quick))
     return 0
 
 
@@ -133,8 +142,16 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--batch-size", type=int, default=64, help="windows per forward pass (default: 64)")
     pred.set_defaults(func=cmd_predict)
 
+    push = stages.add_parser("push", help="upload a model directory (a run's final/) to the Hugging Face Hub")
+    push.add_argument("directory", help="a model directory in Hugging Face format, e.g. runs/pretrain/mini_zh/final")
+    push.add_argument("--repo-id", required=True, help="OWNER/NAME of the model repo (created if missing)")
+    push.add_argument("--revision", default="", help="a branch to push to (created if missing; default: main)")
+    push.add_argument("--private", action="store_true", help="create the repo private")
+    push.set_defaults(func=cmd_push)
+
     demo = stages.add_parser("demo", help="run the pipeline on the embedded Chinese corpus")
-    demo.add_argument("--output-dir", default="runs/demo", help="where the demo writes (default: runs/demo)")
+    demo.add_argument("--output-dir", default="", help="where the demo writes (default: runs/demo, runs/demo-quick)")
+    demo.add_argument("--quick", action="store_true", help="a smoke run in about 3 minutes (tiny model, few steps)")
     demo.add_argument("overrides", nargs="*", help="overrides for the pretraining config, e.g. data.seed=1")
     demo.set_defaults(func=cmd_demo)
     return parser

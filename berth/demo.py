@@ -1,15 +1,17 @@
 """The main job on the embedded default corpus: every stage in order, each one the same command a user runs.
 
-Each stage reuses what an earlier demo built with the same config, so a second run is quick.
+Stages whose output already exists with the same resolved config are reused, so a second run is quick.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from berth.config import load_config
+from berth.config import dump_config, load_config
 
 logger = logging.getLogger(__name__)
 
@@ -19,29 +21,110 @@ def configs_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "configs"
 
 
-def run_demo(output_dir: str | Path = "runs/demo", overrides: Sequence[str] = ()) -> str:
-    """Run the pipeline into output_dir and return the printed summary."""
+@dataclass(frozen=True)
+class DemoBudget:
+    """How much each stage trains: the default fits about 20 minutes on 2 CPU cores, quick about 3."""
+
+    pretrain: tuple[str, ...]
+    sentiment: tuple[str, ...]
+    ner: tuple[str, ...]
+
+
+FULL = DemoBudget(
+    pretrain=("train.max_steps=1000", "train.eval_every=100", "train.eval_batches=20", "train.save_every=1000"),
+    sentiment=("train.epochs=1",),
+    ner=("train.max_steps=500", "train.eval_every=250"),
+)
+QUICK = DemoBudget(
+    pretrain=(
+        "model.size=tiny",
+        "train.max_steps=30",
+        "train.warmup_steps=5",
+        "train.eval_every=15",
+        "train.eval_batches=4",
+        "train.save_every=30",
+        "train.log_every=5",
+    ),
+    sentiment=("data.max_examples=300", "train.max_steps=12", "train.eval_every=6"),
+    ner=("data.max_examples=200", "train.max_steps=12", "train.eval_every=6"),
+)
+
+
+def built_with(run: Path, cfg: object) -> bool:
+    """True when `run` holds a finished export made with exactly this config."""
+    saved = run / "config.yaml"
+    return (run / "final" / "config.json").is_file() and saved.is_file() and saved.read_text() == dump_config(cfg)
+
+
+def run_demo(output_dir: str | Path = "runs/demo", overrides: Sequence[str] = (), quick: bool = False) -> str:
+    """Run the pipeline into output_dir and return the printed summary (the report is output_dir/report.md)."""
+    from berth.report import DemoRuns, eval_curve, summary_table, write_report
+    from finetune.config import FinetuneConfig
+    from finetune.train import finetune
     from pretrain.config import PretrainConfig
     from pretrain.prepare import format_stats, prepare
+    from pretrain.train import pretrain
     from tokenizer.config import TokenizerJobConfig
     from tokenizer.train import format_summary, load_tokenizer, train_tokenizer
 
+    start = time.perf_counter()
     out = Path(output_dir)
     configs = configs_dir()
+    budget = QUICK if quick else FULL
+    runs = DemoRuns(
+        pretrain=out / "pretrain",
+        sentiment=out / "sentiment",
+        sentiment_scratch=out / "sentiment_scratch",
+        ner=out / "ner",
+        ner_scratch=out / "ner_scratch",
+    )
+    commands: list[str] = []
+
+    def stage(number: int, command: str) -> None:
+        commands.append(command)
+        logger.info("stage %d/7: %s", number, command)
+
     tok_cfg = load_config(TokenizerJobConfig, configs / "tokenizer" / "zh.yaml", [f"output_dir={out / 'tokenizer'}"])
-    logger.info("stage 1/2: tokenizer (berth tokenizer train configs/tokenizer/zh.yaml)")
+    stage(1, f"berth tokenizer train configs/tokenizer/zh.yaml output_dir={out / 'tokenizer'}")
     summary = train_tokenizer(tok_cfg, reuse=True)
 
-    logger.info("stage 2/2: pretraining data (berth prepare configs/pretrain/mini_zh.yaml)")
-    pre_cfg = load_config(
-        PretrainConfig,
-        configs / "pretrain" / "mini_zh.yaml",
-        [
-            f"output_dir={out / 'pretrain'}",
-            f"tokenizer.path={out / 'tokenizer'}",
-            f"data.cache_dir={out / 'cache'}",
-            *overrides,
-        ],
-    )
+    shared = [f"tokenizer.path={out / 'tokenizer'}", f"data.cache_dir={out / 'cache'}"]
+    pre_overrides = [f"output_dir={runs.pretrain}", *shared, *budget.pretrain, *overrides]
+    pre_cfg = load_config(PretrainConfig, configs / "pretrain" / "mini_zh.yaml", pre_overrides)
+    stage(2, f"berth prepare configs/pretrain/mini_zh.yaml {' '.join(shared)}")
     prepared = prepare(pre_cfg, load_tokenizer(tok_cfg.output_dir))
-    return f"{format_summary(summary)}\n\n{format_stats(prepared)}"
+
+    stage(3, f"berth pretrain configs/pretrain/mini_zh.yaml {' '.join(pre_overrides)}")
+    if built_with(runs.pretrain, pre_cfg):
+        logger.info("reusing the pretrained model in %s (same config)", runs.pretrain / "final")
+    else:
+        pretrain(pre_cfg)
+
+    jobs = [
+        (4, "reviews_sentiment", runs.sentiment, budget.sentiment, False),
+        (5, "reviews_sentiment", runs.sentiment_scratch, budget.sentiment, True),
+        (6, "peoples_daily_ner", runs.ner, budget.ner, False),
+        (7, "peoples_daily_ner", runs.ner_scratch, budget.ner, True),
+    ]
+    for number, name, run, extra, scratch in jobs:
+        ft_overrides = [
+            f"output_dir={run}",
+            f"model.init={runs.pretrain / 'final'}",
+            *(["model.from_scratch=true"] if scratch else []),
+            *extra,
+        ]
+        ft_cfg = load_config(FinetuneConfig, configs / "finetune" / f"{name}.yaml", ft_overrides)
+        stage(number, f"berth finetune configs/finetune/{name}.yaml {' '.join(ft_overrides)}")
+        if built_with(run, ft_cfg):
+            logger.info("reusing %s (same config)", run / "final")
+        else:
+            finetune(ft_cfg)
+
+    minutes = (time.perf_counter() - start) / 60
+    report = write_report(out, runs, commands, minutes)
+    curve = "\n".join(f"  step {s:>5}: {100 * a:.1f}%" for s, a in eval_curve(runs.pretrain, "eval_mlm_accuracy"))
+    return (
+        f"{format_summary(summary)}\n\n{format_stats(prepared)}\n\n"
+        f"Held-out masked-token accuracy during pretraining:\n{curve}\n\n"
+        f"{summary_table(runs)}\n\nReport: {report} ({minutes:.1f} minutes)"
+    )

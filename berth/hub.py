@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import os
 import socket
+from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlparse
 
 from berth.errors import BerthError
@@ -67,3 +69,74 @@ def require_hub(what: str) -> None:
         else:
             reason = "offline mode is set (HF_HUB_OFFLINE)"
         raise BerthError(f"{what} needs the Hugging Face Hub, but {reason}; use local files instead")
+
+
+@dataclass(frozen=True)
+class HubConfig:
+    """Publishing a run's export to the Hugging Face Hub (`hub:` section of the pretrain and finetune configs)."""
+
+    # Upload <output_dir>/final to repo_id at the end of the run.
+    push: bool = False
+    repo_id: str = ""  # USER/NAME or ORG/NAME
+    revision: str = ""  # a branch; empty: main
+    private: bool = False
+    # Pretraining: also push each intermediate checkpoint's model to a branch step-N (training dynamics).
+    push_checkpoints: bool = False
+
+    def __post_init__(self) -> None:
+        if self.push and self.repo_id.count("/") != 1:
+            raise ValueError(f"hub.repo_id must be OWNER/NAME when hub.push is true; got {self.repo_id!r}")
+
+
+def hub_token() -> str:
+    """HF_TOKEN or the login cache (`hf auth login`); never printed or logged."""
+    from huggingface_hub import get_token
+
+    return get_token() or ""
+
+
+def check_push(repo_id: str) -> str:
+    """Before any work that ends in an upload: the hub answers and there is a token. Returns the token."""
+    if repo_id.count("/") != 1 or any(not part for part in repo_id.split("/")):
+        raise BerthError(f"repo id {repo_id!r}: expected OWNER/NAME")
+    require_hub(f"pushing to {repo_id}")
+    token = hub_token()
+    if not token:
+        raise BerthError(f"pushing to {repo_id} needs a Hugging Face token: set HF_TOKEN or run `hf auth login`")
+    return token
+
+
+def push_folder(folder: str | Path, repo_id: str, revision: str = "", private: bool = False, message: str = "") -> str:
+    """Upload `folder` to the model repo `repo_id` (created if missing) on branch `revision` (created from main
+    if missing; empty: main). Returns the commit URL. Checks come first, so nothing starts half-way."""
+    folder = Path(folder)
+    if not folder.is_dir() or not (folder / "config.json").is_file():
+        raise BerthError(f"{folder}: not a model directory (no config.json); push a run's final/ directory")
+    token = check_push(repo_id)
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = HfApi(endpoint=endpoint(), token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if revision and revision != "main":
+            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+        commit = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=str(folder),
+            revision=revision or None,
+            commit_message=message or f"Upload {folder.name} with berth",
+            repo_type="model",
+        )
+    except HfHubHTTPError as exc:
+        # The server's message, never the request headers (they hold the token).
+        raise BerthError(f"pushing to {repo_id}: the hub refused: {str(exc).splitlines()[0]}") from None
+    return str(getattr(commit, "commit_url", commit))
+
+
+def hub_model_id(name: str) -> str:
+    """`name` when it is a hub model id (OWNER/NAME, not a local path), else '': card metadata such as base_model
+    must name a hub repo, and the hub rejects local paths there."""
+    if not name or Path(name).exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        return ""
+    return name

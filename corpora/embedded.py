@@ -143,7 +143,12 @@ def peoples_daily(with_words: bool = False, unit: str = "article") -> datasets.D
 
 
 def entity_spans(paragraph: TaggedParagraph) -> list[tuple[int, int, str]]:
-    """Entities as (first word, last word + 1, type). Adjacent nr tokens are one person (surname + name)."""
+    """Entities as (first word, last word + 1, type).
+
+    The corpus tags a Chinese name as two nr tokens, surname then given name (江/nr 泽民/nr), so a short nr
+    token (a surname of one or two characters) joins the nr token after it. Only one: a list of names
+    (江/nr 泽民/nr 李/nr 鹏/nr) is several people, not one.
+    """
     spans: list[tuple[int, int, str]] = []
     covered = [False] * len(paragraph.words)
     for start, end, tag in paragraph.compounds:
@@ -157,9 +162,14 @@ def entity_spans(paragraph: TaggedParagraph) -> list[tuple[int, int, str]]:
             i += 1
             continue
         end = i + 1
-        if kind == "PER":
-            while end < len(paragraph.words) and paragraph.tags[end] == "nr" and not covered[end]:
-                end += 1
+        if (
+            kind == "PER"
+            and len(paragraph.words[i]) <= 2
+            and end < len(paragraph.words)
+            and paragraph.tags[end] == "nr"
+            and not covered[end]
+        ):
+            end += 1
         spans.append((i, end, kind))
         i = end
     return sorted(spans)

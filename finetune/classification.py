@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -185,6 +185,7 @@ class ClassificationTask:
                 f"data.class_weights has {len(data.class_weights)} values for {len(self.labels)} labels "
                 f"({', '.join(self.labels)})"
             )
+        self.texts: dict[str, list[str]] = {}  # per split, for the TF-IDF yardstick
         self.splits = {name: self._encode(split) for name, split in splits.items()}
         train = self.splits["train"]
         logger.info(
@@ -200,6 +201,7 @@ class ClassificationTask:
         data = self.cfg.data
         texts = check_texts(split, data.text_column)
         pairs = check_texts(split, data.text_pair_column) if data.text_pair_column else None
+        self.texts[split.name] = texts if pairs is None else [f"{a}\n{b}" for a, b in zip(texts, pairs, strict=True)]
         values = label_values(split, data.label_column)
         check_labels(split, values, self.labels, data.label_column, training_labels=not data.label_names)
         index = {name: i for i, name in enumerate(self.labels)}
@@ -299,6 +301,22 @@ class ClassificationTask:
             for d in range(len(labels))
         ]
         return metrics, predictions
+
+    def evaluate_truncated(self, model: WindowClassifier, split: str, acc: Any, batch_size: int) -> dict[str, Any]:
+        """The same model on the split with each truncation strategy instead of windows: accuracy overall and on
+        the texts longer than one window, to compare windows against truncation without retraining."""
+        encoded = self.splits[split]
+        labels = torch.tensor(encoded.doc_labels)
+        room = self.settings.max_seq_len - 2
+        long_docs = [d for d, n in enumerate(encoded.doc_tokens) if n > room]
+        out = {}
+        for strategy in ("head", "tail", "head_tail"):
+            settings = replace(self.settings, long_text=strategy)
+            truncated = encode_texts(self.tokenizer, self.texts[split], settings, labels=encoded.doc_labels)
+            logits = document_logits(model, truncated, self.tokenizer.pad_token_id, acc, batch_size, ("mean",))["mean"]
+            scores = self._scores(logits, labels, long_docs)
+            out[strategy] = {k: scores[k] for k in ("accuracy", "macro_f1", "long_accuracy")}
+        return out
 
     def _choose(self, results: dict[str, dict[str, float]]) -> str:
         configured = self.cfg.data.aggregation

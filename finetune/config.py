@@ -3,6 +3,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from berth.hub import HubConfig
+
 
 @dataclass(frozen=True)
 class ModelRef:
@@ -53,6 +55,8 @@ class TaskData:
     head_fraction: float = 0.25
     # Attention pooling trains on documents; each contributes at most this many windows per step (0: all).
     max_train_windows: int = 8
+    # Keep N rows of each split, drawn by a seeded shuffle (0: all): a quick smoke run on a large dataset.
+    max_examples: int = 0
 
     def __post_init__(self) -> None:
         if self.max_seq_len < 8:
@@ -63,8 +67,8 @@ class TaskData:
             )
         if not 0.0 <= self.head_fraction <= 1.0:
             raise ValueError(f"head_fraction must be in [0, 1]; got {self.head_fraction}")
-        if self.max_train_windows < 0:
-            raise ValueError(f"max_train_windows must be >= 0; got {self.max_train_windows}")
+        if self.max_train_windows < 0 or self.max_examples < 0:
+            raise ValueError("max_train_windows and max_examples must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,12 @@ class FinetuneTrainConfig:
     group_by_length: bool = True
     trackers: tuple[str, ...] = ()
     progress_bar: bool = True
+    # Classification: also fit a TF-IDF (character 1-3 grams) + logistic-regression yardstick on the same split
+    # and report it in eval_results.json beside the model's figures.
+    yardstick: bool = False
+    # Classification with windows: also evaluate the best model on test with head, tail and head_tail
+    # truncation instead of windows (the same weights), reported as test_truncated in eval_results.json.
+    compare_truncation: bool = False
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size", "grad_accum", "log_every"):
@@ -114,3 +124,4 @@ class FinetuneConfig:
     model: ModelRef = field(default_factory=ModelRef)
     data: TaskData = field(default_factory=TaskData)
     train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
+    hub: HubConfig = field(default_factory=HubConfig)

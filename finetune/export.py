@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
 from berth.config import dump_config
+from berth.hub import hub_model_id
 from finetune.modeling import BERTH_KEY
 from tokenizer.train import write_vocab_txt
 
@@ -90,11 +91,13 @@ def model_card(cfg: Any, results: dict[str, Any], labels: list[str], languages: 
         "language": languages,
         "library_name": "transformers",
         "pipeline_tag": PIPELINE_TAGS[task],
+        "license": "apache-2.0",
         "tags": ["bert", "berth", PIPELINE_TAGS[task]],
-        "datasets": [cfg.data.dataset] if cfg.data.dataset else [],
+        # hub datasets only: local files and the embedded datasets have no hub id
+        "datasets": [cfg.data.dataset.removeprefix("hf:")] if cfg.data.dataset.startswith("hf:") else [],
         "metrics": ["accuracy", "f1"] if task == "classification" else ["f1", "precision", "recall"],
     }
-    if cfg.model.init and not cfg.model.from_scratch:
+    if hub_model_id(cfg.model.init) and not cfg.model.from_scratch:
         meta["base_model"] = cfg.model.init
     front = "\n".join(f"{k}: {json.dumps(v, ensure_ascii=False)}" for k, v in meta.items())
     settings = (

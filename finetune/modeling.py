@@ -11,7 +11,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from berth.errors import BerthError
-from berth.hub import require_hub
+from berth.hub import hub_model_id, hub_reachable
 
 logger = logging.getLogger(__name__)
 
@@ -26,18 +26,20 @@ def is_model_dir(path: Path) -> bool:
 def check_init(init: str) -> str:
     """A local model directory, or a hub id (which needs the hub). Errors name the path and what is wrong."""
     if not init:
-        raise BerthError(
-            "model.init is empty: name a checkpoint directory (e.g. runs/pretrain/mini_zh/final) or hub id"
-        )
+        raise BerthError("model.init is empty: name a checkpoint directory (runs/pretrain/mini_zh/final) or hub id")
     path = Path(init)
     if path.exists():
         if not path.is_dir() or not is_model_dir(path):
             raise BerthError(f"model.init={init}: not a model directory (no config.json)")
         return str(path)
-    if init.startswith((".", "/", "runs")) or init.count("/") != 1:
-        raise BerthError(f"model.init={init}: no such directory (and not a hub id OWNER/NAME)")
-    require_hub(f"model.init={init}")
-    return init
+    if hub_model_id(init):
+        if hub_reachable():
+            return init
+        raise BerthError(
+            f"model.init={init}: no such directory, and the hub (where OWNER/NAME ids are found) is unreachable "
+            "or offline mode is set"
+        )
+    raise BerthError(f"model.init={init}: no such directory")
 
 
 def load_tokenizer(init: str) -> PreTrainedTokenizerBase:

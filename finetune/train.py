@@ -17,12 +17,15 @@ import torch
 from tqdm.auto import tqdm
 
 from berth.config import save_config, to_dict
+from berth.errors import BerthError
+from berth.hub import check_push, push_folder
 from finetune.batching import length_grouped_batches
 from finetune.classification import ClassificationTask
 from finetune.config import FinetuneConfig
 from finetune.export import BEST, export_final, load_best, save_model_dir
 from finetune.modeling import check_init, check_vocab, dropout_overrides, load_config, load_tokenizer
 from finetune.ner import NerTask
+from pretrain.model import use_fast_dropout
 from runtime.accel import build_accelerator
 from runtime.optim import build_optimizer
 from runtime.schedules import build_scheduler
@@ -76,6 +79,8 @@ class FinetuneLoop:
         self.task = TASKS[cfg.task](cfg, self.tokenizer)
         torch.manual_seed(t.seed)  # the same task head on every process
         self.inner = self.task.build_model(init, config, m.from_scratch)
+        if acc.device.type == "cpu":
+            use_fast_dropout(self.inner)  # PyTorch's CPU dropout mask (bernoulli_) is the slow part of a step
         units, _ = self.task.train_units(0)
         # the last, smaller batch of an epoch counts when every process and micro-batch gets a part of it
         full, rest = divmod(len(units), self.global_batch)
@@ -168,11 +173,10 @@ class FinetuneLoop:
             "loss": self.sums["loss"].item() / max(steps, 1),
             "lr": self.scheduler.get_last_lr()[0],
             "grad_norm": float(self.sums["grad_norm"]),
-            "units_per_s": self.sums["units"].item() / max(now - self.last_log[1], 1e-9),
+            # loss targets a second: texts or windows (classification), tagged tokens (NER)
+            "targets_per_s": self.sums["units"].item() / max(now - self.last_log[1], 1e-9),
         }
         if not math.isfinite(record["loss"]):
-            from berth.errors import BerthError
-
             raise BerthError(f"the fine-tuning loss is not finite at step {self.state.step}; lower train.lr")
         self.sums, self.last_log = {}, (self.state.step, now)
         self.emit(record)
@@ -242,6 +246,8 @@ class FinetuneLoop:
     # -- the run -------------------------------------------------------------------------------------------
 
     def run(self) -> Path:
+        if self.cfg.hub.push:
+            check_push(self.cfg.hub.repo_id)  # before training, not after
         self.build()
         self.start_logging()
         cfg = self.cfg
@@ -284,21 +290,34 @@ class FinetuneLoop:
         predictions = []
         if "test" in self.task.splits:
             results["test"], predictions = self.task.evaluate(self.model, "test", acc, t.eval_batch_size, aggregation)
+        data = self.cfg.data
+        if (
+            t.compare_truncation
+            and "test" in self.task.splits
+            and data.long_text == "windows"
+            and not data.text_pair_column
+        ):
+            results["test_truncated"] = self.task.evaluate_truncated(self.model, "test", acc, t.eval_batch_size)
         results["train_seconds"] = round(time.perf_counter() - self.start_time, 1)
+        if t.yardstick and self.task.kind == "classification" and acc.is_main_process:
+            from finetune.yardstick import tfidf_yardstick
+
+            results["yardstick"] = tfidf_yardstick(self.task, self.task.texts, t.seed)
         final = self.out / "final"
         if acc.is_main_process:
             write_json(self.out / RESULTS_FILE, results)
             if predictions:
                 write_jsonl(self.out / PREDICTIONS_FILE, predictions)
             export_final(self.out / BEST, final, self.cfg, results)
+            if self.cfg.hub.push:
+                hub = self.cfg.hub
+                push_folder(final, hub.repo_id, hub.revision, hub.private, "berth: fine-tuned model")
         acc.wait_for_everyone()
         acc.end_training()
         return final
 
 
 def raise_metric_error(metric: str, task: str, valid: tuple[str, ...]) -> None:
-    from berth.errors import BerthError
-
     raise BerthError(f"train.metric={metric}: not a {task} metric; choose one of {', '.join(valid)}")
 
 

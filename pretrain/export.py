@@ -12,6 +12,7 @@ import torch
 from accelerate import Accelerator
 from transformers import BertForPreTraining, PreTrainedTokenizerBase
 
+from berth.hub import hub_model_id
 from pretrain.data import has_cjk
 from runtime.tracking import read_metrics
 from tokenizer.train import write_vocab_txt
@@ -34,7 +35,11 @@ def model_card(cfg: Any, metrics: dict[str, Any], languages: list[str], base_mod
         "language": languages,
         "library_name": "transformers",
         "pipeline_tag": "fill-mask",
+        "license": "apache-2.0",
         "tags": ["bert", "berth", "fill-mask", "pretraining"],
+        # hub datasets only: local files and the embedded corpora have no hub id
+        "datasets": [s.removeprefix("hf:") for s in cfg.corpus.sources if s.startswith("hf:")],
+        "metrics": ["accuracy", "perplexity"],
     }
     if base_model:
         meta["base_model"] = base_model
@@ -75,9 +80,11 @@ def export_final(
     tokenizer: PreTrainedTokenizerBase,
     cfg: Any,
     out: Path,
+    name: str = FINAL,
 ) -> Path:
-    """`prepared` is the model as Accelerate wrapped it (DDP, FSDP, ...); `model` the BERT inside it."""
-    final = out / FINAL
+    """`prepared` is the model as Accelerate wrapped it (DDP, FSDP, ...); `model` the BERT inside it.
+    Writes out/<name> (final/ by default)."""
+    final = out / name
     # Gathered on every process (FSDP / DeepSpeed shard it), written by the main one.
     state_dict = accelerator.get_state_dict(prepared)
     if accelerator.is_main_process:
@@ -88,7 +95,7 @@ def export_final(
         write_vocab_txt(tokenizer.get_vocab(), tmp / "vocab.txt")
         evals = [m for m in read_metrics(out) if "eval_mlm_accuracy" in m]
         last = {k: v for k, v in (evals[-1] if evals else {}).items() if k.startswith("eval_")}
-        card = model_card(cfg, last, vocabulary_languages(tokenizer), cfg.model.init)
+        card = model_card(cfg, last, vocabulary_languages(tokenizer), hub_model_id(cfg.model.init))
         (tmp / "README.md").write_text(card, encoding="utf-8")
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import math
 import resource
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 
 from berth.config import dump_config, save_config, to_dict
 from berth.errors import BerthError
+from berth.hub import check_push, push_folder
 from pretrain.config import PretrainConfig
 from pretrain.data import check_seq_len
 from pretrain.export import export_final
@@ -339,10 +341,25 @@ class Loop:
             dump_config(self.cfg),
             self.cfg.train.keep_last,
         )
+        if self.cfg.hub.push and self.cfg.hub.push_checkpoints:
+            self.push_checkpoint(f"step-{self.state.step}")
+
+    def push_checkpoint(self, branch: str) -> None:
+        """Export the current weights in Hugging Face format and upload them to `branch`, so users can study
+        training dynamics; the export is removed afterwards (the checkpoint itself stays)."""
+        acc, hub = self.accelerator, self.cfg.hub
+        model = self.objective.model
+        folder = export_final(acc, self.model, model, self.prepared.tokenizer, self.cfg, self.out, f".hub-{branch}")
+        if acc.is_main_process:
+            push_folder(folder, hub.repo_id, branch, hub.private, f"berth: checkpoint {branch}")
+            shutil.rmtree(folder, ignore_errors=True)
+        acc.wait_for_everyone()
 
     # -- the run -------------------------------------------------------------------------------------------
 
     def run(self) -> Path:
+        if self.cfg.hub.push:
+            check_push(self.cfg.hub.repo_id)  # before hours of training, not after
         self.build()
         self.maybe_resume()
         self.start_logging()
@@ -368,6 +385,8 @@ class Loop:
         if self.state.step % cfg.train.save_every:
             self.maybe_checkpoint(force=True)
         final = export_final(acc, self.model, self.objective.model, self.prepared.tokenizer, cfg, self.out)
+        if cfg.hub.push and acc.is_main_process:
+            push_folder(final, cfg.hub.repo_id, cfg.hub.revision, cfg.hub.private, "berth: final pretrained model")
         acc.end_training()
         return final
 

@@ -47,3 +47,25 @@ def zh_tokenizer_dir(tmp_path_factory):
     cfg = load_config(TokenizerJobConfig, "configs/tokenizer/zh.yaml", [f"output_dir={out}"])
     summary = train_tokenizer(cfg, progress=False)
     return cfg, summary, out
+
+
+HUB_TOKEN = "hf_berth_test_token_0123456789"
+
+
+@pytest.fixture
+def fake_hub(monkeypatch, tmp_path):
+    """A loopback server standing in for the hub (HF_ENDPOINT points at it), online, with no token set."""
+    import huggingface_hub.constants
+    from fake_hub import FakeHub
+
+    from berth.hub import OFFLINE_VARS
+
+    for var in OFFLINE_VARS:
+        monkeypatch.delenv(var, raising=False)
+    # read from the environment when huggingface_hub was first imported (offline, above)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no login cache
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with FakeHub() as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
+        yield server

@@ -106,18 +106,35 @@ def test_reachable_hub_stays_online(monkeypatch):
     assert not hub.offline_requested()
 
 
-def test_demo_builds_then_reuses(tmp_path, capsys, caplog):
+def test_quick_demo_runs_every_stage_writes_the_report_then_reuses(tmp_path, capsys, caplog):
     caplog.set_level("INFO")
-    assert main(["demo", "--output-dir", str(tmp_path)]) == 0
+    assert main(["demo", "--quick", "--output-dir", str(tmp_path)]) == 0
     first = capsys.readouterr().out
     assert f"tokenizer saved to {tmp_path / 'tokenizer'}" in first
     assert f"prepared data in {tmp_path / 'cache'}" in first
-    assert "positive pairs" in first
-    assert main(["demo", "--output-dir", str(tmp_path)]) == 0
+    assert "Held-out masked-token accuracy during pretraining:\n  step    15:" in first
+    assert "| Sentiment, TF-IDF + logistic regression yardstick |" in first
+    report = (tmp_path / "report.md").read_text()
+    for plot in (
+        "pretraining",
+        "lr_schedule",
+        "finetuning",
+        "confusion_matrix",
+        "long_reviews",
+        "pretrained_vs_scratch",
+    ):
+        assert (tmp_path / "plots" / f"{plot}.png").stat().st_size > 1000
+        assert f"plots/{plot}.png" in report
+    for run in ("sentiment", "sentiment_scratch", "ner", "ner_scratch"):
+        assert (tmp_path / run / "final" / "model.safetensors").is_file()
+    assert "berth finetune configs/finetune/peoples_daily_ner.yaml" in report
+    assert main(["demo", "--quick", "--output-dir", str(tmp_path)]) == 0
     second = capsys.readouterr().out
-    assert second.split("  time")[0] == first.split("  time")[0]
+    assert second.split("Report:")[0].split("  time")[0] == first.split("Report:")[0].split("  time")[0]
     assert "reusing the tokenizer" in caplog.text
     assert "reusing tokenized documents" in caplog.text
+    assert "reusing the pretrained model" in caplog.text
+    assert f"reusing {tmp_path / 'ner_scratch' / 'final'}" in caplog.text
 
 
 @pytest.mark.parametrize("module", ["pretrain"])

@@ -27,6 +27,9 @@ def test_parse_tagged_line_reads_words_tags_and_compounds():
 def test_entities_merge_adjacent_person_tokens_and_use_compounds():
     p = parse_tagged_line("[中央/n  电视台/n]nt  记者/n  兰/nr  红光/nr  、/w  江/nr  在/p  北京/ns  。/w")
     assert entity_spans(p) == [(0, 2, "ORG"), (3, 5, "PER"), (6, 7, "PER"), (8, 9, "LOC")]
+    # a list of names is several people: surname + given name pairs, not one long span
+    names = parse_tagged_line("江/nr  泽民/nr  李/nr  鹏/nr  克林顿/nr  会见")
+    assert entity_spans(names) == [(0, 2, "PER"), (2, 4, "PER"), (4, 5, "PER")]
 
 
 def test_bio_tags_per_character():

@@ -127,7 +127,7 @@ def run_predict(model_dir: Path, texts: list[str], tmp_path: Path) -> list[dict]
 
 @pytest.fixture(scope="module")
 def review_run(tiny):
-    final = finetune(review_config(tiny, tiny / "run-reviews"))
+    final = finetune(review_config(tiny, tiny / "run-reviews", "train.yardstick=true"))
     return final.parent
 
 
@@ -138,6 +138,10 @@ def test_classification_run_writes_results_predictions_and_a_loadable_export(rev
         assert results[split]["long_count"] > 0  # texts longer than one 32-token window
         assert results[split]["aggregation"] in ("mean", "max")
     assert results["test"]["aggregation"] == results["validation"]["aggregation"]  # chosen on validation
+    assert set(results["test_truncated"]) == {"head", "tail", "head_tail"}
+    yardstick = results["yardstick"]
+    assert yardstick["test"]["long_count"] == results["test"]["long_count"]
+    assert 0.0 <= yardstick["test"]["accuracy"] <= 1.0
     rows = [json.loads(line) for line in (review_run / "test_predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 24 and {r["reference"] for r in rows} == {"neg", "pos"}
     assert (review_run / "config.yaml").is_file()
@@ -279,6 +283,11 @@ def test_bad_input_gets_one_clear_line_and_leaves_the_run_intact(review_run, tin
         ),
         ([f"data.validation_file={unseen}", f"model.init={tmp_path}"], "not a model directory (no config.json)"),
         ([f"data.validation_file={unseen}", "train.metric=f1"], "train.metric=f1: not a classification metric"),
+        (
+            [f"data.validation_file={unseen}", "model.init=nobody/no-model"],
+            "model.init=nobody/no-model: no such directory, and the hub (where OWNER/NAME ids are found) is "
+            "unreachable or offline mode is set",
+        ),
     ]
     for extra, message in cases:
         code, err = cli([*base, *extra], capsys)
@@ -307,3 +316,25 @@ def test_predict_rejects_bad_input_before_writing_anything(review_run, tmp_path,
     assert capsys.readouterr().out == ""
     code, err = cli(["predict", str(tmp_path), "--input", str(source)], capsys)
     assert code == 2 and "not a model directory" in err[-1]
+
+
+def test_hub_push_in_the_config_uploads_the_export(tiny, tmp_path, fake_hub, monkeypatch):
+    from conftest import HUB_TOKEN
+
+    monkeypatch.setenv("HF_TOKEN", HUB_TOKEN)
+    final = finetune(
+        review_config(tiny, tmp_path / "run", "train.max_steps=2", "hub.push=true", "hub.repo_id=bob/reviews")
+    )
+    (commit,) = fake_hub.commits
+    assert commit["repo"] == "bob/reviews" and commit["revision"] == "main"
+    assert commit["files"]["model.safetensors"] == (final / "model.safetensors").read_bytes()
+    card = commit["files"]["README.md"].decode()
+    assert card.startswith("---\n") and 'pipeline_tag: "text-classification"' in card
+
+
+def test_hub_push_without_a_token_stops_before_training(tiny, tmp_path, fake_hub):
+    from berth.errors import BerthError
+
+    with pytest.raises(BerthError, match="needs a Hugging Face token"):
+        finetune(review_config(tiny, tmp_path / "run", "hub.push=true", "hub.repo_id=bob/reviews"))
+    assert not (tmp_path / "run").exists()

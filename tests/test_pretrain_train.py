@@ -229,3 +229,19 @@ def test_continued_pretraining_of_a_real_english_checkpoint(tmp_path):
     model = AutoModelForMaskedLM.from_pretrained(final)
     assert model.config.num_hidden_layers == 6 and model.config.vocab_size == 30522
     assert pipeline("fill-mask", model=str(final))("The cat sees the [MASK].")[0]["token_str"]
+
+
+def test_checkpoints_go_to_step_branches_and_the_export_to_main(setup, fake_hub, monkeypatch):
+    from conftest import HUB_TOKEN
+
+    monkeypatch.setenv("HF_TOKEN", HUB_TOKEN)
+    cfg = config(setup, "pushed", "hub.push=true", "hub.repo_id=carol/mini", "hub.push_checkpoints=true")
+    final = pretrain(cfg)
+    assert [(c["repo"], c["revision"]) for c in fake_hub.commits] == [
+        ("carol/mini", "step-4"),
+        ("carol/mini", "step-8"),
+        ("carol/mini", "main"),
+    ]
+    assert fake_hub.commits[-1]["files"]["model.safetensors"] == (final / "model.safetensors").read_bytes()
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= set(fake_hub.commits[0]["files"])
+    assert not list(final.parent.glob(".hub-*"))  # the branch exports are removed after upload

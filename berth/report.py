@@ -1,0 +1,269 @@
+"""The demo's report: PNG plots and a Markdown page built from what the runs wrote to disk.
+
+Everything here reads run directories (metrics.jsonl, eval_results.json, test_predictions.jsonl), so a report
+can be rebuilt without training again.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from runtime.tracking import read_metrics
+
+
+@dataclass(frozen=True)
+class DemoRuns:
+    """The run directories of one demo."""
+
+    pretrain: Path
+    sentiment: Path
+    sentiment_scratch: Path
+    ner: Path
+    ner_scratch: Path
+
+
+def results(run: Path) -> dict[str, Any]:
+    path = run / "eval_results.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def eval_curve(run: Path, key: str) -> list[tuple[int, float]]:
+    return [(m["step"], m[key]) for m in read_metrics(run) if m.get(key) is not None]
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_pretraining(run: Path, target: Path) -> None:
+    plt = _plt()
+    train = [m for m in read_metrics(run) if "mlm_loss" in m]
+    evals = eval_curve(run, "eval_mlm_accuracy")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    left.plot([m["step"] for m in train], [m["mlm_loss"] for m in train], label="train MLM loss")
+    left.plot(*zip(*eval_curve(run, "eval_mlm_loss"), strict=True), "o-", label="held-out MLM loss")
+    left.set(xlabel="optimizer step", ylabel="loss", title="Pretraining loss")
+    left.legend()
+    right.plot([m["step"] for m in train], [m["mlm_accuracy"] for m in train], alpha=0.5, label="train (masked tokens)")
+    right.plot(*zip(*evals, strict=True), "o-", label="held-out (fixed mask)")
+    right.set(xlabel="optimizer step", ylabel="accuracy", title="Masked-token accuracy")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(target, dpi=110)
+    plt.close(fig)
+
+
+def plot_lr(run: Path, target: Path) -> None:
+    plt = _plt()
+    rows = [m for m in read_metrics(run) if "lr" in m]
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot([m["step"] for m in rows], [m["lr"] for m in rows])
+    ax.set(xlabel="optimizer step", ylabel="learning rate", title="LR schedule (warm-up, linear decay)")
+    fig.tight_layout()
+    fig.savefig(target, dpi=110)
+    plt.close(fig)
+
+
+def plot_finetuning(runs: DemoRuns, target: Path) -> None:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    panels = [
+        (runs.sentiment, runs.sentiment_scratch, "eval_accuracy", "validation accuracy", "Review sentiment"),
+        (runs.ner, runs.ner_scratch, "eval_f1", "validation entity F1", "People's Daily NER"),
+    ]
+    for ax, (pretrained, scratch, key, ylabel, title) in zip(axes, panels, strict=True):
+        for run, label in ((pretrained, "pretrained"), (scratch, "random init")):
+            curve = eval_curve(run, key)
+            if curve:
+                ax.plot(*zip(*curve, strict=True), "o-", label=label)
+        ax.set(xlabel="optimizer step", ylabel=ylabel, title=title)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(target, dpi=110)
+    plt.close(fig)
+
+
+def confusion(run: Path) -> tuple[list[str], list[list[int]]]:
+    rows = [json.loads(line) for line in (run / "test_predictions.jsonl").read_text().splitlines()]
+    labels = sorted({r["reference"] for r in rows} | {r["label"] for r in rows})
+    index = {name: i for i, name in enumerate(labels)}
+    matrix = [[0] * len(labels) for _ in labels]
+    for row in rows:
+        matrix[index[row["reference"]]][index[row["label"]]] += 1
+    return labels, matrix
+
+
+def plot_confusion(run: Path, target: Path) -> None:
+    plt = _plt()
+    labels, matrix = confusion(run)
+    fig, ax = plt.subplots(figsize=(4, 3.6))
+    ax.imshow(matrix, cmap="Blues")
+    for i, row in enumerate(matrix):
+        for j, count in enumerate(row):
+            ax.text(j, i, str(count), ha="center", va="center")
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set(xlabel="predicted", ylabel="true", title="Sentiment, test set")
+    fig.tight_layout()
+    fig.savefig(target, dpi=110)
+    plt.close(fig)
+
+
+def long_text_rows(run: Path) -> list[tuple[str, float | None]]:
+    """(method, accuracy on the test reviews longer than one window)."""
+    found = results(run)
+    test = found.get("test", {})
+    rows = [
+        ("windows, mean of logits", test.get("long_accuracy_mean")),
+        ("windows, max of logits", test.get("long_accuracy_max")),
+    ]
+    rows += [(f"truncation: {k}", v.get("long_accuracy")) for k, v in found.get("test_truncated", {}).items()]
+    yardstick = found.get("yardstick", {}).get("test", {})
+    rows.append(("TF-IDF + logistic regression", yardstick.get("long_accuracy")))
+    return rows
+
+
+def plot_long_texts(run: Path, target: Path) -> None:
+    plt = _plt()
+    rows = [(name, value) for name, value in long_text_rows(run) if value is not None]
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    ax.barh([name for name, _ in rows][::-1], [value for _, value in rows][::-1], color="tab:blue")
+    for i, (_, value) in enumerate(rows[::-1]):
+        ax.text(value, i, f" {100 * value:.1f}%", va="center")
+    ax.set(xlim=(0, 1.1), xlabel="accuracy on test reviews longer than one window", title="Long reviews")
+    fig.tight_layout()
+    fig.savefig(target, dpi=110)
+    plt.close(fig)
+
+
+def plot_pretrained_vs_scratch(runs: DemoRuns, target: Path) -> None:
+    plt = _plt()
+    pairs = [
+        ("sentiment accuracy", runs.sentiment, runs.sentiment_scratch, "accuracy"),
+        ("NER entity F1", runs.ner, runs.ner_scratch, "f1"),
+    ]
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for i, (_, pretrained, scratch, key) in enumerate(pairs):
+        a = results(pretrained).get("test", {}).get(key, 0.0)
+        b = results(scratch).get("test", {}).get(key, 0.0)
+        ax.bar(i - 0.2, a, 0.4, color="tab:blue", label="pretrained" if i == 0 else None)
+        ax.bar(i + 0.2, b, 0.4, color="tab:gray", label="random init" if i == 0 else None)
+        ax.text(i - 0.2, a, f"{100 * a:.1f}", ha="center", va="bottom")
+        ax.text(i + 0.2, b, f"{100 * b:.1f}", ha="center", va="bottom")
+    ax.set_xticks(range(len(pairs)), [p[0] for p in pairs])
+    ax.set(ylim=(0, 1.1), title="Test set: pretrained vs random init")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(target, dpi=110)
+    plt.close(fig)
+
+
+def summary_table(runs: DemoRuns) -> str:
+    pre = eval_curve(runs.pretrain, "eval_mlm_accuracy")
+    sentiment, scratch = results(runs.sentiment), results(runs.sentiment_scratch)
+    ner, ner_scratch = results(runs.ner), results(runs.ner_scratch)
+    yard = sentiment.get("yardstick", {}).get("test", {})
+    truncated = sentiment.get("test_truncated", {})
+
+    def test(found: dict, key: str) -> float | None:
+        return found.get("test", {}).get(key)
+
+    rows = [
+        ("Pretraining: held-out masked-token accuracy", _pct(pre[-1][1] if pre else None)),
+        ("Sentiment, test accuracy (pretrained, windows)", _pct(test(sentiment, "accuracy"))),
+        ("Sentiment, test accuracy (random init)", _pct(test(scratch, "accuracy"))),
+        ("Sentiment, TF-IDF + logistic regression yardstick", _pct(yard.get("accuracy"))),
+        (
+            f"Long test reviews ({test(sentiment, 'long_count')}): windows, "
+            f"{test(sentiment, 'aggregation')} (chosen on validation)",
+            _pct(test(sentiment, "long_accuracy")),
+        ),
+        ("Long test reviews: head truncation", _pct(truncated.get("head", {}).get("long_accuracy"))),
+        ("Long test reviews: TF-IDF yardstick", _pct(yard.get("long_accuracy"))),
+        ("NER, test entity F1 (pretrained)", _pct(test(ner, "f1"))),
+        ("NER, test entity F1 (random init)", _pct(test(ner_scratch, "f1"))),
+    ]
+    lines = ["| | |", "|---|---|", *(f"| {name} | {value} |" for name, value in rows)]
+    return "\n".join(lines)
+
+
+def write_report(out: Path, runs: DemoRuns, commands: list[str], minutes: float) -> Path:
+    """Plots into out/plots/ and out/report.md. Returns the report's path."""
+    plots = out / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    plot_pretraining(runs.pretrain, plots / "pretraining.png")
+    plot_lr(runs.pretrain, plots / "lr_schedule.png")
+    plot_finetuning(runs, plots / "finetuning.png")
+    plot_confusion(runs.sentiment, plots / "confusion_matrix.png")
+    plot_long_texts(runs.sentiment, plots / "long_reviews.png")
+    plot_pretrained_vs_scratch(runs, plots / "pretrained_vs_scratch.png")
+    curve = "\n".join(f"| {step} | {_pct(acc)} |" for step, acc in eval_curve(runs.pretrain, "eval_mlm_accuracy"))
+    long_rows = "\n".join(f"| {name} | {_pct(value)} |" for name, value in long_text_rows(runs.sentiment))
+    ner = results(runs.ner).get("test", {})
+    per_type = "\n".join(
+        f"| {kind} | {ner.get(f'{kind}_precision', 0):.3f} | {ner.get(f'{kind}_recall', 0):.3f} | "
+        f"{ner.get(f'{kind}_f1', 0):.3f} | {ner.get(f'{kind}_number', 0)} |"
+        for kind in ("PER", "LOC", "ORG")
+        if f"{kind}_f1" in ner
+    )
+    text = f"""# berth demo report
+
+The whole pipeline on the embedded Chinese data, on this machine, in {minutes:.1f} minutes. Each stage is a
+command you can run on its own (and point at your own corpus):
+
+```bash
+{chr(10).join(commands)}
+```
+
+## Results
+
+{summary_table(runs)}
+
+![pretrained vs random init](plots/pretrained_vs_scratch.png)
+
+## Pretraining
+
+![pretraining curves](plots/pretraining.png) ![LR schedule](plots/lr_schedule.png)
+
+| step | held-out masked-token accuracy |
+|---|---|
+{curve}
+
+## Fine-tuning
+
+![fine-tuning curves](plots/finetuning.png)
+
+### Long reviews: windows vs truncation
+
+The same fine-tuned model on the test reviews longer than one window, read in windows (aggregated by the mean
+or the max of the windows' logits) or truncated to one window:
+
+| method | accuracy |
+|---|---|
+{long_rows}
+
+![long reviews](plots/long_reviews.png) ![confusion matrix](plots/confusion_matrix.png)
+
+### NER per entity type (test, pretrained)
+
+| type | precision | recall | F1 | entities |
+|---|---|---|---|---|
+{per_type}
+"""
+    path = out / "report.md"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    return path
