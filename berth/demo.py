@@ -58,7 +58,7 @@ def built_with(run: Path, cfg: object) -> bool:
 
 def run_demo(output_dir: str | Path = "runs/demo", overrides: Sequence[str] = (), quick: bool = False) -> str:
     """Run the pipeline into output_dir and return the printed summary (the report is output_dir/report.md)."""
-    from berth.report import DemoRuns, eval_curve, summary_table, write_report
+    from berth.report import DemoRuns, duration, eval_curve, summary_table, write_report
     from finetune.config import FinetuneConfig
     from finetune.train import finetune
     from pretrain.config import PretrainConfig
@@ -126,5 +126,5 @@ def run_demo(output_dir: str | Path = "runs/demo", overrides: Sequence[str] = ()
     return (
         f"{format_summary(summary)}\n\n{format_stats(prepared)}\n\n"
         f"Held-out masked-token accuracy during pretraining:\n{curve}\n\n"
-        f"{summary_table(runs)}\n\nReport: {report} ({minutes:.1f} minutes)"
+        f"{summary_table(runs)}\n\nReport: {report} (this run: {duration(minutes)})"
     )

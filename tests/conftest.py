@@ -69,3 +69,29 @@ def fake_hub(monkeypatch, tmp_path):
     with FakeHub() as server:
         monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
         yield server
+
+
+def launch_two_processes(module: str, args: list[str]):
+    """`accelerate launch` of `python -m module args` on two CPU processes through the shipped config
+    (plain `--cpu --num_processes 2` would run one). Returns the finished process."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = str(free.getsockname()[1])
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        "configs/accelerate/cpu_ddp_2proc.yaml",
+        "--main_process_port",
+        port,
+        "-m",
+        module,
+        *args,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)

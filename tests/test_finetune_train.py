@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import launch_two_processes
 from safetensors.torch import load_file
 from transformers import (
     AutoModelForSequenceClassification,
@@ -208,6 +209,46 @@ def test_gradient_accumulation_gives_the_same_weights(tiny, tmp_path):
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-5)
+
+
+def test_two_processes_reach_the_weights_and_metrics_of_one(tiny, tmp_path):
+    """DDP through the shipped CPU config: same weights, same validation figures (evaluation is sharded and
+    gathered back in order), the same test predictions."""
+    common = [
+        "train.max_steps=3",
+        "train.eval_every=3",
+        "model.hidden_dropout=0",
+        "model.attention_dropout=0",
+        "model.classifier_dropout=0",
+    ]
+    one = finetune(review_config(tiny, tmp_path / "one", *common))
+    cfg = review_config(tiny, tmp_path / "two", *common, "train.batch_size=4")
+    overrides = [f"{k}={v}" for k, v in _flat_overrides(cfg)]
+    result = launch_two_processes("finetune", ["configs/finetune/reviews_sentiment.yaml", *overrides])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "global batch 8" in result.stderr
+    a, b = load_file(str(one / "model.safetensors")), load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4)
+    results = [json.loads((d / "eval_results.json").read_text()) for d in (one.parent, tmp_path / "two")]
+    assert results[0]["validation"]["loss"] == pytest.approx(results[1]["validation"]["loss"], rel=1e-4)
+    assert results[0]["test"]["accuracy"] == results[1]["test"]["accuracy"]
+
+
+def _flat_overrides(cfg):
+    """The resolved config as section.key=value pairs, so a subprocess runs exactly this config."""
+    from berth.config import to_dict
+
+    def walk(tree, prefix=""):
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                yield from walk(value, f"{prefix}{key}.")
+            elif isinstance(value, list):
+                yield f"{prefix}{key}", "[" + ",".join(map(str, value)) + "]"
+            else:
+                yield f"{prefix}{key}", "" if value is None else value
+
+    return list(walk(to_dict(cfg)))
 
 
 def test_early_stopping_keeps_the_best_evaluation(tiny, tmp_path):

@@ -1,12 +1,9 @@
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import launch_two_processes
 from safetensors.torch import load_file
 from transformers import AutoModelForMaskedLM, AutoModelForPreTraining, pipeline
 
@@ -159,28 +156,8 @@ def test_two_processes_reach_the_weights_of_one(setup):
     ]
     one = pretrain(config(setup, "procs1", *common))
     root, base = setup
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = str(free.getsockname()[1])
-    # The shipped CPU config: two real processes (plain `--cpu --num_processes 2` would run one).
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        "configs/accelerate/cpu_ddp_2proc.yaml",
-        "--main_process_port",
-        port,
-        "-m",
-        "pretrain",
-        "configs/pretrain/mini_zh.yaml",
-        *base,
-        f"output_dir={root / 'procs2'}",
-        *common,
-        "train.batch_size=4",
-    ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    args = ["configs/pretrain/mini_zh.yaml", *base, f"output_dir={root / 'procs2'}", *common, "train.batch_size=4"]
+    result = launch_two_processes("pretrain", args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "8 = 4 per process x 2 processes" in result.stderr
     assert_same_weights(weights(one.parent), weights(root / "procs2"), atol=1e-5)
