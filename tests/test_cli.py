@@ -137,14 +137,21 @@ def test_quick_demo_runs_every_stage_writes_the_report_then_reuses(tmp_path, cap
     assert f"reusing {tmp_path / 'ner_scratch' / 'final'}" in caplog.text
 
 
-@pytest.mark.parametrize("module", ["pretrain"])
-def test_python_dash_m_stage_prints_its_config(module):
+@pytest.mark.parametrize(
+    ("module", "config", "key"),
+    [
+        ("pretrain", "configs/pretrain/mini_zh.yaml", ("model", "size", "mini")),
+        ("finetune", "configs/finetune/peoples_daily_ner.yaml", ("task", None, "ner")),
+    ],
+)
+def test_python_dash_m_stage_prints_its_config(module, config, key):
     result = subprocess.run(
-        [sys.executable, "-m", module, "configs/pretrain/mini_zh.yaml", "train.max_steps=7", "--print-config"],
+        [sys.executable, "-m", module, config, "train.max_steps=7", "--print-config"],
         capture_output=True,
         text=True,
         check=True,
     )
     resolved = yaml.safe_load(result.stdout)
     assert resolved["train"]["max_steps"] == 7
-    assert resolved["model"]["size"] == "mini"
+    section, name, value = key
+    assert (resolved[section][name] if name else resolved[section]) == value
