@@ -211,10 +211,12 @@ def test_gradient_accumulation_gives_the_same_weights(tiny, tmp_path):
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-5)
 
 
-def test_two_processes_reach_the_weights_and_metrics_of_one(tiny, tmp_path):
+@pytest.mark.parametrize("aggregation", ["auto", "attention"])
+def test_two_processes_reach_the_weights_and_metrics_of_one(tiny, tmp_path, aggregation):
     """DDP through the shipped CPU config: same weights, same validation figures (evaluation is sharded and
-    gathered back in order), the same test predictions."""
+    gathered back in order), the same test predictions; with attention pooling, its layer too."""
     common = [
+        f"data.aggregation={aggregation}",
         "train.max_steps=3",
         "train.eval_every=3",
         "model.hidden_dropout=0",
@@ -227,9 +229,10 @@ def test_two_processes_reach_the_weights_and_metrics_of_one(tiny, tmp_path):
     result = launch_two_processes("finetune", ["configs/finetune/reviews_sentiment.yaml", *overrides])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "global batch 8" in result.stderr
-    a, b = load_file(str(one / "model.safetensors")), load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4)
+    for weights in ("model.safetensors", "window_pooler.safetensors")[: 1 + (aggregation == "attention")]:
+        a, b = load_file(str(one / weights)), load_file(str(tmp_path / "two" / "final" / weights))
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4)
     results = [json.loads((d / "eval_results.json").read_text()) for d in (one.parent, tmp_path / "two")]
     assert results[0]["validation"]["loss"] == pytest.approx(results[1]["validation"]["loss"], rel=1e-4)
     assert results[0]["test"]["accuracy"] == results[1]["test"]["accuracy"]
