@@ -16,6 +16,7 @@ from finetune.batching import encoder_batch, eval_order
 from finetune.config import FinetuneConfig, TaskData
 from finetune.data import Split, check_labels, check_texts, label_values, load_splits, require_columns, resolve_labels
 from finetune.metrics import load_metric
+from finetune.modeling import build_pretrained, encoder_inputs
 from finetune.windows import truncate, window_spans
 
 logger = logging.getLogger(__name__)
@@ -153,8 +154,8 @@ class WindowClassifier(nn.Module):
         self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not self.has_vectors:
-            out = self.model(input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask)
-            return out.logits, None
+            batch = {"input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask}
+            return self.model(**encoder_inputs(self.model, batch)).logits, None
         out = self.model.base_model(input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask)
         vectors = out.pooler_output  # [W, H]: the [CLS] vector through BERT's pooler
         return self.model.classifier(self.model.dropout(vectors)), vectors
@@ -210,8 +211,6 @@ class ClassificationTask:
     # -- model ---------------------------------------------------------------------------------------------
 
     def build_model(self, init: str, config: Any, from_scratch: bool) -> WindowClassifier:
-        from finetune.modeling import build_pretrained
-
         config.num_labels = len(self.labels)
         config.id2label = dict(enumerate(self.labels))
         config.label2id = {name: i for i, name in enumerate(self.labels)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from pathlib import Path
@@ -73,9 +74,13 @@ def check_vocab(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig, wh
 
 
 def dropout_overrides(hidden: float | None, attention: float | None, classifier: float) -> dict[str, Any]:
+    # BERT's names, then ModernBERT's; a key the checkpoint's config does not have is left alone
     return {
         "hidden_dropout_prob": hidden,
         "attention_probs_dropout_prob": attention,
+        "mlp_dropout": hidden,
+        "embedding_dropout": hidden,
+        "attention_dropout": attention,
         "classifier_dropout": classifier,
     }
 
@@ -90,6 +95,22 @@ def build_pretrained(auto_class: type, init: str, config: PretrainedConfig, from
         raise BerthError(f"{init}: cannot load the model: {str(exc).splitlines()[0]}") from None
     logger.info("loaded %s from %s; the task head starts from random weights", type(model).__name__, init)
     return model
+
+
+def takes_token_types(model: torch.nn.Module) -> bool:
+    """Whether the model's forward takes token_type_ids (BERT does; RoBERTa-style and ModernBERT models may not)."""
+    inner = getattr(model, "module", model)  # DDP wraps the model
+    return "token_type_ids" in inspect.signature(inner.forward).parameters
+
+
+def encoder_inputs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """input_ids, attention_mask and, when the model takes them, token_type_ids."""
+    names = (
+        ("input_ids", "attention_mask", "token_type_ids")
+        if takes_token_types(model)
+        else ("input_ids", "attention_mask")
+    )
+    return {name: batch[name] for name in names}
 
 
 def berth_settings(model_dir: str | Path) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from finetune.bio import bio_spans
 from finetune.config import FinetuneConfig
 from finetune.data import Split, check_labels, check_tokens, label_values, load_splits, require_columns, resolve_labels
 from finetune.metrics import load_metric
+from finetune.modeling import build_pretrained, encoder_inputs
 from finetune.windows import max_context_owner, window_spans
 
 logger = logging.getLogger(__name__)
@@ -136,8 +137,6 @@ class NerTask:
         return encode_words(self.tokenizer, words, tags, data.max_seq_len, data.stride)
 
     def build_model(self, init: str, config: Any, from_scratch: bool) -> nn.Module:
-        from finetune.modeling import build_pretrained
-
         config.num_labels = len(self.labels)
         config.id2label = dict(enumerate(self.labels))
         config.label2id = {name: i for i, name in enumerate(self.labels)}
@@ -167,9 +166,7 @@ class NerTask:
         return batch
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = model(
-            input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"], attention_mask=batch["attention_mask"]
-        ).logits  # [B, L, C]
+        logits = model(**encoder_inputs(model, batch)).logits  # [B, L, C]
         weight = (
             torch.tensor(self.cfg.data.class_weights, device=logits.device) if self.cfg.data.class_weights else None
         )
@@ -222,7 +219,8 @@ def window_logits(model: nn.Module, encoded: NerEncoded, pad_id: int, acc: Any, 
     model.eval()
     for rows in eval_order(lengths, batch_size, acc.process_index, acc.num_processes):
         batch = encoder_batch([encoded.window_ids[w] for w in rows], [[0] * lengths[w] for w in rows], pad_id)
-        logits = model(**{k: v.to(acc.device) for k, v in batch.items()}).logits.float().cpu().numpy()
+        inputs = encoder_inputs(model, {k: v.to(acc.device) for k, v in batch.items()})
+        logits = model(**inputs).logits.float().cpu().numpy()
         found.extend((w, logits[i, : lengths[w]]) for i, w in enumerate(rows))
     model.train()
     if acc.num_processes > 1:

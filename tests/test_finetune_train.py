@@ -382,3 +382,35 @@ def test_hub_push_without_a_token_stops_before_training(tiny, tmp_path, fake_hub
     with pytest.raises(BerthError, match="needs a Hugging Face token"):
         finetune(review_config(tiny, tmp_path / "run", "hub.push=true", "hub.repo_id=bob/reviews"))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_modernbert_checkpoint_fine_tunes_and_predicts(tiny, tmp_path):
+    """Encoders without token types (ModernBERT: RoPE, GeGLU) go through the same tasks, export and predict."""
+    from transformers import ModernBertConfig, ModernBertForMaskedLM
+
+    tokenizer = load_tokenizer(tiny / "ckpt")
+    config = ModernBertConfig(
+        vocab_size=-(-len(tokenizer) // 64) * 64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=64,
+        pad_token_id=tokenizer.pad_token_id,
+        cls_token_id=tokenizer.cls_token_id,
+        sep_token_id=tokenizer.sep_token_id,
+        bos_token_id=tokenizer.cls_token_id,
+        eos_token_id=tokenizer.sep_token_id,
+        global_attn_every_n_layers=1,
+    )
+    torch.manual_seed(0)
+    ModernBertForMaskedLM(config).save_pretrained(tmp_path / "modern")
+    tokenizer.save_pretrained(tmp_path / "modern")
+    final = finetune(review_config(tiny, tmp_path / "run", f"model.init={tmp_path / 'modern'}", "train.epochs=1"))
+    assert json.loads((final / "config.json").read_text())["model_type"] == "modernbert"
+    texts = texts_of(tiny / "reviews_test.jsonl", "review")
+    predicted = run_predict(final, texts, tmp_path)
+    expected = [json.loads(line) for line in (final.parent / "test_predictions.jsonl").read_text().splitlines()]
+    assert [p["score"] for p in predicted] == pytest.approx([e["score"] for e in expected], abs=1e-5)
+    ner = finetune(ner_config(tiny, tmp_path / "ner", f"model.init={tmp_path / 'modern'}", "train.max_steps=2"))
+    assert json.loads((ner.parent / "eval_results.json").read_text())["test"]["f1"] >= 0.0
