@@ -78,7 +78,9 @@ MODEL_SIZES = {
 
 @dataclass(frozen=True)
 class ModelConfig:
-    architecture: Literal["bert"] = "bert"
+    # bert: transformers' BertForPreTraining (post-LN, learned positions). modernbert: ModernBertForMaskedLM
+    # (pre-LN, RoPE, GeGLU), MLM only, as ModernBERT trains: needs data.sentence_task=none and no packing.
+    architecture: Literal["bert", "modernbert"] = "bert"
     size: Literal["tiny", "mini", "small", "medium", "base", "large"] = "mini"
     # A checkpoint directory (or hub id) to continue pretraining from; empty: from scratch.
     init: str = ""
@@ -140,3 +142,10 @@ class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     hub: HubConfig = field(default_factory=HubConfig)
+
+    def __post_init__(self) -> None:
+        if self.model.architecture == "modernbert":
+            if self.data.sentence_task != "none":
+                raise ValueError("model.architecture=modernbert trains MLM only: set data.sentence_task=none")
+            if self.data.pack_sequences:
+                raise ValueError("model.architecture=modernbert takes unpacked rows: set data.pack_sequences=false")

@@ -7,7 +7,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModelForPreTraining, BertConfig, BertForPreTraining
+from transformers import (
+    AutoConfig,
+    AutoModelForPreTraining,
+    BertConfig,
+    BertForPreTraining,
+    ModernBertConfig,
+    ModernBertForMaskedLM,
+)
 
 from berth.errors import BerthError
 from pretrain.config import MODEL_SIZES, ModelConfig
@@ -38,8 +45,33 @@ def bert_config(cfg: ModelConfig, vocab_size: int, pad_token_id: int) -> BertCon
     )
 
 
-def build_model(cfg: ModelConfig, vocab_size: int, pad_token_id: int) -> BertForPreTraining:
-    """A fresh BERT of `cfg.size`, or the checkpoint `cfg.init` for continued pretraining."""
+def modernbert_config(cfg: ModelConfig, vocab_size: int, special: dict[str, int]) -> ModernBertConfig:
+    """ModernBERT (RoPE, GeGLU, pre-LN) at a miniature size: GeGLU width 1.5 H as ModernBERT-base, global
+    attention in every layer (sequences here are shorter than its local window)."""
+    layers, hidden = MODEL_SIZES[cfg.size]
+    return ModernBertConfig(
+        vocab_size=padded_vocab_size(vocab_size, cfg.pad_vocab_multiple),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        intermediate_size=hidden * 3 // 2,
+        max_position_embeddings=cfg.max_position_embeddings,
+        global_attn_every_n_layers=1,
+        embedding_dropout=cfg.hidden_dropout,
+        mlp_dropout=cfg.hidden_dropout,
+        attention_dropout=cfg.attention_dropout,
+        pad_token_id=special["pad"],
+        cls_token_id=special["cls"],
+        sep_token_id=special["sep"],
+        bos_token_id=special["cls"],
+        eos_token_id=special["sep"],
+        tie_word_embeddings=True,
+    )
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, pad_token_id: int, cls_id: int = 2, sep_id: int = 3) -> nn.Module:
+    """A fresh encoder of `cfg.size` (BertForPreTraining, or ModernBertForMaskedLM for architecture=modernbert),
+    or the checkpoint `cfg.init` for continued pretraining."""
     if cfg.init:
         model = load_checkpoint_model(cfg.init, cfg.attn_implementation)
         if model.config.vocab_size < vocab_size:
@@ -47,13 +79,27 @@ def build_model(cfg: ModelConfig, vocab_size: int, pad_token_id: int) -> BertFor
                 f"model.init={cfg.init}: its vocabulary has {model.config.vocab_size} entries, fewer than "
                 f"the tokenizer's {vocab_size}; use the checkpoint's own tokenizer (tokenizer.path)"
             )
+    elif cfg.architecture == "modernbert":
+        special = {"pad": pad_token_id, "cls": cls_id, "sep": sep_id}
+        model = ModernBertForMaskedLM._from_config(
+            modernbert_config(cfg, vocab_size, special), attn_implementation=cfg.attn_implementation
+        )
     else:
         model = AutoModelForPreTraining.from_config(
             bert_config(cfg, vocab_size, pad_token_id), attn_implementation=cfg.attn_implementation
         )
     with torch.no_grad():
-        model.cls.predictions.bias[vocab_size:] = NEVER
+        output_bias(model)[vocab_size:] = NEVER
     return model
+
+
+def output_bias(model: nn.Module) -> torch.Tensor:
+    """The MLM output layer's bias, one entry per vocabulary row."""
+    return model.decoder.bias if is_modernbert(model) else model.cls.predictions.bias
+
+
+def is_modernbert(model: nn.Module) -> bool:
+    return model.config.model_type == "modernbert"
 
 
 def load_checkpoint_model(path_or_id: str, attn_implementation: str) -> BertForPreTraining:
@@ -127,6 +173,12 @@ class PretrainingObjective(nn.Module):
         sequence_ids: torch.Tensor | None = None,  # (R, L) example of each token, -1 padding; packed only
         cls_positions: torch.Tensor | None = None,  # (B,) flat indices of each example's [CLS]; packed only
     ) -> dict[str, torch.Tensor]:
+        if is_modernbert(self.model):
+            # MLM only (no token types, no [CLS]-task head); unpacked rows, so the 2-d padding mask suffices
+            sequence = self.model.model(input_ids=input_ids, attention_mask=attention_mask)[0]  # (R, L, H)
+            hidden = sequence.flatten(0, 1).index_select(0, mlm_positions)  # (N, H)
+            logits = self.model.decoder(self.model.head(hidden))[:, : self.vocab_size].float()  # (N, V)
+            return self.mlm_outputs(logits, mlm_labels)
         mask = attention_mask if sequence_ids is None else self.block_diagonal_mask(sequence_ids)
         sequence, pooled = self.model.bert(
             input_ids=input_ids,
@@ -137,11 +189,7 @@ class PretrainingObjective(nn.Module):
         )[:2]  # (R, L, H), (R, H)
         hidden = sequence.flatten(0, 1).index_select(0, mlm_positions)  # (N, H)
         logits = self.model.cls.predictions(hidden)[:, : self.vocab_size].float()  # (N, V): padding rows cut
-        out = {
-            "mlm_loss": F.cross_entropy(logits, mlm_labels, reduction="sum"),
-            "mlm_correct": (logits.argmax(-1) == mlm_labels).sum(),
-            "mlm_count": torch.tensor(mlm_labels.numel(), device=logits.device),
-        }
+        out = self.mlm_outputs(logits, mlm_labels)
         if self.sentence_task:
             if cls_positions is not None:  # packed: the pooler on every example's [CLS], not only row starts
                 pooler = self.model.bert.pooler
@@ -152,6 +200,14 @@ class PretrainingObjective(nn.Module):
             out["nsp_correct"] = ((nsp_logits.argmax(-1) == next_sentence_label) & valid).sum()
             out["nsp_count"] = valid.sum()
         return out
+
+    @staticmethod
+    def mlm_outputs(logits: torch.Tensor, mlm_labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {
+            "mlm_loss": F.cross_entropy(logits, mlm_labels, reduction="sum"),
+            "mlm_correct": (logits.argmax(-1) == mlm_labels).sum(),
+            "mlm_count": torch.tensor(mlm_labels.numel(), device=logits.device),
+        }
 
     def block_diagonal_mask(self, sequence_ids: torch.Tensor) -> torch.Tensor:
         """(R, L) example ids -> (R, 1, L, L) mask: a token attends to the tokens of its own example only.

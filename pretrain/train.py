@@ -116,8 +116,8 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def flops_per_token(model: torch.nn.Module, seq_len: int, mask_prob: float) -> float:
     """Training FLOPs per token (nanoGPT's 6N + 12 L H T), with the MLM head's share only on masked tokens."""
     cfg = model.config
-    embeddings = model.bert.embeddings
-    encoder = sum(p.numel() for p in model.bert.parameters()) - sum(p.numel() for p in embeddings.parameters())
+    embeddings = model.base_model.embeddings
+    encoder = sum(p.numel() for p in model.base_model.parameters()) - sum(p.numel() for p in embeddings.parameters())
     head = cfg.hidden_size * cfg.vocab_size
     return 6 * encoder + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len + 6 * head * mask_prob
 
@@ -159,7 +159,8 @@ class Loop:
             tokenizer = ensure_tokenizer(cfg.tokenizer.path, cfg.tokenizer.config)
             self.prepared = prepare(cfg, tokenizer)
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every process
-        model = build_model(cfg.model, self.prepared.special.vocab_size, self.prepared.special.pad)
+        special = self.prepared.special
+        model = build_model(cfg.model, special.vocab_size, special.pad, special.cls, special.sep)
         check_seq_len(cfg.data.max_seq_len, model.config.max_position_embeddings, "the model's position embeddings")
         self.flops_per_token = flops_per_token(model, cfg.data.max_seq_len, cfg.data.mask_prob)
         if acc.device.type == "cpu":

@@ -1,4 +1,5 @@
 import json
+import math
 import shutil
 
 import pytest
@@ -13,6 +14,7 @@ from corpora.embedded import peoples_daily
 from pretrain.config import PretrainConfig
 from pretrain.train import pretrain
 from runtime.tracking import read_metrics
+from tokenizer.train import load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -222,3 +224,27 @@ def test_checkpoints_go_to_step_branches_and_the_export_to_main(setup, fake_hub,
     assert fake_hub.commits[-1]["files"]["model.safetensors"] == (final / "model.safetensors").read_bytes()
     assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= set(fake_hub.commits[0]["files"])
     assert not list(final.parent.glob(".hub-*"))  # the branch exports are removed after upload
+
+
+def test_modernbert_pretrains_exports_and_fills_masks(setup):
+    cfg = config(
+        setup, "modern", "model.architecture=modernbert", "data.sentence_task=none", "data.pack_sequences=false"
+    )
+    final = pretrain(cfg)
+    metrics = read_metrics(final.parent)
+    evals = [m["eval_mlm_accuracy"] for m in metrics if "eval_mlm_accuracy" in m]
+    assert len(evals) == 2 and all(0.0 <= a <= 1.0 for a in evals)
+    assert all(math.isfinite(m["loss"]) for m in metrics if "loss" in m)
+    model = AutoModelForMaskedLM.from_pretrained(final)
+    assert model.config.model_type == "modernbert"
+    vocab = len(load_tokenizer(final))
+    assert torch.all(model.decoder.bias[vocab:] == -1e4)  # padding rows never predicted
+    fill = pipeline("fill-mask", model=str(final))
+    assert len(fill("中国[MASK]民")) == 5
+
+
+def test_modernbert_needs_mlm_only_unpacked_rows(setup):
+    with pytest.raises(BerthError, match=r"modernbert trains MLM only: set data\.sentence_task=none"):
+        config(setup, "x", "model.architecture=modernbert")
+    with pytest.raises(BerthError, match=r"set data\.pack_sequences=false"):
+        config(setup, "x", "model.architecture=modernbert", "data.sentence_task=none")
