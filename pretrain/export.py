@@ -36,13 +36,14 @@ def model_card(cfg: Any, metrics: dict[str, Any], languages: list[str], base_mod
         "library_name": "transformers",
         "pipeline_tag": "fill-mask",
         "license": "apache-2.0",
-        "tags": ["bert", "berth", "fill-mask", "pretraining"],
+        "tags": [cfg.model.architecture, "berth", "fill-mask", "pretraining"],
         # hub datasets only: local files and the embedded corpora have no hub id
         "datasets": [s.removeprefix("hf:") for s in cfg.corpus.sources if s.startswith("hf:")],
         "metrics": ["accuracy", "perplexity"],
     }
     if base_model:
         meta["base_model"] = base_model
+    architecture = "ModernBERT" if cfg.model.architecture == "modernbert" else "BERT"
     rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in metrics.items() if isinstance(v, float))
     front = "\n".join(f"{k}: {json.dumps(v, ensure_ascii=False)}" for k, v in meta.items())
     return f"""---
@@ -51,7 +52,7 @@ def model_card(cfg: Any, metrics: dict[str, Any], languages: list[str], base_mod
 
 # {Path(cfg.output_dir).name}
 
-A BERT encoder ({cfg.model.size}) pretrained with berth on {", ".join(cfg.corpus.sources)}:
+A {architecture} encoder ({cfg.model.size}) pretrained with berth on {", ".join(cfg.corpus.sources)}:
 masked-LM ({cfg.data.mask_prob:.0%} of tokens, {"whole-word" if cfg.data.whole_word_mask else "token"} masking)
 plus the [CLS] task `{cfg.data.sentence_task}`, sequences of {cfg.data.max_seq_len} tokens.
 
