@@ -5,13 +5,7 @@ import datasets
 import evaluate
 
 from finetune.bio import bio_spans
-
-
-def _prf(tp, fp, fn):
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return precision, recall, f1
+from finetune.metrics.f1 import prf
 
 
 class EntityF1(evaluate.Metric):
@@ -44,10 +38,10 @@ class EntityF1(evaluate.Metric):
                 counts[kind][2] += 1
         result = {}
         for kind in sorted(counts):
-            p, r, f = _prf(*counts[kind])
+            p, r, f = prf(*counts[kind])
             result.update(
                 {f"{kind}_precision": p, f"{kind}_recall": r, f"{kind}_f1": f, f"{kind}_number": sum(counts[kind][::2])}
             )
-        p, r, f = _prf(*(sum(c[i] for c in counts.values()) for i in range(3)))
+        p, r, f = prf(*(sum(c[i] for c in counts.values()) for i in range(3)))
         result.update({"precision": p, "recall": r, "f1": f})
         return result

@@ -4,7 +4,8 @@ import datasets
 import evaluate
 
 
-def _prf(tp, fp, fn):
+def prf(tp, fp, fn):
+    """Precision, recall and F1 from true positive, false positive and false negative counts (0 when undefined)."""
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
@@ -29,9 +30,9 @@ class F1(evaluate.Metric):
             else:
                 counts[p][1] += 1
                 counts[r][2] += 1
-        per_class = [_prf(*counts[c]) for c in classes]
+        per_class = [prf(*counts[c]) for c in classes]
         macro = [sum(v[i] for v in per_class) / max(len(per_class), 1) for i in range(3)]
-        micro = _prf(*(sum(counts[c][i] for c in classes) for i in range(3)))
+        micro = prf(*(sum(counts[c][i] for c in classes) for i in range(3)))
         return {
             "macro_precision": macro[0],
             "macro_recall": macro[1],
