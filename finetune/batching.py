@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -65,3 +66,14 @@ def eval_order(lengths: Sequence[int], batch_size: int, rank: int = 0, processes
     mine = np.arange(rank, len(lengths), processes)
     mine = mine[np.argsort(-np.asarray(lengths)[mine], kind="stable")] if len(mine) else mine
     return [mine[i : i + batch_size].tolist() for i in range(0, len(mine), batch_size)]
+
+
+def gather_in_order(acc: Any, rows: list[tuple[int, Any]], total: int) -> list[Any]:
+    """(row index, value) pairs computed by every process (shares from eval_order) -> the values in row order."""
+    if acc.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        rows = gather_object(rows)
+    if len(rows) != total:
+        raise RuntimeError(f"evaluation gathered {len(rows)} rows of {total}")
+    return [value for _, value in sorted(rows, key=lambda row: row[0])]

@@ -12,7 +12,7 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerBase
 
 from berth.errors import BerthError
-from finetune.batching import encoder_batch, eval_order
+from finetune.batching import encoder_batch, eval_order, gather_in_order
 from finetune.config import FinetuneConfig, TaskData
 from finetune.data import Split, check_labels, check_texts, label_values, load_splits, require_columns, resolve_labels
 from finetune.metrics import load_metric
@@ -279,8 +279,7 @@ class ClassificationTask:
         encoded = self.splits[split]
         by_aggregation = self.predict_split(model, encoded, acc, batch_size)
         labels = torch.tensor(encoded.doc_labels)
-        room = self.settings.max_seq_len - 2
-        long_docs = [d for d, n in enumerate(encoded.doc_tokens) if n > room]
+        long_docs = self.long_documents(split)
         results = {how: self._scores(logits, labels, long_docs) for how, logits in by_aggregation.items()}
         chosen = aggregation or self._choose(results)
         metrics: dict[str, Any] = {**results[chosen], "aggregation": chosen, "long_count": len(long_docs)}
@@ -301,13 +300,17 @@ class ClassificationTask:
         ]
         return metrics, predictions
 
+    def long_documents(self, split: str) -> list[int]:
+        """The documents of the split longer than one window (content tokens beyond max_seq_len - 2)."""
+        room = self.settings.max_seq_len - 2
+        return [d for d, n in enumerate(self.splits[split].doc_tokens) if n > room]
+
     def evaluate_truncated(self, model: WindowClassifier, split: str, acc: Any, batch_size: int) -> dict[str, Any]:
         """The same model on the split with each truncation strategy instead of windows: accuracy overall and on
         the texts longer than one window, to compare windows against truncation without retraining."""
         encoded = self.splits[split]
         labels = torch.tensor(encoded.doc_labels)
-        room = self.settings.max_seq_len - 2
-        long_docs = [d for d, n in enumerate(encoded.doc_tokens) if n > room]
+        long_docs = self.long_documents(split)
         out = {}
         for strategy in ("head", "tail", "head_tail"):
             settings = replace(self.settings, long_text=strategy)
@@ -353,46 +356,23 @@ def document_logits(
     """Run every window (this process's share, in batches of similar length) and aggregate per document:
     {aggregation: [D, C]} for each of `hows`. Dropout is off."""
     lengths = [len(ids) for ids in encoded.window_ids]
-    logits_parts, vector_parts, index_parts = [], [], []
+    found: list[tuple[int, tuple[torch.Tensor, torch.Tensor | None]]] = []
     model.eval()
     for rows in eval_order(lengths, batch_size, acc.process_index, acc.num_processes):
         batch = encoder_batch([encoded.window_ids[w] for w in rows], [encoded.window_types[w] for w in rows], pad_id)
-        logits, vectors = model(**{k: v.to(acc.device) for k, v in batch.items()})
-        logits_parts.append(logits.float().cpu())
-        if "attention" in hows:
-            vector_parts.append(vectors.float().cpu())
-        index_parts.append(torch.tensor(rows))
-    _, logits, vectors = _gather_rows(acc, index_parts, logits_parts, vector_parts, len(lengths))
+        logits, vectors = model(**{k: v.to(acc.device) for k, v in batch.items()})  # [B, C], [B, H] or None
+        logits = logits.float().cpu()
+        vectors = vectors.float().cpu() if "attention" in hows else None
+        found.extend((w, (logits[i], None if vectors is None else vectors[i])) for i, w in enumerate(rows))
+    ordered = gather_in_order(acc, found, len(lengths))
+    logits = torch.stack([row_logits for row_logits, _ in ordered])  # [W, C]
     doc = torch.tensor(encoded.window_doc)
     num_docs = len(encoded.doc_windows)
     out = {how: aggregate(logits, doc, num_docs, how) for how in hows if how != "attention"}
     if "attention" in hows:
+        vectors = torch.stack([row_vector for _, row_vector in ordered]).to(acc.device)  # [W, H]
         inner = acc.unwrap_model(model)
         with torch.autocast(acc.device.type, enabled=False):
-            out["attention"] = inner.documents(vectors.to(acc.device), doc.to(acc.device), num_docs).float().cpu()
+            out["attention"] = inner.documents(vectors, doc.to(acc.device), num_docs).float().cpu()
     model.train()
     return out
-
-
-def _gather_rows(
-    acc: Any, index_parts: list, logits_parts: list, vector_parts: list, total: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Rows computed by every process, put back in row order."""
-    from accelerate.utils import gather_object
-
-    local = [
-        (
-            torch.cat(index_parts) if index_parts else torch.zeros(0, dtype=torch.long),
-            torch.cat(logits_parts) if logits_parts else None,
-            torch.cat(vector_parts) if vector_parts else None,
-        )
-    ]
-    parts = gather_object(local) if acc.num_processes > 1 else local
-    parts = [p for p in parts if p[1] is not None]
-    index = torch.cat([p[0] for p in parts])
-    order = torch.argsort(index)
-    if len(index) != total:
-        raise RuntimeError(f"evaluation gathered {len(index)} rows of {total}")
-    logits = torch.cat([p[1] for p in parts])[order]
-    vectors = torch.cat([p[2] for p in parts])[order] if parts and parts[0][2] is not None else None
-    return index[order], logits, vectors

@@ -13,7 +13,7 @@ from torch import nn
 from transformers import AutoModelForTokenClassification, PreTrainedTokenizerBase
 
 from berth.errors import BerthError
-from finetune.batching import encoder_batch, eval_order
+from finetune.batching import encoder_batch, eval_order, gather_in_order, pad_rows
 from finetune.bio import bio_spans
 from finetune.config import FinetuneConfig
 from finetune.data import Split, check_labels, check_tokens, label_values, load_splits, require_columns, resolve_labels
@@ -153,8 +153,6 @@ class NerTask:
         return [[w] for w in range(len(train.window_ids))], [len(ids) for ids in train.window_ids]
 
     def collate(self, units: list[list[int]], split: str = "train") -> dict[str, torch.Tensor]:
-        from finetune.batching import pad_rows
-
         encoded = self.splits[split]
         windows = [w for unit in units for w in unit]
         batch = encoder_batch(
@@ -212,8 +210,6 @@ class NerTask:
 @torch.no_grad()
 def window_logits(model: nn.Module, encoded: NerEncoded, pad_id: int, acc: Any, batch_size: int) -> list[np.ndarray]:
     """[len(window), C] logits of every window (each process runs its share; dropout off)."""
-    from accelerate.utils import gather_object
-
     lengths = [len(ids) for ids in encoded.window_ids]
     found: list[tuple[int, np.ndarray]] = []
     model.eval()
@@ -223,9 +219,4 @@ def window_logits(model: nn.Module, encoded: NerEncoded, pad_id: int, acc: Any, 
         logits = model(**inputs).logits.float().cpu().numpy()
         found.extend((w, logits[i, : lengths[w]]) for i, w in enumerate(rows))
     model.train()
-    if acc.num_processes > 1:
-        found = gather_object(found)
-    out: list[np.ndarray] = [np.zeros(0)] * len(lengths)
-    for w, logits in found:
-        out[w] = logits
-    return out
+    return gather_in_order(acc, found, len(lengths))

@@ -25,8 +25,8 @@ from finetune.config import FinetuneConfig
 from finetune.export import BEST, export_final, load_best, save_model_dir
 from finetune.modeling import check_init, check_vocab, dropout_overrides, load_config, load_tokenizer
 from finetune.ner import NerTask
-from pretrain.model import use_fast_dropout
 from runtime.accel import build_accelerator
+from runtime.dropout import use_fast_dropout
 from runtime.optim import build_optimizer
 from runtime.schedules import build_scheduler
 from runtime.tracking import MetricsLog
@@ -69,8 +69,9 @@ class FinetuneLoop:
 
     def build(self) -> None:
         cfg, acc, t = self.cfg, self.accelerator, self.cfg.train
-        if t.metric not in TASKS[cfg.task].metrics:
-            raise_metric_error(t.metric, cfg.task, TASKS[cfg.task].metrics)
+        valid = TASKS[cfg.task].metrics
+        if t.metric not in valid:
+            raise BerthError(f"train.metric={t.metric}: not a {cfg.task} metric; choose one of {', '.join(valid)}")
         init = check_init(cfg.model.init)
         self.tokenizer = load_tokenizer(init)
         m = cfg.model
@@ -315,10 +316,6 @@ class FinetuneLoop:
         acc.wait_for_everyone()
         acc.end_training()
         return final
-
-
-def raise_metric_error(metric: str, task: str, valid: tuple[str, ...]) -> None:
-    raise BerthError(f"train.metric={metric}: not a {task} metric; choose one of {', '.join(valid)}")
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -21,7 +21,6 @@ def tfidf_yardstick(task: ClassificationTask, texts: dict[str, list[str]], seed:
     vectorizer = TfidfVectorizer(analyzer="char", ngram_range=(1, 3), min_df=2, sublinear_tf=True)
     features = vectorizer.fit_transform(texts["train"])
     model = LogisticRegression(C=10.0, max_iter=2000, random_state=seed).fit(features, train.doc_labels)
-    room = task.settings.max_seq_len - 2
     out: dict[str, Any] = {"model": "tfidf_char_1_3_logreg"}
     for split in ("validation", "test"):
         if split not in task.splits:
@@ -29,7 +28,7 @@ def tfidf_yardstick(task: ClassificationTask, texts: dict[str, list[str]], seed:
         encoded = task.splits[split]
         predicted = model.predict(vectorizer.transform(texts[split]))
         labels = encoded.doc_labels
-        long_docs = [d for d, n in enumerate(encoded.doc_tokens) if n > room]
+        long_docs = task.long_documents(split)
         out[split] = {
             "accuracy": float(accuracy_score(labels, predicted)),
             "macro_f1": float(f1_score(labels, predicted, average="macro")),
