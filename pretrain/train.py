@@ -25,10 +25,11 @@ from pretrain.config import PretrainConfig
 from pretrain.data import check_seq_len
 from pretrain.export import export_final
 from pretrain.masking import EpochExamples, MaskingCollator, pack_batch
-from pretrain.model import PretrainingObjective, build_model, use_fast_dropout
+from pretrain.model import PretrainingObjective, build_model
 from pretrain.prepare import PreparedData, prepare
 from runtime.accel import build_accelerator
 from runtime.checkpoint import config_differences, load_checkpoint, resolve_resume, save_checkpoint
+from runtime.dropout import use_fast_dropout
 from runtime.optim import build_optimizer
 from runtime.schedules import build_scheduler, planned_curve
 from runtime.tracking import MetricsLog

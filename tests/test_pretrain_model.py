@@ -134,7 +134,7 @@ def test_init_that_is_not_a_model(tmp_path):
 
 
 def test_fast_dropout_matches_dropout_in_distribution():
-    from pretrain.model import FastDropout, use_fast_dropout
+    from runtime.dropout import FastDropout, use_fast_dropout
 
     torch.manual_seed(0)
     x = torch.ones(200_000)
