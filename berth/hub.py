@@ -8,6 +8,7 @@ hub fails at once with a clear message and everything local goes on.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import socket
 from dataclasses import dataclass
@@ -140,3 +141,9 @@ def hub_model_id(name: str) -> str:
     if not name or Path(name).exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
         return ""
     return name
+
+
+def card_metadata(meta: dict) -> str:
+    """The YAML block at the top of a model card (README.md) that the hub reads: language, license, tags..."""
+    lines = "\n".join(f"{key}: {json.dumps(value, ensure_ascii=False)}" for key, value in meta.items())
+    return f"---\n{lines}\n---"

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
 from berth.config import dump_config
-from berth.hub import hub_model_id
+from berth.hub import card_metadata, hub_model_id
 from finetune.modeling import BERTH_KEY
 from tokenizer.train import write_vocab_txt
 
@@ -99,16 +99,13 @@ def model_card(cfg: Any, results: dict[str, Any], labels: list[str], languages: 
     }
     if hub_model_id(cfg.model.init) and not cfg.model.from_scratch:
         meta["base_model"] = cfg.model.init
-    front = "\n".join(f"{k}: {json.dumps(v, ensure_ascii=False)}" for k, v in meta.items())
     settings = (
         f"windows of {cfg.data.max_seq_len} tokens, stride {cfg.data.stride}"
         if task == "ner" or cfg.data.long_text == "windows"
         else f"{cfg.data.long_text} truncation to {cfg.data.max_seq_len} tokens"
     )
     scratch = " (its architecture, random init)" if cfg.model.from_scratch else ""
-    return f"""---
-{front}
----
+    return f"""{card_metadata(meta)}
 
 # {Path(cfg.output_dir).name}
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
@@ -12,7 +11,7 @@ import torch
 from accelerate import Accelerator
 from transformers import BertForPreTraining, PreTrainedTokenizerBase
 
-from berth.hub import hub_model_id
+from berth.hub import card_metadata, hub_model_id
 from pretrain.data import has_cjk
 from runtime.tracking import read_metrics
 from tokenizer.train import write_vocab_txt
@@ -45,10 +44,7 @@ def model_card(cfg: Any, metrics: dict[str, Any], languages: list[str], base_mod
         meta["base_model"] = base_model
     architecture = "ModernBERT" if cfg.model.architecture == "modernbert" else "BERT"
     rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in metrics.items() if isinstance(v, float))
-    front = "\n".join(f"{k}: {json.dumps(v, ensure_ascii=False)}" for k, v in meta.items())
-    return f"""---
-{front}
----
+    return f"""{card_metadata(meta)}
 
 # {Path(cfg.output_dir).name}
 
