@@ -1,6 +1,7 @@
 """berth's pretraining step against the Hugging Face recipe, interleaved in one run, counting real tokens.
 
     .venv/bin/python bench/pretrain_bench.py [--size mini] [--steps 30] [--batch-size 32] [--precision bf16]
+        [--baseline-attention sdpa|eager] [--override model.attention_dropout=0.1 ...]
 
 Baseline: what run_mlm.py does -- BertForMaskedLM, texts tokenized with special tokens, concatenated and cut
 into max_seq_len blocks (group_texts, so no padding), DataCollatorForLanguageModeling(mlm_probability=0.15),
@@ -38,6 +39,7 @@ def setup(args):
         f"train.precision={args.precision}",
         "train.progress_bar=false",
         *args.override,
+        "model.architecture=bert",  # the baseline is BertForMaskedLM: the same encoder on both sides
     ]
     cfg = load_config(PretrainConfig, "configs/pretrain/mini_zh.yaml", overrides)
     loop = Loop(cfg)  # berth's own training step, exactly as `berth pretrain` runs it
@@ -56,10 +58,10 @@ def berth_side(cfg, loop):
     return step
 
 
-def baseline_side(cfg, loop):
+def baseline_side(cfg, loop, attention: str):
     prepared, accelerator = loop.prepared, loop.accelerator
     torch.manual_seed(0)
-    model = BertForMaskedLM(loop.objective.model.config)
+    model = BertForMaskedLM._from_config(loop.objective.model.config, attn_implementation=attention)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
     model, optimizer = accelerator.prepare(model, optimizer)
     tokenizer = prepared.tokenizer
@@ -140,6 +142,10 @@ def peak_memory(args, side: str) -> float:
         str(args.seq_len),
         "--precision",
         args.precision,
+        "--baseline-attention",
+        args.baseline_attention,
+        "--override",
+        *args.override,
     ]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])["peak_mb"]
@@ -154,10 +160,16 @@ def main() -> None:
     parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--memory-of", choices=["berth", "baseline"])
     parser.add_argument("--override", nargs="*", default=[], help="config overrides; model.* apply to both sides")
+    parser.add_argument(
+        "--baseline-attention",
+        default="sdpa",
+        choices=["sdpa", "eager"],
+        help="the baseline's attention (transformers' default: sdpa); berth's follows model.attn_implementation",
+    )
     args = parser.parse_args()
     cfg, loop = setup(args)
     if args.memory_of:
-        step = (berth_side if args.memory_of == "berth" else baseline_side)(cfg, loop)
+        step = berth_side(cfg, loop) if args.memory_of == "berth" else baseline_side(cfg, loop, args.baseline_attention)
         step()  # model, optimizer state and data set up before measuring
         with PeakMemory() as memory:
             for _ in range(args.steps):
@@ -165,7 +177,7 @@ def main() -> None:
         print(json.dumps({"peak_mb": memory.above_base_mb}))
         return
 
-    sides = {"berth": berth_side(cfg, loop), "baseline": baseline_side(cfg, loop)}
+    sides = {"berth": berth_side(cfg, loop), "baseline": baseline_side(cfg, loop, args.baseline_attention)}
     timings: dict[str, list[float]] = {name: [] for name in sides}
     ratios = []
     for i in range(args.steps + 3):
@@ -185,7 +197,13 @@ def main() -> None:
     speed = {name: statistics.median(v) for name, v in timings.items()}
     memory = {name: peak_memory(args, name) for name in sides}
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
-    print(f"{args.size}, seq {args.seq_len}, batch {args.batch_size}, {args.precision}, {device}, {args.steps} steps")
+    attention = (
+        f"attention: berth {loop.objective.model.config._attn_implementation}, baseline {args.baseline_attention}"
+    )
+    print(
+        f"{args.size}, seq {args.seq_len}, batch {args.batch_size}, {args.precision}, {device}, {args.steps} steps, "
+        f"{attention}"
+    )
     for name in sides:
         print(f"  {name:9s} {speed[name]:10.0f} real tokens/s   peak memory of a step {memory[name]:8.0f} MiB")
     quartiles = statistics.quantiles(ratios, n=4)

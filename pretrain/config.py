@@ -79,12 +79,14 @@ MODEL_SIZES = {
 @dataclass(frozen=True)
 class ModelConfig:
     # bert: transformers' BertForPreTraining (post-LN, learned positions). modernbert: ModernBertForMaskedLM
-    # (pre-LN, RoPE, GeGLU), MLM only, as ModernBERT trains: needs data.sentence_task=none and no packing.
+    # (pre-LN, RoPE, GeGLU), with berth's own [CLS]-task head when data.sentence_task is nsp or sop.
     architecture: Literal["bert", "modernbert"] = "bert"
     size: Literal["tiny", "mini", "small", "medium", "base", "large"] = "mini"
     # A checkpoint directory (or hub id) to continue pretraining from; empty: from scratch.
     init: str = ""
-    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    # auto: sdpa, except when training on CPU without attention dropout, where eager is faster (see
+    # pretrain.model.resolve_attention); both compute the same attention (tested).
+    attn_implementation: Literal["auto", "sdpa", "eager"] = "auto"
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
     max_position_embeddings: int = 512
@@ -142,10 +144,3 @@ class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     hub: HubConfig = field(default_factory=HubConfig)
-
-    def __post_init__(self) -> None:
-        if self.model.architecture == "modernbert":
-            if self.data.sentence_task != "none":
-                raise ValueError("model.architecture=modernbert trains MLM only: set data.sentence_task=none")
-            if self.data.pack_sequences:
-                raise ValueError("model.architecture=modernbert takes unpacked rows: set data.pack_sequences=false")

@@ -9,10 +9,12 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from transformers import BertForPreTraining, PreTrainedTokenizerBase
+from safetensors.torch import save_file
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from berth.hub import card_metadata, hub_model_id
 from pretrain.data import has_cjk
+from pretrain.model import SENTENCE_HEAD
 from runtime.tracking import read_metrics
 from tokenizer.train import write_vocab_txt
 
@@ -73,21 +75,28 @@ fill = pipeline("fill-mask", model="path/to/this/folder")
 def export_final(
     accelerator: Accelerator,
     prepared: torch.nn.Module,
-    model: BertForPreTraining,
+    model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     cfg: Any,
     out: Path,
     name: str = FINAL,
 ) -> Path:
-    """`prepared` is the model as Accelerate wrapped it (DDP, FSDP, ...); `model` the BERT inside it.
-    Writes out/<name> (final/ by default)."""
+    """`prepared` is the objective as Accelerate wrapped it (DDP, FSDP, ...); `model` the encoder inside it.
+    Writes out/<name> (final/ by default), with berth's [CLS]-task head beside it when the model has none."""
     final = out / name
     # Gathered on every process (FSDP / DeepSpeed shard it), written by the main one.
     state_dict = accelerator.get_state_dict(prepared)
     if accelerator.is_main_process:
         tmp = out / f".tmp-final-{time.time_ns()}"
-        inner = {k.removeprefix("model."): v for k, v in state_dict.items()}
+        inner = {k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")}
         model.save_pretrained(tmp, state_dict=inner)
+        head = {
+            k.removeprefix("sentence_head."): v.contiguous()
+            for k, v in state_dict.items()
+            if k.startswith("sentence_head.")
+        }
+        if head:
+            save_file(head, tmp / SENTENCE_HEAD)
         tokenizer.save_pretrained(tmp)
         write_vocab_txt(tokenizer.get_vocab(), tmp / "vocab.txt")
         evals = [m for m in read_metrics(out) if "eval_mlm_accuracy" in m]

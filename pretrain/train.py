@@ -25,7 +25,7 @@ from pretrain.config import PretrainConfig
 from pretrain.data import check_seq_len
 from pretrain.export import export_final
 from pretrain.masking import EpochExamples, MaskingCollator, pack_batch
-from pretrain.model import PretrainingObjective, build_model
+from pretrain.model import PretrainingObjective, build_model, load_sentence_head
 from pretrain.prepare import PreparedData, prepare
 from runtime.accel import build_accelerator
 from runtime.checkpoint import config_differences, load_checkpoint, resolve_resume, save_checkpoint
@@ -161,12 +161,14 @@ class Loop:
             self.prepared = prepare(cfg, tokenizer)
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every process
         special = self.prepared.special
-        model = build_model(cfg.model, special.vocab_size, special.pad, special.cls, special.sep)
+        model = build_model(cfg.model, special.vocab_size, special.pad, special.cls, special.sep, acc.device.type)
         check_seq_len(cfg.data.max_seq_len, model.config.max_position_embeddings, "the model's position embeddings")
         self.flops_per_token = flops_per_token(model, cfg.data.max_seq_len, cfg.data.mask_prob)
         if acc.device.type == "cpu":
             use_fast_dropout(model)  # GPUs have a fused dropout kernel already
         self.objective = PretrainingObjective(model, self.prepared.special.vocab_size, cfg.data.sentence_task != "none")
+        if self.objective.sentence_head is not None:
+            load_sentence_head(self.objective.sentence_head, cfg.model.init)
         t = cfg.train
         optimizer = build_optimizer(
             self.objective, t.optimizer, t.lr, t.weight_decay, (t.adam_beta1, t.adam_beta2), t.adam_eps, acc.device.type

@@ -179,13 +179,38 @@ def test_pack_batch_exact():
     assert packed["next_sentence_label"].tolist() == [0, 1, 1]
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "eager"])
-def test_packed_batch_gives_the_losses_of_the_unpacked_one(impl):
+SLIDING = {"layer_types": ["full_attention", "sliding_attention"], "sliding_window": 8, "initializer_range": 0.3}
+
+
+def modernbert(impl="sdpa", **overrides):
+    """A tiny ModernBERT (L2-H128); overrides change its transformers config."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(architecture="modernbert", size="tiny", attn_implementation=impl), VOCAB, 0, 2, 3)
+    if not overrides:
+        return model.eval()
+    config = model.config
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    return type(model)._from_config(config, attn_implementation=impl).eval()
+
+
+@pytest.mark.parametrize(
+    "architecture, impl",
+    [("bert", "sdpa"), ("bert", "eager"), ("modernbert", "sdpa"), ("modernbert", "eager"), ("sliding", "sdpa")],
+)
+def test_packed_batch_gives_the_losses_of_the_unpacked_one(architecture, impl):
     from pretrain.masking import pack_batch
 
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(size="tiny", attn_implementation=impl), VOCAB, 0).eval()
-    objective = PretrainingObjective(model, VOCAB, sentence_task=True)
+    if architecture == "bert":
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(size="tiny", attn_implementation=impl), VOCAB, 0).eval()
+    elif architecture == "modernbert":
+        model = modernbert(impl)
+    else:  # a ModernBERT whose second layer attends within +-8 tokens: packing keeps that band per example
+        model = modernbert(impl, **SLIDING)
+    torch.manual_seed(1)
+    objective = PretrainingObjective(model, VOCAB, sentence_task=True).eval()
     unpacked = batch(seed=5, n=12)
     packed = pack_batch(unpacked, capacity=96, pad_id=0)
     assert packed["input_ids"].shape[0] < 12  # several examples share a row
@@ -196,3 +221,69 @@ def test_packed_batch_gives_the_losses_of_the_unpacked_one(impl):
     for key in ("mlm_loss", "nsp_loss"):
         assert torch.allclose(a[key], b[key], rtol=1e-5, atol=1e-5), key
     assert torch.equal(a["mlm_correct"], b["mlm_correct"]) and torch.equal(a["mlm_count"], b["mlm_count"])
+
+
+def test_sliding_window_layers_see_only_their_band():
+    """The packed equivalence above only means something if the band changes the loss well beyond that
+    test's tolerance (1e-5 + 1e-5 x loss)."""
+    full = PretrainingObjective(modernbert(initializer_range=SLIDING["initializer_range"]), VOCAB, False)
+    sliding = PretrainingObjective(modernbert(**SLIDING), VOCAB, sentence_task=False)
+    b = inputs(batch(seed=5, n=12))
+    a, c = full(**b)["mlm_loss"], sliding(**b)["mlm_loss"]
+    assert (a - c).abs() > 20 * (1e-5 + 1e-5 * a.abs())
+
+
+def test_packed_modernbert_masks_exact():
+    objective = PretrainingObjective(modernbert(**{**SLIDING, "sliding_window": 1}), VOCAB, sentence_task=False)
+    sequence_ids = torch.tensor([[0, 0, 0, 1, 1, -1]])
+    masks = objective.modernbert_mask(torch.ones_like(sequence_ids), sequence_ids)
+    full = [
+        [1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0],
+        [0, 0, 0, 1, 1, 0],
+        [0, 0, 0, 1, 1, 0],
+        [0, 0, 0, 0, 0, 1],  # padding sees only itself: no empty softmax row
+    ]
+    sliding = [
+        [1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0],
+        [0, 1, 1, 0, 0, 0],
+        [0, 0, 0, 1, 1, 0],
+        [0, 0, 0, 1, 1, 0],
+        [0, 0, 0, 0, 0, 1],
+    ]
+    assert masks["full_attention"][0, 0].int().tolist() == full
+    assert masks["sliding_attention"][0, 0].int().tolist() == sliding
+    assert torch.equal(objective.modernbert_mask(sequence_ids >= 0, None), sequence_ids >= 0)  # unpacked rows
+
+
+def test_modernbert_sentence_task_uses_berths_head_on_the_final_cls_vector():
+    model = modernbert()
+    torch.manual_seed(1)
+    objective = PretrainingObjective(model, VOCAB, sentence_task=True).eval()
+    assert objective.sentence_head is not None
+    assert PretrainingObjective(model, VOCAB, sentence_task=False).sentence_head is None
+    b = batch(seed=2)
+    out = objective(**inputs(b))
+    cls = model.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state[:, 0]  # (B, H)
+    head = objective.sentence_head
+    logits = torch.tanh(cls @ head.dense.weight.T + head.dense.bias) @ head.classifier.weight.T + head.classifier.bias
+    expected = torch.nn.functional.cross_entropy(logits, b["next_sentence_label"], reduction="sum")
+    assert torch.allclose(out["nsp_loss"], expected, atol=1e-5)
+    assert out["nsp_count"] == 6 and out["nsp_correct"] == (logits.argmax(-1) == b["next_sentence_label"]).sum()
+    mlm = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
+    assert torch.allclose(out["mlm_loss"] / out["mlm_count"], mlm, atol=1e-5)  # transformers' own MLM loss
+
+
+def test_auto_attention_is_eager_only_for_cpu_training_without_attention_dropout():
+    from pretrain.model import resolve_attention
+
+    no_dropout = ModelConfig(attention_dropout=0.0)
+    assert resolve_attention(no_dropout, "cpu") == "eager"
+    assert resolve_attention(no_dropout, "cuda") == "sdpa"
+    assert resolve_attention(ModelConfig(attention_dropout=0.1), "cpu") == "sdpa"  # eager's dropout is slow on CPU
+    assert resolve_attention(ModelConfig(attn_implementation="sdpa", attention_dropout=0.0), "cpu") == "sdpa"
+    torch.manual_seed(0)
+    model = build_model(no_dropout, VOCAB, 0, device_type="cpu")
+    assert model.config._attn_implementation == "eager"

@@ -30,6 +30,7 @@ def setup(zh_tokenizer_dir, tmp_path_factory):
         f"data.cache_dir={root / 'cache'}",
         "data.max_seq_len=64",
         "data.num_proc=1",
+        "model.architecture=bert",  # the ModernBERT default recipe has its own tests below
         "model.size=tiny",
         "train.batch_size=8",
         "train.max_steps=8",
@@ -95,16 +96,28 @@ def test_metrics_jsonl(finished):
     assert all(train[i]["time"] <= train[i + 1]["time"] for i in range(len(train) - 1))
 
 
-def test_resumed_run_ends_with_the_same_weights(setup, finished):
-    _, final = finished
+@pytest.fixture(scope="module")
+def modern(setup):
+    """The default recipe's architecture: ModernBERT, packed rows, NSP through berth's head."""
+    cfg = config(setup, "modern", "model.architecture=modernbert")
+    return cfg, pretrain(cfg)
+
+
+@pytest.mark.parametrize("run", ["finished", "modern"])
+def test_resumed_run_ends_with_the_same_weights(setup, run, request):
+    cfg, final = request.getfixturevalue(run)
     root, _ = setup
-    resumed = root / "resumed"
+    resumed = root / f"resumed-{run}"
     shutil.copytree(final.parent, resumed)
     # As if killed right after the step-4 checkpoint: the later checkpoint and the export never happened.
     shutil.rmtree(resumed / "checkpoints" / "step-00000008")
     shutil.rmtree(resumed / "final")
-    pretrain(config(setup, "resumed", "train.resume=auto"))
+    pretrain(config(setup, resumed.name, f"model.architecture={cfg.model.architecture}", "train.resume=auto"))
     assert_same_weights(weights(final.parent), weights(resumed))
+    if run == "modern":  # berth's [CLS]-task head resumes too
+        assert_same_weights(
+            *(load_file(str(d / "final" / "sentence_head.safetensors")) for d in (final.parent, resumed))
+        )
     assert [m["step"] for m in read_metrics(resumed) if "loss" in m] == [2, 4, 6, 8]
 
 
@@ -148,22 +161,25 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(setup
     assert state["step"] >= 1
 
 
-def test_two_processes_reach_the_weights_of_one(setup):
+@pytest.mark.parametrize("architecture", ["bert", "modernbert"])
+def test_two_processes_reach_the_weights_of_one(setup, architecture):
     common = [
+        f"model.architecture={architecture}",
         "model.hidden_dropout=0",
         "model.attention_dropout=0",
         "train.max_steps=3",
         "train.eval_every=2",
         "train.save_every=100",
     ]
-    one = pretrain(config(setup, "procs1", *common))
+    one = pretrain(config(setup, f"procs1-{architecture}", *common))
     root, base = setup
-    args = ["configs/pretrain/mini_zh.yaml", *base, f"output_dir={root / 'procs2'}", *common, "train.batch_size=4"]
+    two = root / f"procs2-{architecture}"
+    args = ["configs/pretrain/mini_zh.yaml", *base, f"output_dir={two}", *common, "train.batch_size=4"]
     result = launch_two_processes("pretrain", args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "8 = 4 per process x 2 processes" in result.stderr
-    assert_same_weights(weights(one.parent), weights(root / "procs2"), atol=1e-5)
-    metrics = [read_metrics(d) for d in (one.parent, root / "procs2")]
+    assert_same_weights(weights(one.parent), weights(two), atol=1e-5)
+    metrics = [read_metrics(d) for d in (one.parent, two)]
     evals = [[m["eval_mlm_loss"] for m in run if "eval_mlm_loss" in m] for run in metrics]
     losses = [[m["loss"] for m in run if "loss" in m] for run in metrics]
     assert evals[0] == pytest.approx(evals[1], rel=1e-5)
@@ -226,25 +242,38 @@ def test_checkpoints_go_to_step_branches_and_the_export_to_main(setup, fake_hub,
     assert not list(final.parent.glob(".hub-*"))  # the branch exports are removed after upload
 
 
-def test_modernbert_pretrains_exports_and_fills_masks(setup):
-    cfg = config(
-        setup, "modern", "model.architecture=modernbert", "data.sentence_task=none", "data.pack_sequences=false"
-    )
-    final = pretrain(cfg)
+def test_modernbert_pretrains_with_berths_sentence_head_exports_and_fills_masks(modern):
+    _, final = modern
     metrics = read_metrics(final.parent)
-    evals = [m["eval_mlm_accuracy"] for m in metrics if "eval_mlm_accuracy" in m]
-    assert len(evals) == 2 and all(0.0 <= a <= 1.0 for a in evals)
-    assert all(math.isfinite(m["loss"]) for m in metrics if "loss" in m)
+    evals = [m for m in metrics if "eval_mlm_accuracy" in m]
+    assert len(evals) == 2 and all(0.0 <= m["eval_nsp_accuracy"] <= 1.0 for m in evals)
+    assert all(math.isfinite(m["loss"]) and math.isfinite(m["nsp_loss"]) for m in metrics if "loss" in m)
     model = AutoModelForMaskedLM.from_pretrained(final)
     assert model.config.model_type == "modernbert"
     vocab = len(load_tokenizer(final))
     assert torch.all(model.decoder.bias[vocab:] == -1e4)  # padding rows never predicted
     fill = pipeline("fill-mask", model=str(final))
     assert len(fill("中国[MASK]民")) == 5
+    # berth's [CLS]-task head: beside the model, the same tensors as in the last checkpoint
+    head = load_file(str(final / "sentence_head.safetensors"))
+    assert set(head) == {"dense.weight", "dense.bias", "classifier.weight", "classifier.bias"}
+    checkpoint = load_file(str(final.parent / "checkpoints" / "step-00000008" / "model.safetensors"))
+    for key, value in head.items():
+        assert torch.equal(value, checkpoint[f"sentence_head.{key}"])
+    assert not any(key.startswith("sentence_head") for key in weights(final.parent))
 
 
-def test_modernbert_needs_mlm_only_unpacked_rows(setup):
-    with pytest.raises(BerthError, match=r"modernbert trains MLM only: set data\.sentence_task=none"):
-        config(setup, "x", "model.architecture=modernbert")
-    with pytest.raises(BerthError, match=r"set data\.pack_sequences=false"):
-        config(setup, "x", "model.architecture=modernbert", "data.sentence_task=none")
+def test_continued_modernbert_pretraining_starts_from_the_saved_head(setup, modern):
+    from pretrain.model import PretrainingObjective, SentenceHead, build_model, load_sentence_head
+
+    _, final = modern
+    cfg = config(setup, "continued", f"model.init={final}")
+    model = build_model(cfg.model, 300, 0)
+    assert model.config.model_type == "modernbert"
+    objective = PretrainingObjective(model, 300, sentence_task=True)
+    load_sentence_head(objective.sentence_head, cfg.model.init)
+    saved = load_file(str(final / "sentence_head.safetensors"))
+    assert all(torch.equal(objective.state_dict()[f"sentence_head.{k}"], v) for k, v in saved.items())
+    fresh = SentenceHead(model.config.hidden_size)
+    load_sentence_head(fresh, "")  # from scratch: stays fresh
+    assert not torch.equal(fresh.dense.weight, saved["dense.weight"])
