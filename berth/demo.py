@@ -31,7 +31,7 @@ class DemoBudget:
 
 
 FULL = DemoBudget(
-    pretrain=("train.max_steps=1000", "train.eval_every=100", "train.eval_batches=20", "train.save_every=1000"),
+    pretrain=("train.max_steps=2400", "train.eval_every=200", "train.eval_batches=40", "train.save_every=2400"),
     sentiment=("train.epochs=1",),
     ner=("train.max_steps=500", "train.eval_every=250"),
 )
@@ -50,10 +50,13 @@ QUICK = DemoBudget(
 )
 
 
-def built_with(run: Path, cfg: object) -> bool:
-    """True when `run` holds a finished export made with exactly this config."""
-    saved = run / "config.yaml"
-    return (run / "final" / "config.json").is_file() and saved.is_file() and saved.read_text() == dump_config(cfg)
+def built_with(run: Path, cfg: object, source: Path | None = None) -> bool:
+    """True when `run` holds a finished export made with exactly this config and, when given, after the
+    `source` file it was built from was last written (a fine-tuning run is stale once its encoder is retrained)."""
+    saved, done = run / "config.yaml", run / "final" / "config.json"
+    if not (done.is_file() and saved.is_file() and saved.read_text() == dump_config(cfg)):
+        return False
+    return source is None or (source.is_file() and done.stat().st_mtime >= source.stat().st_mtime)
 
 
 def run_demo(output_dir: str | Path = "runs/demo", overrides: Sequence[str] = (), quick: bool = False) -> str:
@@ -115,7 +118,7 @@ def run_demo(output_dir: str | Path = "runs/demo", overrides: Sequence[str] = ()
         ]
         ft_cfg = load_config(FinetuneConfig, configs / "finetune" / f"{name}.yaml", ft_overrides)
         stage(number, f"berth finetune configs/finetune/{name}.yaml {' '.join(ft_overrides)}")
-        if built_with(run, ft_cfg):
+        if built_with(run, ft_cfg, runs.pretrain / "final" / "model.safetensors"):
             logger.info("reusing %s (same config)", run / "final")
         else:
             finetune(ft_cfg)

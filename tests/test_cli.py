@@ -137,6 +137,29 @@ def test_quick_demo_runs_every_stage_writes_the_report_then_reuses(tmp_path, cap
     assert f"reusing {tmp_path / 'ner_scratch' / 'final'}" in caplog.text
 
 
+def test_a_fine_tuning_run_is_stale_once_its_encoder_is_retrained(tmp_path):
+    from berth.config import dump_config, load_config
+    from berth.demo import built_with
+    from finetune.config import FinetuneConfig
+
+    cfg = load_config(FinetuneConfig, "configs/finetune/reviews_sentiment.yaml", [f"output_dir={tmp_path / 'ft'}"])
+    run, encoder = tmp_path / "ft", tmp_path / "pretrain" / "final" / "model.safetensors"
+    encoder.parent.mkdir(parents=True)
+    encoder.write_bytes(b"weights")
+    assert not built_with(run, cfg, encoder)  # nothing built yet
+    (run / "final").mkdir(parents=True)
+    (run / "final" / "config.json").write_text("{}")
+    (run / "config.yaml").write_text(dump_config(cfg))
+    os.utime(encoder, (1000, 1000))
+    assert built_with(run, cfg, encoder) and built_with(run, cfg)
+    other = load_config(
+        FinetuneConfig, "configs/finetune/reviews_sentiment.yaml", [f"output_dir={run}", "train.lr=1e-5"]
+    )
+    assert not built_with(run, other, encoder)  # another config
+    os.utime(encoder)  # the encoder retrained after the fine-tuning run
+    assert not built_with(run, cfg, encoder) and built_with(run, cfg)
+
+
 @pytest.mark.parametrize(
     ("module", "config", "key"),
     [
