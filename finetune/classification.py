@@ -136,33 +136,59 @@ def aggregate(window_logits: torch.Tensor, doc: torch.Tensor, num_docs: int, how
 class WindowClassifier(nn.Module):
     """A transformers sequence classifier, plus the attention pooler when documents are pooled that way.
 
-    For BERT-style models (a pooler and a `classifier` layer) the [CLS] vectors are returned beside the
-    logits, so attention pooling can feed a document's pooled vector to the same classifier.
+    For BERT (a pooler, `dropout` and `classifier`) and ModernBERT (`head`, `drop` and `classifier`) the
+    window vectors the classifier reads are returned beside the logits, so attention pooling can feed a
+    document's pooled vector to the same classifier. Other models give logits only.
     """
 
     def __init__(self, model: nn.Module, attention: bool):
         super().__init__()
         self.model = model
-        self.has_vectors = all(hasattr(model, n) for n in ("classifier", "dropout")) and hasattr(
-            model.base_model, "pooler"
-        )
-        if attention and not (self.has_vectors and model.base_model.pooler is not None):
-            raise BerthError("data.aggregation=attention needs a BERT-style model with a pooler and a classifier layer")
+        self.kind = vector_kind(model)
+        if attention and self.kind is None:
+            raise BerthError(
+                "data.aggregation=attention needs a BERT (with a pooler) or ModernBERT classifier; "
+                f"{type(model).__name__} gives logits only"
+            )
         self.pooler = WindowPooler(model.config.hidden_size) if attention else None
 
     def forward(
         self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if not self.has_vectors:
+        if self.kind is None:
             batch = {"input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask}
             return self.model(**encoder_inputs(self.model, batch)).logits, None
-        out = self.model.base_model(input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask)
-        vectors = out.pooler_output  # [W, H]: the [CLS] vector through BERT's pooler
-        return self.model.classifier(self.model.dropout(vectors)), vectors
+        if self.kind == "bert":
+            out = self.model.base_model(
+                input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask
+            )
+            vectors = out.pooler_output  # [W, H]: the [CLS] vector through BERT's pooler
+        else:  # ModernBERT: its classifier's own pooling ([CLS] or mean) and head
+            hidden = self.model.model(input_ids=input_ids, attention_mask=attention_mask)[0]  # [W, L, H]
+            if self.model.config.classifier_pooling == "mean":
+                weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * weights).sum(1) / weights.sum(1)
+            else:
+                pooled = hidden[:, 0]
+            vectors = self.model.head(pooled)  # [W, H]
+        return self.classify(vectors), vectors
+
+    def classify(self, vectors: torch.Tensor) -> torch.Tensor:
+        drop = self.model.dropout if self.kind == "bert" else self.model.drop
+        return self.model.classifier(drop(vectors))
 
     def documents(self, vectors: torch.Tensor, doc: torch.Tensor, num_docs: int) -> torch.Tensor:
         """Document logits [D, C] from window vectors [W, H] by attention pooling."""
-        return self.model.classifier(self.model.dropout(self.pooler(vectors, doc, num_docs)))
+        return self.classify(self.pooler(vectors, doc, num_docs))
+
+
+def vector_kind(model: nn.Module) -> str | None:
+    """ "bert" or "modernbert" when the classifier's window vectors can be read out, else None."""
+    if all(hasattr(model, n) for n in ("classifier", "dropout")) and getattr(model.base_model, "pooler", None):
+        return "bert"
+    if model.config.model_type == "modernbert" and all(hasattr(model, n) for n in ("head", "drop", "classifier")):
+        return "modernbert"
+    return None
 
 
 class ClassificationTask:

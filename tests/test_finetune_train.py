@@ -384,8 +384,10 @@ def test_hub_push_without_a_token_stops_before_training(tiny, tmp_path, fake_hub
     assert not (tmp_path / "run").exists()
 
 
-def test_a_modernbert_checkpoint_fine_tunes_and_predicts(tiny, tmp_path):
-    """Encoders without token types (ModernBERT: RoPE, GeGLU) go through the same tasks, export and predict."""
+@pytest.mark.parametrize("aggregation", ["auto", "attention"])
+def test_a_modernbert_checkpoint_fine_tunes_and_predicts(tiny, tmp_path, aggregation):
+    """Encoders without token types (ModernBERT: RoPE, GeGLU) go through the same tasks, export and predict,
+    attention pooling of windows included."""
     from transformers import ModernBertConfig, ModernBertForMaskedLM
 
     tokenizer = load_tokenizer(tiny / "ckpt")
@@ -406,11 +408,22 @@ def test_a_modernbert_checkpoint_fine_tunes_and_predicts(tiny, tmp_path):
     torch.manual_seed(0)
     ModernBertForMaskedLM(config).save_pretrained(tmp_path / "modern")
     tokenizer.save_pretrained(tmp_path / "modern")
-    final = finetune(review_config(tiny, tmp_path / "run", f"model.init={tmp_path / 'modern'}", "train.epochs=1"))
+    final = finetune(
+        review_config(
+            tiny,
+            tmp_path / "run",
+            f"model.init={tmp_path / 'modern'}",
+            "train.epochs=1",
+            f"data.aggregation={aggregation}",
+        )
+    )
     assert json.loads((final / "config.json").read_text())["model_type"] == "modernbert"
+    assert (final / "window_pooler.safetensors").is_file() == (aggregation == "attention")
     texts = texts_of(tiny / "reviews_test.jsonl", "review")
     predicted = run_predict(final, texts, tmp_path)
     expected = [json.loads(line) for line in (final.parent / "test_predictions.jsonl").read_text().splitlines()]
     assert [p["score"] for p in predicted] == pytest.approx([e["score"] for e in expected], abs=1e-5)
+    if aggregation == "attention":
+        return
     ner = finetune(ner_config(tiny, tmp_path / "ner", f"model.init={tmp_path / 'modern'}", "train.max_steps=2"))
     assert json.loads((ner.parent / "eval_results.json").read_text())["test"]["f1"] >= 0.0

@@ -147,3 +147,33 @@ def test_f1_module_matches_scikit_learn():
 def test_unknown_metric_names_the_shipped_ones():
     with pytest.raises(ValueError, match="accuracy, entity_f1, f1"):
         load_metric("bleu")
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_modernbert_window_vectors_give_the_models_own_logits(pooling):
+    """Attention pooling reads ModernBERT's window vectors; through its classifier they give exactly the
+    logits of ModernBertForSequenceClassification itself."""
+    from transformers import ModernBertConfig, ModernBertForSequenceClassification
+
+    from finetune.classification import WindowClassifier
+
+    config = ModernBertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        num_labels=3,
+        classifier_pooling=pooling,
+    )
+    torch.manual_seed(0)
+    model = ModernBertForSequenceClassification(config).eval()
+    input_ids = torch.randint(5, 64, (3, 12))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 7:] = 0
+    logits, vectors = WindowClassifier(model, attention=True)(input_ids, torch.zeros_like(input_ids), attention_mask)
+    assert vectors.shape == (3, 32)
+    expected = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    assert torch.allclose(logits, expected, atol=1e-6)
