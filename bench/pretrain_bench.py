@@ -15,6 +15,7 @@ every millisecond) above what was resident before the steps, i.e. activations, g
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import subprocess
@@ -61,7 +62,9 @@ def berth_side(cfg, loop):
 def baseline_side(cfg, loop, attention: str):
     prepared, accelerator = loop.prepared, loop.accelerator
     torch.manual_seed(0)
-    model = BertForMaskedLM._from_config(loop.objective.model.config, attn_implementation=attention)
+    # a copy: the attention choice is stored on the config, which berth's model reads at every forward
+    config = copy.deepcopy(loop.objective.model.config)
+    model = BertForMaskedLM._from_config(config, attn_implementation=attention)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
     model, optimizer = accelerator.prepare(model, optimizer)
     tokenizer = prepared.tokenizer
