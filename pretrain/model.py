@@ -75,9 +75,9 @@ def modernbert_config(cfg: ModelConfig, vocab_size: int, special: dict[str, int]
 def resolve_attention(cfg: ModelConfig, device_type: str) -> str:
     """The attention implementation for model.attn_implementation=auto.
 
-    On CPU, PyTorch 2.13's sdpa backward (its flash-attention kernel for CPU) takes about ten times its forward:
-    28% of a mini-model training step here, and eager attention's plain matmuls make the step 17-25% faster
-    (BERT and ModernBERT, bf16). Eager attention draws its dropout mask with the slow bernoulli_, though, so
+    On CPU, PyTorch 2.13's sdpa backward (its flash-attention kernel for CPU) takes 30% of a mini-model training
+    step, and eager attention's plain matmuls make the step 1.15x (BERT) to 1.27x (ModernBERT) faster in bf16
+    (bench/attention_bench.py). Eager attention draws its dropout mask with the slow bernoulli_, though, so
     with attention dropout sdpa stays. GPUs keep sdpa (fused kernels).
     """
     if cfg.attn_implementation != "auto":
