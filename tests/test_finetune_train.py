@@ -25,6 +25,7 @@ from finetune.config import FinetuneConfig
 from finetune.predict import predict_file
 from finetune.train import FinetuneLoop, finetune
 from pretrain.data import has_cjk
+from pretrain.model import padded_vocab_size
 from tokenizer.train import load_tokenizer
 
 SMALL = ["train.epochs=2", "train.batch_size=8", "train.precision=fp32", "train.progress_bar=false"]
@@ -37,7 +38,7 @@ def tiny(zh_tokenizer_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("finetune")
     tokenizer = load_tokenizer(tokenizer_dir)
     config = BertConfig(
-        vocab_size=-(-len(tokenizer) // 64) * 64,
+        vocab_size=padded_vocab_size(len(tokenizer), 64),
         hidden_size=32,
         num_hidden_layers=2,
         num_attention_heads=2,
@@ -392,7 +393,7 @@ def test_a_modernbert_checkpoint_fine_tunes_and_predicts(tiny, tmp_path, aggrega
 
     tokenizer = load_tokenizer(tiny / "ckpt")
     config = ModernBertConfig(
-        vocab_size=-(-len(tokenizer) // 64) * 64,
+        vocab_size=padded_vocab_size(len(tokenizer), 64),
         hidden_size=32,
         num_hidden_layers=2,
         num_attention_heads=2,
