@@ -125,20 +125,32 @@ def article_starts(texts: list[str]) -> list[int]:
     return starts
 
 
-def peoples_daily(with_words: bool = False, unit: str = "article") -> datasets.Dataset:
+def ner_text(paragraph: TaggedParagraph) -> str:
+    """The paragraph as peoples_daily_ner holds it (its characters without spaces): the key of its split."""
+    return "".join(ch for word in paragraph.words for ch in word if not ch.isspace())
+
+
+def peoples_daily(with_words: bool = False, unit: str = "article", split: str = "") -> datasets.Dataset:
     """People's Daily as documents: whole articles (paragraphs joined by newlines), or single paragraphs.
 
     Articles are what BERT's sentence tasks want: a true continuation can run across paragraphs, and the
     headline lines (no sentence of their own to pair) stay with their article. `with_words` adds the
-    corpus's own word segmentation.
+    corpus's own word segmentation. `split` keeps only the paragraphs in that split of peoples_daily_ner, so
+    that a model pretrained on `train` has never read the text its NER scores are measured on.
     """
+    if split and split not in SPLITS:
+        raise BerthError(f"peoples_daily has splits {', '.join(SPLITS)}; got '{split}'")
     paragraphs = _peoples_daily_paragraphs()
     texts = [join_words(p.words) for p in paragraphs]
     bounds = article_starts(texts) if unit == "article" else list(range(len(texts)))
-    spans = list(zip(bounds, [*bounds[1:], len(texts)], strict=True))
-    data: dict[str, list] = {"text": ["\n".join(texts[a:b]) for a, b in spans]}
+    spans = [range(a, b) for a, b in zip(bounds, [*bounds[1:], len(texts)], strict=True)]
+    if split:
+        # article boundaries come from the whole corpus; a held-out paragraph is cut out of its article
+        spans = [[i for i in span if split_of(ner_text(paragraphs[i])) == split] for span in spans]
+        spans = [span for span in spans if span]
+    data: dict[str, list] = {"text": ["\n".join(texts[i] for i in span) for span in spans]}
     if with_words:
-        data["words"] = [[w for p in paragraphs[a:b] for w in p.words] for a, b in spans]
+        data["words"] = [[w for i in span for w in paragraphs[i].words] for span in spans]
     return datasets.Dataset.from_dict(data)
 
 
@@ -200,7 +212,7 @@ def peoples_daily_ner() -> datasets.DatasetDict:
     seen: set[str] = set()
     for paragraph in _peoples_daily_paragraphs():
         chars, tags = bio_characters(paragraph)
-        text = "".join(chars)
+        text = "".join(chars)  # == ner_text(paragraph)
         if not chars or text in seen:
             continue
         seen.add(text)
@@ -253,10 +265,13 @@ def review_texts(split: str) -> datasets.Dataset:
 
 
 # Text corpora by name, for CorpusConfig.sources. reviews_sentiment alone means its training texts only,
-# so that a pretraining corpus never holds the texts fine-tuning is validated and tested on.
+# so that a pretraining corpus never holds the texts fine-tuning is validated and tested on; the
+# peoples_daily names take :train likewise (the paragraphs of peoples_daily_ner's training split).
 NAMED_CORPORA = {
     "peoples_daily": lambda: peoples_daily(with_words=False),
+    "peoples_daily:train": lambda: peoples_daily(with_words=False, split="train"),
     "peoples_daily_words": lambda: peoples_daily(with_words=True),
+    "peoples_daily_words:train": lambda: peoples_daily(with_words=True, split="train"),
     "peoples_daily_paragraphs": lambda: peoples_daily(with_words=False, unit="paragraph"),
     "reviews_sentiment": lambda: review_texts("train"),
     "reviews_sentiment:train": lambda: review_texts("train"),

@@ -45,7 +45,7 @@ def test_print_config_shows_the_resolved_config(capsys):
     assert main(["tokenizer", "train", "configs/tokenizer/zh.yaml", "tokenizer.vocab_size=123", "--print-config"]) == 0
     resolved = yaml.safe_load(capsys.readouterr().out)
     assert resolved["tokenizer"]["vocab_size"] == 123
-    assert resolved["corpus"]["sources"] == ["peoples_daily", "reviews_sentiment:train"]
+    assert resolved["corpus"]["sources"] == ["peoples_daily:train", "reviews_sentiment:train"]
 
 
 def test_bad_key_is_one_line_on_stderr(capsys):
@@ -63,8 +63,9 @@ def test_missing_corpus_is_one_line_on_stderr(tmp_path, capsys):
     assert code == 2
     assert err == (
         "berth: error: corpus source 'data/*.txt': no such file, directory or glob match (embedded corpora are: "
-        "peoples_daily, peoples_daily_words, peoples_daily_paragraphs, reviews_sentiment, reviews_sentiment:train, "
-        "reviews_sentiment:validation, reviews_sentiment:test; hub datasets are written hf:OWNER/NAME)\n"
+        "peoples_daily, peoples_daily:train, peoples_daily_words, peoples_daily_words:train, "
+        "peoples_daily_paragraphs, reviews_sentiment, reviews_sentiment:train, reviews_sentiment:validation, "
+        "reviews_sentiment:test; hub datasets are written hf:OWNER/NAME)\n"
     )
     assert not (tmp_path / "o").exists()
 

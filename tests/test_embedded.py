@@ -77,6 +77,24 @@ def test_peoples_daily_is_the_whole_january_1998_corpus():
     assert articles[1]["text"].startswith("中共中央总书记、国家主席江泽民\n（一九九七年十二月三十一日）\n")
 
 
+def test_peoples_daily_train_split_holds_only_ner_training_paragraphs():
+    ner = peoples_daily_ner()
+    held_out = {"".join(t) for split in ("validation", "test") for t in ner[split]["tokens"]}
+    training = {"".join(t) for t in ner["train"]["tokens"]}
+    articles = peoples_daily(with_words=True, split="train")
+    paragraphs = [p for article in articles["text"] for p in article.split("\n")]
+    keys = {"".join(p.split()) for p in paragraphs}  # the NER text drops the spaces join_words inserts
+    assert keys == training
+    assert not keys & held_out
+    # words and text stay aligned after held-out paragraphs are cut out of their articles
+    for row in articles.select(range(0, articles.num_rows, 97)):
+        assert "".join(row["words"]) == "".join(row["text"].split())
+    whole = peoples_daily()
+    assert 0.75 < len(paragraphs) / sum(t.count("\n") + 1 for t in whole["text"]) < 0.85
+    with pytest.raises(embedded.BerthError, match="peoples_daily has splits train, validation, test; got 'dev'"):
+        peoples_daily(split="dev")
+
+
 def test_article_starts_at_headlines_after_body_text():
     lines = ["标题一", "副标题", "正文第一段。", "正文第二段！", "标题二", "正文。", "（附图片）", "正文又一段。"]
     assert article_starts(lines) == [0, 4]
