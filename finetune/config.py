@@ -97,6 +97,12 @@ class FinetuneTrainConfig:
     early_stopping_patience: int = 2
     # Short texts are batched with short texts (random chunks of 50 batches sorted by length).
     group_by_length: bool = True
+    # Resumable checkpoints (weights, optimizer, LR schedule, RNG states, counters) written in
+    # output_dir/checkpoints/ right after each evaluation; the newest N are kept (0: none).
+    keep_checkpoints: int = 1
+    # auto: continue from the newest checkpoint in output_dir (a fresh start when there is none); or a
+    # checkpoint directory. The resumed run ends with the weights of an uninterrupted one.
+    resume: str = ""
     trackers: tuple[str, ...] = ()
     progress_bar: bool = True
     # Classification: also fit a TF-IDF (character 1-3 grams) + logistic-regression yardstick on the same split
@@ -110,8 +116,8 @@ class FinetuneTrainConfig:
         for name in ("epochs", "batch_size", "eval_batch_size", "grad_accum", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
-        if self.max_steps < 0 or self.eval_every < 0 or self.early_stopping_patience < 0:
-            raise ValueError("max_steps, eval_every and early_stopping_patience must be >= 0")
+        if min(self.max_steps, self.eval_every, self.early_stopping_patience, self.keep_checkpoints) < 0:
+            raise ValueError("max_steps, eval_every, early_stopping_patience and keep_checkpoints must be >= 0")
         if not 0.0 <= self.warmup_ratio < 1.0 or self.lr <= 0:
             raise ValueError("warmup_ratio must be in [0, 1) and lr > 0")
 

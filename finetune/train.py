@@ -8,15 +8,16 @@ import logging
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from tqdm.auto import tqdm
 
-from berth.config import save_config, to_dict
+from berth.config import dump_config, save_config, to_dict
 from berth.errors import BerthError
 from berth.hub import check_push, push_folder
 from finetune.batching import length_grouped_batches
@@ -26,6 +27,7 @@ from finetune.export import BEST, export_final, load_best, save_model_dir
 from finetune.modeling import check_init, check_vocab, dropout_overrides, load_config, load_tokenizer
 from finetune.ner import NerTask
 from runtime.accel import build_accelerator
+from runtime.checkpoint import config_differences, load_checkpoint, resolve_resume, save_checkpoint
 from runtime.dropout import use_fast_dropout
 from runtime.optim import build_optimizer
 from runtime.schedules import build_scheduler
@@ -36,19 +38,24 @@ logger = logging.getLogger(__name__)
 TASKS = {"classification": ClassificationTask, "ner": NerTask}
 RESULTS_FILE = "eval_results.json"
 PREDICTIONS_FILE = "test_predictions.jsonl"
+# Sections whose change makes a checkpoint meaningless for this run (the train section may change).
+RESUME_SECTIONS = ("model", "data")
 
 
 @dataclass
 class FinetuneState:
-    """Counters of a run (the config never changes)."""
+    """Counters of a run (the config never changes); saved in every checkpoint."""
 
     step: int = 0
     epoch: int = 0
+    epoch_step: int = 0  # optimizer steps of this epoch already done: where a resumed run picks up
     best_metric: float | None = None
     best_step: int = 0
     best_aggregation: str = ""
+    best_validation: dict[str, Any] = field(default_factory=dict)  # the metrics of the weights in best/
     evals_since_best: int = 0
     stopped_early: bool = False
+    elapsed: float = 0.0  # seconds of training before this process started (resumed runs)
 
 
 def lower_is_better(metric: str) -> bool:
@@ -63,7 +70,7 @@ class FinetuneLoop:
         self.state = FinetuneState()
         self.sums: dict[str, torch.Tensor] = {}
         self.last_eval_step = -1
-        self.best_validation: dict[str, Any] = {}
+        self.last_checkpoint_step = -1
 
     # -- set-up --------------------------------------------------------------------------------------------
 
@@ -91,6 +98,30 @@ class FinetuneLoop:
         warmup = round(t.warmup_ratio * self.total_steps)
         self.scheduler = build_scheduler(optimizer, t.schedule, warmup, self.total_steps)
         self.model, self.optimizer = acc.prepare(self.inner, optimizer)
+        acc.register_for_checkpointing(self.scheduler)
+
+    def maybe_resume(self) -> None:
+        checkpoint = resolve_resume(self.cfg.train.resume, self.out)
+        if checkpoint is None:
+            return
+        saved = (checkpoint / "config.yaml").read_text()
+        current = to_dict(self.cfg)
+        differences = config_differences(saved, current, RESUME_SECTIONS)
+        old_task = (yaml.safe_load(saved) or {}).get("task")
+        if old_task != self.cfg.task:
+            differences.insert(0, f"task: {old_task!r} -> {self.cfg.task!r}")
+        if differences:
+            raise BerthError(f"refusing to resume from {checkpoint}: the config changed: {'; '.join(differences)}")
+        self.state = FinetuneState(**load_checkpoint(self.accelerator, checkpoint))
+        # a checkpoint is written right after an evaluation: that evaluation is not run again
+        self.last_eval_step = self.last_checkpoint_step = self.state.step
+        logger.info(
+            "resumed from %s at step %d (epoch %d, step %d of it)",
+            checkpoint,
+            self.state.step,
+            self.state.epoch,
+            self.state.epoch_step,
+        )
 
     @property
     def global_batch(self) -> int:
@@ -99,7 +130,8 @@ class FinetuneLoop:
 
     def start_logging(self) -> None:
         acc = self.accelerator
-        self.metrics = MetricsLog(self.out, acc.is_main_process)
+        resumed = self.state.step > 0
+        self.metrics = MetricsLog(self.out, acc.is_main_process, self.state.step if resumed else None)
         if acc.is_main_process:
             save_config(self.cfg, self.out)
             logger.info(
@@ -112,19 +144,19 @@ class FinetuneLoop:
             )
         if self.cfg.train.trackers:
             acc.init_trackers(self.out.name, config=to_dict(self.cfg))
-        self.start_time = time.perf_counter()
-        self.last_log = (0, self.start_time)
+        self.start_time = time.perf_counter() - self.state.elapsed
+        self.last_log = (self.state.step, time.perf_counter())
 
-    def epoch_steps(self, epoch: int) -> Iterator[list[dict[str, torch.Tensor]]]:
-        """The micro-batches of this process for each optimizer step of an epoch. A step takes the next global
-        batch of the epoch's length-grouped order; process r's micro-batch k is its (k x processes + r)-th part,
-        so a step holds the same examples whatever the number of processes."""
+    def epoch_steps(self, epoch: int, skip: int = 0) -> Iterator[list[dict[str, torch.Tensor]]]:
+        """The micro-batches of this process for each optimizer step of an epoch, after its first `skip` steps.
+        A step takes the next global batch of the epoch's length-grouped order; process r's micro-batch k is its
+        (k x processes + r)-th part, so a step holds the same examples whatever the number of processes."""
         t, acc = self.cfg.train, self.accelerator
         units, lengths = self.task.train_units(epoch)
         parts = t.grad_accum * acc.num_processes
-        for indices in length_grouped_batches(lengths, self.global_batch, t.seed, epoch, t.group_by_length):
-            if len(indices) < parts:
-                continue  # too small to give every process a part
+        batches = length_grouped_batches(lengths, self.global_batch, t.seed, epoch, t.group_by_length)
+        # the order is fixed by (seed, epoch), so a resumed run skips exactly the steps it already took
+        for indices in [b for b in batches if len(b) >= parts][skip:]:
             split = np.array_split(np.asarray(indices), parts)
             yield [
                 self.task.collate([units[i] for i in split[k * acc.num_processes + acc.process_index]])
@@ -157,6 +189,7 @@ class FinetuneLoop:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
+        self.state.epoch_step += 1
         self.sums["loss"] = self.sums.get("loss", 0) + loss_total / total.clamp(min=1)
         self.sums["units"] = self.sums.get("units", 0) + total
 
@@ -212,7 +245,7 @@ class FinetuneLoop:
         if improved:
             self.state.best_metric, self.state.best_step = value, self.state.step
             self.state.best_aggregation, self.state.evals_since_best = metrics.get("aggregation", ""), 0
-            self.best_validation = metrics
+            self.state.best_validation = metrics
             self.save_best()
         else:
             self.state.evals_since_best += 1
@@ -241,6 +274,16 @@ class FinetuneLoop:
             )
         acc.wait_for_everyone()
 
+    def maybe_checkpoint(self) -> None:
+        """Right after an evaluation (best/ is then up to date), save everything a resumed run needs."""
+        keep = self.cfg.train.keep_checkpoints
+        if not keep or self.last_eval_step != self.state.step or self.last_checkpoint_step == self.state.step:
+            return
+        self.last_checkpoint_step = self.state.step
+        self.maybe_log(force=True)  # the training loss so far goes into the log the resumed run continues
+        self.state.elapsed = time.perf_counter() - self.start_time
+        save_checkpoint(self.accelerator, self.out, self.state.step, asdict(self.state), dump_config(self.cfg), keep)
+
     def done(self) -> bool:
         return self.state.step >= self.total_steps or self.state.stopped_early
 
@@ -250,26 +293,30 @@ class FinetuneLoop:
         if self.cfg.hub.push:
             check_push(self.cfg.hub.repo_id)  # before training, not after
         self.build()
+        self.maybe_resume()
         self.start_logging()
         cfg = self.cfg
         self.bar = tqdm(
             total=self.total_steps,
+            initial=self.state.step,
             desc=f"fine-tuning {cfg.task}",
             unit="step",
             dynamic_ncols=True,
             disable=not (self.accelerator.is_main_process and cfg.train.progress_bar),
         )
         while not self.done():
-            for micro_batches in self.epoch_steps(self.state.epoch):
+            for micro_batches in self.epoch_steps(self.state.epoch, skip=self.state.epoch_step):
                 self.train_step(micro_batches)
                 self.bar.update(1)
                 self.maybe_log()
                 self.maybe_eval()
+                self.maybe_checkpoint()
                 if self.done():
                     break
-            self.state.epoch += 1
+            self.state.epoch, self.state.epoch_step = self.state.epoch + 1, 0
             if not cfg.train.eval_every or self.done():
                 self.maybe_eval(force=True)
+                self.maybe_checkpoint()
         self.bar.close()
         self.maybe_log(force=True)
         if self.state.stopped_early:
@@ -287,7 +334,7 @@ class FinetuneLoop:
         load_best(acc.unwrap_model(self.model), self.out / BEST)
         aggregation = self.state.best_aggregation or None
         results: dict[str, Any] = {"best_step": self.state.best_step, "steps": self.state.step, "metric": t.metric}
-        results["validation"] = self.best_validation  # measured on these very weights when they were saved
+        results["validation"] = self.state.best_validation  # measured on these very weights when they were saved
         predictions = []
         if "test" in self.task.splits:
             results["test"], predictions = self.task.evaluate(self.model, "test", acc, t.eval_batch_size, aggregation)

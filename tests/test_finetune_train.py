@@ -19,6 +19,7 @@ from transformers import (
 
 from berth.cli import main
 from berth.config import load_config
+from berth.errors import BerthError
 from corpora.embedded import peoples_daily_ner, reviews_sentiment
 from finetune.classification import WindowSettings, encode_texts
 from finetune.config import FinetuneConfig
@@ -26,6 +27,7 @@ from finetune.predict import predict_file
 from finetune.train import FinetuneLoop, finetune
 from pretrain.data import has_cjk
 from pretrain.model import padded_vocab_size
+from runtime.tracking import read_metrics
 from tokenizer.train import load_tokenizer
 
 SMALL = ["train.epochs=2", "train.batch_size=8", "train.precision=fp32", "train.progress_bar=false"]
@@ -274,6 +276,57 @@ def test_early_stopping_keeps_the_best_evaluation(tiny, tmp_path):
     results = json.loads((tmp_path / "run" / "eval_results.json").read_text())
     assert results["best_step"] == 4 and results["steps"] == 8  # 0.70 at step 4; 0.60, 0.65 then stop
     assert results["validation"]["accuracy"] == 0.70
+
+
+# Where step 10 falls: windows are the units of mean/max (more than 10 steps an epoch); attention pooling
+# trains on the 64 documents, 8 steps an epoch, so step 10 is the second step of epoch 1.
+@pytest.mark.parametrize(("aggregation", "position"), [("auto", (0, 10)), ("attention", (1, 2))])
+def test_resumed_finetuning_ends_with_the_weights_of_an_uninterrupted_run(tiny, tmp_path, aggregation, position):
+    """Killed right after a mid-epoch checkpoint and resumed: the same weights (dropout on, so the RNG states
+    must come back too), the same test figures and one metrics log."""
+    common = [f"data.aggregation={aggregation}", "train.eval_every=5", "train.keep_checkpoints=100"]
+    whole = finetune(review_config(tiny, tmp_path / "whole", *common)).parent
+    checkpoints = sorted(p.name for p in (whole / "checkpoints").glob("step-*"))
+    results = json.loads((whole / "eval_results.json").read_text())
+    assert len(checkpoints) == -(-results["steps"] // 5)  # one after each evaluation, the last one included
+    state = json.loads((whole / "checkpoints" / "step-00000010" / "state.json").read_text())
+    assert (state["epoch"], state["epoch_step"]) == position  # mid-epoch: the resumed run skips epoch_step batches
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(whole, resumed)
+    for later in checkpoints[2:]:
+        shutil.rmtree(resumed / "checkpoints" / later)
+    for name in ("final", "eval_results.json", "test_predictions.jsonl"):
+        path = resumed / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    finetune(review_config(tiny, resumed, *common, "train.resume=auto"))
+
+    # the weights where training ended (the last checkpoint, pooler included) and the exported best ones
+    last = f"checkpoints/{checkpoints[-1]}/model.safetensors"
+    files = [last, "final/model.safetensors"] + ["final/window_pooler.safetensors"] * (aggregation == "attention")
+    for name in files:
+        a, b = (load_file(str(d / name)) for d in (whole, resumed))
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), (name, key)
+    again = json.loads((resumed / "eval_results.json").read_text())
+    assert again["test"] == results["test"] and again["validation"] == results["validation"]
+    assert (again["best_step"], again["steps"]) == (results["best_step"], results["steps"])
+    steps = [[(m["step"], m.get("loss"), m.get("eval_loss")) for m in read_metrics(d)] for d in (whole, resumed)]
+    assert steps[0] == steps[1]
+
+
+def test_resume_refuses_a_changed_model_or_data_config(tiny, tmp_path):
+    finetune(review_config(tiny, tmp_path / "run", "train.max_steps=2", "train.eval_every=2"))
+    with pytest.raises(BerthError, match=r"refusing to resume .*: the config changed: data.max_seq_len: 32 -> 48$"):
+        finetune(review_config(tiny, tmp_path / "run", "train.max_steps=2", "train.resume=auto", "data.max_seq_len=48"))
+    with pytest.raises(BerthError, match=r"train.resume=.*nowhere: not a checkpoint directory \(no state.json\)"):
+        finetune(review_config(tiny, tmp_path / "run", f"train.resume={tmp_path / 'nowhere'}"))
+
+
+def test_keep_checkpoints_zero_writes_none(tiny, tmp_path):
+    final = finetune(review_config(tiny, tmp_path / "run", "train.max_steps=2", "train.keep_checkpoints=0"))
+    assert not (final.parent / "checkpoints").exists()
 
 
 def test_ner_run_and_predict_give_the_same_entities(tiny, tmp_path):
