@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -18,7 +19,10 @@ from transformers import (
 )
 
 from berth.errors import BerthError
+from berth.hub import hub_model_id
 from pretrain.config import MODEL_SIZES, ModelConfig
+
+logger = logging.getLogger(__name__)
 
 # Logit bias of the padding rows of the vocabulary: never predicted, also not by a fill-mask pipeline.
 NEVER = -1e4
@@ -155,11 +159,25 @@ class SentenceHead(nn.Module):
         return self.classifier(torch.tanh(self.dense(cls)))
 
 
-def load_sentence_head(head: SentenceHead, init: str) -> None:
-    """Continue from the head saved with checkpoint `init`, when it has one (a fresh head otherwise)."""
+def load_sentence_head(head: SentenceHead, init: str) -> bool:
+    """Continue from the head saved with checkpoint `init` (a directory or hub id), when it has one.
+    Returns whether it did; a checkpoint without one (not pretrained by berth) leaves the head fresh."""
+    if not init:
+        return False
     path = Path(init) / SENTENCE_HEAD
-    if init and path.is_file():
-        head.load_state_dict(load_file(path))
+    if not path.is_file() and not Path(init).exists() and hub_model_id(init):
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+
+        try:
+            path = Path(hf_hub_download(init, SENTENCE_HEAD))
+        except EntryNotFoundError:
+            logger.info("%s has no %s: the [CLS]-task head starts fresh", init, SENTENCE_HEAD)
+            return False
+    if not path.is_file():
+        return False
+    head.load_state_dict(load_file(path))
+    return True
 
 
 class PretrainingObjective(nn.Module):

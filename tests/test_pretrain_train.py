@@ -275,5 +275,32 @@ def test_continued_modernbert_pretraining_starts_from_the_saved_head(setup, mode
     saved = load_file(str(final / "sentence_head.safetensors"))
     assert all(torch.equal(objective.state_dict()[f"sentence_head.{k}"], v) for k, v in saved.items())
     fresh = SentenceHead(model.config.hidden_size)
-    load_sentence_head(fresh, "")  # from scratch: stays fresh
+    assert not load_sentence_head(fresh, "")  # from scratch: stays fresh
     assert not torch.equal(fresh.dense.weight, saved["dense.weight"])
+
+
+def test_a_hub_id_init_downloads_the_saved_head(modern, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError
+
+    from pretrain.model import SentenceHead, load_sentence_head
+
+    _, final = modern
+    asked = []
+
+    def download(repo_id, filename):
+        asked.append((repo_id, filename))
+        if repo_id == "someone/no-head":
+            raise EntryNotFoundError(f"{filename} not in {repo_id}")
+        return str(final / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    saved = load_file(str(final / "sentence_head.safetensors"))
+    head = SentenceHead(saved["dense.weight"].shape[0])
+    assert load_sentence_head(head, "someone/berth-mini")
+    assert all(torch.equal(head.state_dict()[k], v) for k, v in saved.items())
+    fresh = SentenceHead(saved["dense.weight"].shape[0])
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    assert not load_sentence_head(fresh, "someone/no-head")  # a hub model not pretrained by berth
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in before.items())
+    assert asked == [(repo, "sentence_head.safetensors") for repo in ("someone/berth-mini", "someone/no-head")]
