@@ -137,7 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     pred = stages.add_parser("predict", help="label texts of any length with a fine-tuned model (JSON lines out)")
     pred.add_argument("model_dir", help="a fine-tuned model directory (a run's final/ or best/)")
     pred.add_argument(
-        "--input", default="-", help="a file with one text a line, or JSON lines with a 'text' field; - for stdin"
+        "--input",
+        default="-",
+        help="a file with one text a line, or JSON lines with a 'text' field (and 'text_pair' for a model of text "
+        "pairs); - for stdin",
     )
     pred.add_argument("--batch-size", type=int, default=64, help="windows per forward pass (default: 64)")
     pred.set_defaults(func=cmd_predict)

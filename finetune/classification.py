@@ -33,11 +33,14 @@ class WindowSettings:
     stride: int = 64
     head_fraction: float = 0.25
     aggregation: str = "mean"  # the one used at prediction (auto is resolved on validation)
+    text_pair: bool = False  # the model classifies text pairs (predict then needs both texts)
 
     @classmethod
     def from_data(cls, data: TaskData) -> WindowSettings:
         aggregation = "mean" if data.aggregation == "auto" else data.aggregation
-        return cls(data.max_seq_len, data.long_text, data.stride, data.head_fraction, aggregation)
+        return cls(
+            data.max_seq_len, data.long_text, data.stride, data.head_fraction, aggregation, bool(data.text_pair_column)
+        )
 
 
 @dataclass
@@ -67,7 +70,8 @@ def encode_texts(
 ) -> Encoded:
     """Tokenize and cut: windows of max_seq_len - 2 tokens `stride` apart, or one truncated window per text.
 
-    Text pairs are truncated longest-first into one window (windows slide over single texts only).
+    Text pairs that do not fit are cut by `pair_cuts`: windows over the longer text with the shorter one in
+    every window, or (truncation strategies) one window truncated longest-first.
     """
     cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
     room = settings.max_seq_len - 2
@@ -78,9 +82,9 @@ def encode_texts(
     for doc, ids in enumerate(pieces):
         encoded.doc_windows.append([])
         if pair_pieces is not None:
-            a, b = _truncate_pair(ids, pair_pieces[doc], settings.max_seq_len - 3)
             encoded.doc_tokens.append(len(ids) + len(pair_pieces[doc]))
-            encoded.add(doc, [cls, *a, sep, *b, sep], [0] * (len(a) + 2) + [1] * (len(b) + 1))
+            for a, b in pair_cuts(ids, pair_pieces[doc], settings):
+                encoded.add(doc, [cls, *a, sep, *b, sep], [0] * (len(a) + 2) + [1] * (len(b) + 1))
             continue
         encoded.doc_tokens.append(len(ids))
         if settings.long_text == "windows":
@@ -92,11 +96,29 @@ def encode_texts(
     return encoded
 
 
-def _truncate_pair(a: list[int], b: list[int], room: int) -> tuple[list[int], list[int]]:
-    a, b = list(a), list(b)
-    while len(a) + len(b) > room:
-        (a if len(a) >= len(b) else b).pop()
-    return a, b
+def pair_cuts(a: list[int], b: list[int], settings: WindowSettings) -> list[tuple[list[int], list[int]]]:
+    """The (first, second) token lists of each window of a text pair ([CLS] a [SEP] b [SEP]).
+
+    With windows, the shorter text (the first on a tie) stays whole in every window -- the question beside each
+    window of a passage, as in Google's run_squad.py, whichever side the long text is on -- cut to its head
+    when it would take more than half the room; the longer text slides through the rest, `stride` tokens apart
+    (less when the room is smaller than the stride). Truncation strategies keep one window, truncated
+    longest-first, as transformers' tokenizers do.
+    """
+    room = settings.max_seq_len - 3
+    if len(a) + len(b) <= room:
+        return [(list(a), list(b))]
+    if settings.long_text != "windows":
+        a, b = list(a), list(b)
+        while len(a) + len(b) > room:
+            (a if len(a) >= len(b) else b).pop()
+        return [(a, b)]
+    first_is_long = len(a) > len(b)
+    short, long = (b, a) if first_is_long else (a, b)
+    short = list(short[: room // 2])
+    size = room - len(short)
+    cuts = [list(long[start:end]) for start, end in window_spans(len(long), size, min(settings.stride, size))]
+    return [(cut, short) if first_is_long else (short, cut) for cut in cuts]
 
 
 class WindowPooler(nn.Module):

@@ -26,9 +26,13 @@ from finetune.ner import NerEncoded, add_windows, paragraph_from_word_ids, token
 CHUNK = 256
 
 
-def read_texts(source: str, stdin: TextIO | None = None) -> list[str]:
+PAIR_FIELD = "text_pair"
+
+
+def read_texts(source: str, stdin: TextIO | None = None, pairs: bool = False) -> tuple[list[str], list[str] | None]:
     """One text a line, or JSON lines with a string `text` field (told by a .jsonl/.json suffix or a first line
-    that is a JSON object). Every text is checked before any prediction is written."""
+    that is a JSON object); for a model of text pairs, JSON lines with `text` and `text_pair`. Returns the texts
+    and the second texts (None for single texts). Every line is checked before any prediction is written."""
     if source == "-":
         lines, name = (stdin or sys.stdin).read().splitlines(), "<stdin>"
     else:
@@ -43,7 +47,10 @@ def read_texts(source: str, stdin: TextIO | None = None) -> list[str]:
         lines.pop()
     first = next((line for line in lines if line.strip()), "")
     as_json = name.endswith((".jsonl", ".json")) or first.lstrip().startswith("{")
-    texts = []
+    if pairs and not as_json and lines:
+        raise BerthError(f"{name}: this model classifies text pairs; give JSON lines with 'text' and '{PAIR_FIELD}'")
+    texts: list[str] = []
+    seconds: list[str] = []
     for number, line in enumerate(lines, start=1):
         text = line
         if as_json:
@@ -54,12 +61,22 @@ def read_texts(source: str, stdin: TextIO | None = None) -> list[str]:
             if not isinstance(row, dict) or not isinstance(row.get("text"), str):
                 raise BerthError(f"{name} line {number}: expected a JSON object with a string 'text' field")
             text = row["text"]
+            if pairs:
+                second = row.get(PAIR_FIELD)
+                if not isinstance(second, str) or not second.strip():
+                    raise BerthError(
+                        f"{name} line {number}: this model classifies text pairs; '{PAIR_FIELD}' must be a "
+                        "non-empty string"
+                    )
+                seconds.append(second)
+            elif PAIR_FIELD in row:
+                raise BerthError(f"{name} line {number}: '{PAIR_FIELD}' given, but this model classifies single texts")
         if not text.strip():
             raise BerthError(f"{name} line {number}: empty text")
         texts.append(text)
     if not texts:
         raise BerthError(f"{name}: no texts to predict")
-    return texts
+    return texts, (seconds if pairs else None)
 
 
 class Predictor:
@@ -95,6 +112,7 @@ class Predictor:
                 stride=self.stride,
                 head_fraction=float(settings.get("head_fraction", 0.25)),
                 aggregation=settings.get("aggregation", "mean"),
+                text_pair=bool(settings.get("text_pair", False)),
             )
             attention = self.settings.aggregation == "attention"
             model = WindowClassifier(model, attention)
@@ -104,10 +122,16 @@ class Predictor:
                 model.pooler.load_state_dict(load_file(str(path / POOLER_FILE)))
         self.model = model.to(self.accelerator.device).eval()
 
-    def predict(self, texts: list[str], batch_size: int = 64) -> list[dict[str, Any]]:
+    @property
+    def pairs(self) -> bool:
+        return self.task == "classification" and self.settings.text_pair
+
+    def predict(self, texts: list[str], batch_size: int = 64, pairs: list[str] | None = None) -> list[dict[str, Any]]:
         if self.task == "ner":
             return self._entities(texts, batch_size)
-        encoded = encode_texts(self.tokenizer, texts, self.settings)
+        if (pairs is not None) != self.pairs:
+            raise BerthError("this model classifies text pairs" if self.pairs else "this model classifies single texts")
+        encoded = encode_texts(self.tokenizer, texts, self.settings, pairs)
         how = self.settings.aggregation if self.settings.long_text == "windows" else "mean"
         logits = document_logits(
             self.model, encoded, self.tokenizer.pad_token_id, self.accelerator, batch_size, (how,)
@@ -171,17 +195,18 @@ def predict_file(
     if batch_size < 1:
         raise BerthError(f"--batch-size must be at least 1; got {batch_size}")
     predictor = Predictor(model_dir)
-    texts = read_texts(source, stdin)
+    texts, pairs = read_texts(source, stdin, predictor.pairs)
     bar = tqdm(total=len(texts), desc="predicting", unit="text", disable=not progress, file=sys.stderr)
-    for chunk in _chunks(texts, CHUNK):
-        for row in predictor.predict(chunk, batch_size):
+    for start, stop in _chunks(len(texts), CHUNK):
+        chunk_pairs = pairs[start:stop] if pairs is not None else None
+        for row in predictor.predict(texts[start:stop], batch_size, chunk_pairs):
             output.write(json.dumps(row, ensure_ascii=False) + "\n")
         output.flush()
-        bar.update(len(chunk))
+        bar.update(stop - start)
     bar.close()
     return len(texts)
 
 
-def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+def _chunks(count: int, size: int) -> Iterable[tuple[int, int]]:
+    for start in range(0, count, size):
+        yield start, min(start + size, count)

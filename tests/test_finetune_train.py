@@ -3,6 +3,7 @@
 import io
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from berth.cli import main
 from berth.config import load_config
 from berth.errors import BerthError
 from corpora.embedded import peoples_daily_ner, reviews_sentiment
-from finetune.classification import WindowSettings, encode_texts
+from finetune.classification import WindowSettings, encode_texts, pair_cuts
 from finetune.config import FinetuneConfig
 from finetune.predict import predict_file
 from finetune.train import FinetuneLoop, finetune
@@ -195,6 +196,70 @@ def test_attention_pooling_is_trained_saved_and_used_by_predict(tiny, tmp_path):
     predicted = run_predict(final, texts, tmp_path)
     expected = [json.loads(line) for line in (final.parent / "test_predictions.jsonl").read_text().splitlines()]
     assert [p["score"] for p in predicted] == pytest.approx([e["score"] for e in expected], abs=1e-5)
+
+
+def test_pair_cuts_slide_over_the_longer_text_with_the_shorter_in_every_window():
+    settings = WindowSettings(max_seq_len=16, stride=4)  # 13 tokens of room beside [CLS] [SEP] [SEP]
+    short, passage = [1, 2, 3], list(range(100, 120))
+    assert pair_cuts([1, 2], [3, 4, 5], settings) == [([1, 2], [3, 4, 5])]
+    # the passage second (question, passage): windows of 10, starts 4 apart, the last aligned to the end
+    spans = [(0, 10), (4, 14), (8, 18), (10, 20)]
+    assert pair_cuts(short, passage, settings) == [(short, passage[a:b]) for a, b in spans]
+    # the long text first (premise, hypothesis): the windows slide over the first text instead
+    spans = [(0, 11), (4, 15), (8, 19), (9, 20)]
+    assert pair_cuts(passage, [1, 2], settings) == [(passage[a:b], [1, 2]) for a, b in spans]
+    # both long: the shorter is cut to half the room (6) and the other slides through 7 at a time
+    first, second = list(range(50, 70)), list(range(100, 130))
+    spans = [(0, 7), (4, 11), (8, 15), (12, 19), (16, 23), (20, 27), (23, 30)]
+    assert pair_cuts(first, second, settings) == [(first[:6], second[a:b]) for a, b in spans]
+    # a truncation strategy: one window, truncated longest-first
+    head = replace(settings, long_text="head")
+    assert pair_cuts(list(range(1, 11)), list(range(11, 21)), head) == [(list(range(1, 7)), list(range(11, 18)))]
+
+
+def test_encoded_pair_windows_carry_both_segments(tiny):
+    tokenizer = load_tokenizer(tiny / "ckpt")
+    good, bad = tokenizer.convert_tokens_to_ids(["好", "差"])
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    encoded = encode_texts(tokenizer, ["好好好"], WindowSettings(max_seq_len=16, stride=4), ["差" * 20], [1])
+    assert encoded.doc_windows == [[0, 1, 2, 3]] and encoded.doc_tokens == [23]
+    assert encoded.window_ids[0] == [cls, good, good, good, sep, *[bad] * 10, sep]
+    assert encoded.window_types[0] == [0] * 5 + [1] * 11
+    assert all(len(ids) == 16 for ids in encoded.window_ids)
+
+
+def test_a_pair_model_fine_tunes_and_predicts_pairs(tiny, tmp_path, review_run):
+    for split in ("train", "validation", "test"):
+        rows = [json.loads(line) for line in (tiny / f"reviews_{split}.jsonl").read_text().splitlines()]
+        with (tmp_path / f"{split}.jsonl").open("w") as handle:
+            for row in rows:  # the review's first 6 characters and the rest, as a pair
+                pair = {"first": row["review"][:6], "rest": row["review"][6:] or "。", "sentiment": row["sentiment"]}
+                handle.write(json.dumps(pair, ensure_ascii=False) + "\n")
+    files = [f"data.{split}_file={tmp_path / f'{split}.jsonl'}" for split in ("train", "validation", "test")]
+    pair_columns = ("data.text_column=first", "data.text_pair_column=rest", "train.max_steps=4")
+    final = finetune(review_config(tiny, tmp_path / "run", *files, *pair_columns))
+    assert json.loads((final / "config.json").read_text())["berth"]["text_pair"] is True
+    results = json.loads((final.parent / "eval_results.json").read_text())
+    assert results["test"]["long_count"] > 0  # pairs longer than one 32-token window
+
+    rows = [json.loads(line) for line in (tmp_path / "test.jsonl").read_text().splitlines()]
+    source = tmp_path / "pairs.jsonl"
+    source.write_text("".join(json.dumps({"text": r["first"], "text_pair": r["rest"]}) + "\n" for r in rows))
+    out = io.StringIO()
+    predict_file(str(final), str(source), out, batch_size=7, progress=False)
+    predicted = [json.loads(line) for line in out.getvalue().splitlines()]
+    expected = [json.loads(line) for line in (final.parent / "test_predictions.jsonl").read_text().splitlines()]
+    assert [p["label"] for p in predicted] == [e["label"] for e in expected]
+    assert [p["score"] for p in predicted] == pytest.approx([e["score"] for e in expected], abs=1e-5)
+
+    (tmp_path / "plain.txt").write_text("质量很好\n")
+    with pytest.raises(BerthError, match=r"plain\.txt: this model classifies text pairs; give JSON lines with"):
+        predict_file(str(final), str(tmp_path / "plain.txt"), io.StringIO(), progress=False)
+    (tmp_path / "half.jsonl").write_text('{"text": "质量很好", "text_pair": "不错"}\n{"text": "质量很好"}\n')
+    with pytest.raises(BerthError, match=r"half\.jsonl line 2: this model classifies text pairs; 'text_pair' must"):
+        predict_file(str(final), str(tmp_path / "half.jsonl"), io.StringIO(), progress=False)
+    with pytest.raises(BerthError, match=r"half\.jsonl line 1: 'text_pair' given, but this model classifies single"):
+        predict_file(str(review_run / "final"), str(tmp_path / "half.jsonl"), io.StringIO(), progress=False)
 
 
 def test_truncation_gives_one_window_per_text(tiny, tmp_path):
