@@ -12,6 +12,7 @@ from tokenizer.config import TokenizerJobConfig, WordPieceConfig
 from tokenizer.train import (
     SPECIAL_TOKENS,
     build_wordpiece,
+    corpus_alphabet,
     is_built,
     load_tokenizer,
     save_tokenizer,
@@ -130,6 +131,40 @@ def test_training_on_a_small_corpus(tmp_path):
     assert tok.encode("天安门").tokens == ["[CLS]", "天", "安", "门", "[SEP]"]
     assert tok.encode("鸁").tokens == ["[CLS]", "[UNK]", "[SEP]"]
     assert "##s" in vocab or "runs" in vocab
+
+
+def test_corpus_alphabet_breaks_ties_by_character_and_lists_continuing_pieces():
+    tok = build_wordpiece(WordPieceConfig())
+    # lowercased: a 2, b 2, c 1, 北 1, 京 1 (one word each); ties go to the lower code point (京 U+4EAC < 北 U+5317)
+    alphabet, pieces = corpus_alphabet(tok, ["Ba ab", "c 北京"], limit=4)
+    assert alphabet == ["a", "b", "c", "京"]
+    assert pieces == ["##a", "##b"]  # a continues "ba", b continues "ab"; no other character continues a word
+
+
+def test_training_gives_the_same_vocabulary_every_time():
+    """tokenizers' own trainer gave 5 different vocabularies in 5 runs on this corpus (its ## pieces are numbered
+    in hash-map order and break ties between equally frequent merges, huggingface/tokenizers#1794)."""
+    words = [f"{a}{b}{c}" for a in "abcdefgh" for b in "ijklmnop" for c in "qrstuvwx"]
+    corpus = [" ".join(words[i : i + 16]) for i in range(0, len(words), 16)] * 2  # every merge ties
+    cfg = WordPieceConfig(vocab_size=120, min_frequency=2)
+    vocabs = [train_wordpiece(build_wordpiece(cfg), corpus, cfg, progress=False).get_vocab() for _ in range(5)]
+    assert len(vocabs[0]) == 120
+    assert all(vocab == vocabs[0] for vocab in vocabs[1:])
+    # canonical ids: special tokens, then whole-word pieces, then ## pieces, each sorted
+    tokens = sorted(vocabs[0], key=vocabs[0].get)
+    rest = tokens[len(SPECIAL_TOKENS) :]
+    assert tokens[: len(SPECIAL_TOKENS)] == list(SPECIAL_TOKENS)
+    assert rest == sorted(rest, key=lambda t: (t.startswith("##"), t))
+
+
+def test_a_trained_tokenizer_keeps_only_the_real_special_tokens(tmp_path):
+    corpus = ["the running runner runs", "running and runs"] * 10
+    cfg = WordPieceConfig(vocab_size=60)
+    save_tokenizer(train_wordpiece(build_wordpiece(cfg), corpus, cfg, progress=False), cfg, tmp_path)
+    saved = json.loads((tmp_path / "tokenizer.json").read_text())
+    assert [t["content"] for t in saved["added_tokens"]] == list(SPECIAL_TOKENS)  # the ## pieces are plain pieces
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert tok.tokenize("##s runs") == tok.tokenize("# # s runs")  # "##s" in text is not one token
 
 
 def test_training_a_corpus_without_text_fails_clearly():

@@ -7,7 +7,8 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,14 +60,48 @@ def _add_post_processor(tok: Tokenizer) -> None:
     )
 
 
+def corpus_alphabet(tok: Tokenizer, texts: Iterable[str], limit: int) -> tuple[list[str], list[str]]:
+    """The `limit` most frequent characters of the texts (normalized and pre-tokenized as in training), ties
+    broken by the character, and the ## pieces of those that continue a word (sorted).
+
+    The tokenizers trainer is not deterministic (huggingface/tokenizers#1794): its own alphabet cut breaks ties
+    among equally rare characters in hash-map order, and it numbers ## pieces in hash-map order as it meets
+    them, and those numbers break ties between equally frequent merges. So berth fixes both beforehand.
+    """
+    counts: Counter[str] = Counter()
+    continuing: set[str] = set()
+    for text in texts:
+        for word, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(text)):
+            counts.update(word)
+            continuing.update(word[1:])
+    alphabet = sorted(counts, key=lambda c: (-counts[c], c))[:limit]
+    return alphabet, [f"##{c}" for c in sorted(continuing.intersection(alphabet))]
+
+
+class Passes:
+    """An iterable that starts a fresh pass over a corpus each time it is iterated (a generator runs once)."""
+
+    def __init__(self, start: Callable[[], Iterator[str]]):
+        self.start = start
+
+    def __iter__(self) -> Iterator[str]:
+        return self.start()
+
+
 def train_wordpiece(
     tok: Tokenizer, texts: Iterable[str], cfg: WordPieceConfig, length: int | None = None, progress: bool = True
 ) -> Tokenizer:
+    """Train on `texts` (iterated twice: to count characters, then to train; a list or `Passes`) and return
+    the tokenizer with its vocabulary in canonical order."""
+    alphabet, pieces = corpus_alphabet(tok, texts, cfg.limit_alphabet)
     trainer = trainers.WordPieceTrainer(
         vocab_size=cfg.vocab_size,
         min_frequency=cfg.min_frequency,
-        special_tokens=list(SPECIAL_TOKENS),
-        limit_alphabet=cfg.limit_alphabet,
+        # The ## pieces are numbered here, in a fixed order, before training. They are ordinary pieces of the
+        # vocabulary, since the tokenizer is rebuilt from the trained vocabulary alone below.
+        special_tokens=[*SPECIAL_TOKENS, *pieces],
+        initial_alphabet=alphabet,
+        limit_alphabet=len(alphabet),  # exactly these: they outrank every other character
         continuing_subword_prefix="##",
         show_progress=progress,
     )
@@ -76,8 +111,18 @@ def train_wordpiece(
         raise BerthError(f"special tokens got ids {ids}, expected 0..4; report this as a bug")
     if tok.get_vocab_size() <= len(SPECIAL_TOKENS):
         raise BerthError("the trained vocabulary holds only special tokens: the corpus has no usable text")
-    _add_post_processor(tok)
-    return tok
+    return build_wordpiece(cfg, canonical_vocab(tok.get_vocab()))
+
+
+def canonical_vocab(vocab: dict[str, int]) -> dict[str, int]:
+    """Special tokens first, then whole-word pieces and ## pieces, each sorted by the token.
+
+    The trainer numbers pieces in hash-map order, so the same vocabulary would get other ids in another run,
+    and with them another random embedding row per token. WordPiece matches the longest piece in the set,
+    whatever the ids, so renumbering changes no tokenization.
+    """
+    rest = sorted((t for t in vocab if t not in SPECIAL_TOKENS), key=lambda t: (t.startswith("##"), t))
+    return {token: i for i, token in enumerate([*SPECIAL_TOKENS, *rest])}
 
 
 def to_transformers(tok: Tokenizer, cfg: WordPieceConfig) -> BertTokenizer:
@@ -194,7 +239,12 @@ def train_tokenizer(cfg: TokenizerJobConfig, reuse: bool = False, progress: bool
     corpus = load_corpus(cfg.corpus)
     length = corpus.num_rows if isinstance(corpus, datasets.Dataset) else None
     heldout: list[str] = []
-    texts = _split_heldout(corpus, cfg.tokenizer, heldout)
+
+    def one_pass() -> Iterator[str]:
+        heldout.clear()  # each pass sets aside the same sample
+        return _split_heldout(corpus, cfg.tokenizer, heldout)
+
+    texts = Passes(one_pass)
     tok = train_wordpiece(build_wordpiece(cfg.tokenizer), texts, cfg.tokenizer, length=length, progress=progress)
     save_tokenizer(tok, cfg.tokenizer, out)
     elapsed = time.perf_counter() - start
