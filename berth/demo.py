@@ -6,6 +6,7 @@ Stages whose output already exists with the same resolved config are reused, so 
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,6 +60,17 @@ def built_with(run: Path, cfg: object, source: Path | None = None) -> bool:
     return source is None or (source.is_file() and done.stat().st_mtime >= source.stat().st_mtime)
 
 
+def start_afresh(run: Path) -> None:
+    """The demo owns its run directories: a stage it builds again drops the checkpoints of the run it replaces
+    (a fresh start is refused where an earlier run's checkpoints are)."""
+    from runtime.checkpoint import checkpoint_dir
+
+    stale = checkpoint_dir(run)
+    if stale.is_dir():
+        logger.info("removing %s: this stage is built again", stale)
+        shutil.rmtree(stale)
+
+
 def run_demo(output_dir: str | Path = "runs/demo", overrides: Sequence[str] = (), quick: bool = False) -> str:
     """Run the pipeline into output_dir and return the printed summary (the report is output_dir/report.md)."""
     from berth.report import DemoRuns, duration, eval_curve, summary_table, write_report
@@ -101,6 +113,7 @@ def run_demo(output_dir: str | Path = "runs/demo", overrides: Sequence[str] = ()
     if built_with(runs.pretrain, pre_cfg):
         logger.info("reusing the pretrained model in %s (same config)", runs.pretrain / "final")
     else:
+        start_afresh(runs.pretrain)
         pretrain(pre_cfg)
 
     jobs = [
@@ -121,6 +134,7 @@ def run_demo(output_dir: str | Path = "runs/demo", overrides: Sequence[str] = ()
         if built_with(run, ft_cfg, runs.pretrain / "final" / "model.safetensors"):
             logger.info("reusing %s (same config)", run / "final")
         else:
+            start_afresh(run)
             finetune(ft_cfg)
 
     minutes = (time.perf_counter() - start) / 60

@@ -100,8 +100,7 @@ class FinetuneLoop:
         self.model, self.optimizer = acc.prepare(self.inner, optimizer)
         acc.register_for_checkpointing(self.scheduler)
 
-    def maybe_resume(self) -> None:
-        checkpoint = resolve_resume(self.cfg.train.resume, self.out)
+    def maybe_resume(self, checkpoint: Path | None) -> None:
         if checkpoint is None:
             return
         saved = (checkpoint / "config.yaml").read_text()
@@ -292,8 +291,9 @@ class FinetuneLoop:
     def run(self) -> Path:
         if self.cfg.hub.push:
             check_push(self.cfg.hub.repo_id)  # before training, not after
+        checkpoint = resolve_resume(self.cfg.train.resume, self.out)  # before the set-up: bad input fails fast
         self.build()
-        self.maybe_resume()
+        self.maybe_resume(checkpoint)
         self.start_logging()
         cfg = self.cfg
         self.bar = tqdm(

@@ -177,8 +177,7 @@ class Loop:
         self.model, self.optimizer = acc.prepare(self.objective, optimizer)
         acc.register_for_checkpointing(self.scheduler)
 
-    def maybe_resume(self) -> None:
-        checkpoint = resolve_resume(self.cfg.train.resume, self.out)
+    def maybe_resume(self, checkpoint: Path | None) -> None:
         if checkpoint is None:
             return
         differences = config_differences((checkpoint / "config.yaml").read_text(), to_dict(self.cfg), RESUME_SECTIONS)
@@ -364,8 +363,9 @@ class Loop:
     def run(self) -> Path:
         if self.cfg.hub.push:
             check_push(self.cfg.hub.repo_id)  # before hours of training, not after
+        checkpoint = resolve_resume(self.cfg.train.resume, self.out)  # before data preparation: fails fast
         self.build()
-        self.maybe_resume()
+        self.maybe_resume(checkpoint)
         self.start_logging()
         cfg, acc = self.cfg, self.accelerator
         stream = batches(self.prepared, cfg, self.state, acc)

@@ -67,8 +67,18 @@ def load_checkpoint(accelerator: Accelerator, path: str | Path) -> dict[str, Any
 
 
 def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
-    """'' -> None (fresh start); 'auto' -> the newest checkpoint, or None; otherwise that checkpoint."""
+    """'' -> None (fresh start); 'auto' -> the newest checkpoint, or None; otherwise that checkpoint.
+
+    A fresh start where an earlier run left checkpoints is refused: its own checkpoints would overwrite and
+    prune the earlier ones by step number, and a later resume=auto could pick up the other run's.
+    """
     if not resume:
+        found = list_checkpoints(output_dir)
+        if found:
+            raise BerthError(
+                f"{checkpoint_dir(output_dir)} holds the checkpoints of an earlier run (newest {found[-1].name}): "
+                "continue it with train.resume=auto, or delete that folder or choose another output_dir to start afresh"
+            )
         return None
     if resume == "auto":
         found = list_checkpoints(output_dir)

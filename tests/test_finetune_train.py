@@ -387,6 +387,10 @@ def test_resume_refuses_a_changed_model_or_data_config(tiny, tmp_path):
         finetune(review_config(tiny, tmp_path / "run", "train.max_steps=2", "train.resume=auto", "data.max_seq_len=48"))
     with pytest.raises(BerthError, match=r"train.resume=.*nowhere: not a checkpoint directory \(no state.json\)"):
         finetune(review_config(tiny, tmp_path / "run", f"train.resume={tmp_path / 'nowhere'}"))
+    # a fresh start there would overwrite and prune the earlier run's checkpoints
+    with pytest.raises(BerthError, match=r"holds the checkpoints of an earlier run \(newest step-00000002\)"):
+        finetune(review_config(tiny, tmp_path / "run", "train.max_steps=2"))
+    assert (tmp_path / "run" / "checkpoints" / "step-00000002" / "state.json").is_file()
 
 
 def test_keep_checkpoints_zero_writes_none(tiny, tmp_path):
@@ -422,11 +426,14 @@ def cli(args, capsys):
 
 
 def test_bad_input_gets_one_clear_line_and_leaves_the_run_intact(review_run, tiny, tmp_path, capsys):
-    before = {p: p.read_bytes() for p in review_run.rglob("*") if p.is_file()}
+    # A finished run without its checkpoints (with them, a fresh start is refused first: the last case).
+    run = tmp_path / "run"
+    shutil.copytree(review_run, run, ignore=shutil.ignore_patterns("checkpoints"))
+    before = {p: p.read_bytes() for d in (run, review_run) for p in d.rglob("*") if p.is_file()}
     base = [
         "finetune",
         "configs/finetune/reviews_sentiment.yaml",
-        f"output_dir={review_run}",
+        f"output_dir={run}",
         f"model.init={tiny / 'ckpt'}",
         "data.dataset=",
         f"data.train_file={tiny / 'reviews_train.jsonl'}",
@@ -456,7 +463,10 @@ def test_bad_input_gets_one_clear_line_and_leaves_the_run_intact(review_run, tin
         code, err = cli([*base, *extra], capsys)
         assert code == 2 and len(err) == 1, err
         assert message in err[0]
-    after = {p: p.read_bytes() for p in review_run.rglob("*") if p.is_file()}
+    code, err = cli([*base, f"output_dir={review_run}", f"data.validation_file={unseen}"], capsys)
+    assert code == 2 and len(err) == 1, err
+    assert f"{review_run / 'checkpoints'} holds the checkpoints of an earlier run" in err[0]
+    after = {p: p.read_bytes() for d in (run, review_run) for p in d.rglob("*") if p.is_file()}
     assert after == before
 
 

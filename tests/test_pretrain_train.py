@@ -124,6 +124,10 @@ def test_resumed_run_ends_with_the_same_weights(setup, run, request):
 def test_resume_refuses_a_changed_data_or_model_config(setup, finished):
     with pytest.raises(BerthError, match=r"refusing to resume .* data.mask_prob: 0.15 -> 0.2"):
         pretrain(config(setup, "e2e", "train.resume=auto", "data.mask_prob=0.2"))
+    with pytest.raises(
+        BerthError, match=r"holds the checkpoints of an earlier run .*continue it with train\.resume=auto"
+    ):
+        pretrain(config(setup, "e2e"))  # a fresh start would overwrite and prune them
 
 
 def test_gradient_accumulation_gives_the_same_step(setup):
