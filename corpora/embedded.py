@@ -212,7 +212,7 @@ def peoples_daily_ner() -> datasets.DatasetDict:
     seen: set[str] = set()
     for paragraph in _peoples_daily_paragraphs():
         chars, tags = bio_characters(paragraph)
-        text = "".join(chars)  # == ner_text(paragraph)
+        text = ner_text(paragraph)
         if not chars or text in seen:
             continue
         seen.add(text)

@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from tqdm.auto import tqdm
 
 from berth.config import dump_config, save_config, to_dict
@@ -27,7 +26,7 @@ from finetune.export import BEST, export_final, load_best, save_model_dir
 from finetune.modeling import check_init, check_vocab, dropout_overrides, load_config, load_tokenizer
 from finetune.ner import NerTask
 from runtime.accel import build_accelerator
-from runtime.checkpoint import config_differences, load_checkpoint, resolve_resume, save_checkpoint
+from runtime.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from runtime.dropout import use_fast_dropout
 from runtime.optim import build_optimizer
 from runtime.schedules import build_scheduler
@@ -39,7 +38,7 @@ TASKS = {"classification": ClassificationTask, "ner": NerTask}
 RESULTS_FILE = "eval_results.json"
 PREDICTIONS_FILE = "test_predictions.jsonl"
 # Sections whose change makes a checkpoint meaningless for this run (the train section may change).
-RESUME_SECTIONS = ("model", "data")
+RESUME_SECTIONS = ("task", "model", "data")
 
 
 @dataclass
@@ -103,15 +102,7 @@ class FinetuneLoop:
     def maybe_resume(self, checkpoint: Path | None) -> None:
         if checkpoint is None:
             return
-        saved = (checkpoint / "config.yaml").read_text()
-        current = to_dict(self.cfg)
-        differences = config_differences(saved, current, RESUME_SECTIONS)
-        old_task = (yaml.safe_load(saved) or {}).get("task")
-        if old_task != self.cfg.task:
-            differences.insert(0, f"task: {old_task!r} -> {self.cfg.task!r}")
-        if differences:
-            raise BerthError(f"refusing to resume from {checkpoint}: the config changed: {'; '.join(differences)}")
-        self.state = FinetuneState(**load_checkpoint(self.accelerator, checkpoint))
+        self.state = FinetuneState(**load_checkpoint(self.accelerator, checkpoint, to_dict(self.cfg), RESUME_SECTIONS))
         # a checkpoint is written right after an evaluation: that evaluation is not run again
         self.last_eval_step = self.last_checkpoint_step = self.state.step
         logger.info(

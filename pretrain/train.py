@@ -28,7 +28,7 @@ from pretrain.masking import EpochExamples, MaskingCollator, pack_batch
 from pretrain.model import PretrainingObjective, build_model, load_sentence_head
 from pretrain.prepare import PreparedData, prepare
 from runtime.accel import build_accelerator
-from runtime.checkpoint import config_differences, load_checkpoint, resolve_resume, save_checkpoint
+from runtime.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from runtime.dropout import use_fast_dropout
 from runtime.optim import build_optimizer
 from runtime.schedules import build_scheduler, planned_curve
@@ -180,10 +180,7 @@ class Loop:
     def maybe_resume(self, checkpoint: Path | None) -> None:
         if checkpoint is None:
             return
-        differences = config_differences((checkpoint / "config.yaml").read_text(), to_dict(self.cfg), RESUME_SECTIONS)
-        if differences:
-            raise BerthError(f"refusing to resume from {checkpoint}: the config changed: {'; '.join(differences)}")
-        self.state = TrainState(**load_checkpoint(self.accelerator, checkpoint))
+        self.state = TrainState(**load_checkpoint(self.accelerator, checkpoint, to_dict(self.cfg), RESUME_SECTIONS))
         logger.info(
             "resumed from %s at step %d (epoch %d, example %d)",
             checkpoint,

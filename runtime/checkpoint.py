@@ -60,8 +60,15 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(accelerator: Accelerator, path: str | Path) -> dict[str, Any]:
+def load_checkpoint(
+    accelerator: Accelerator, path: str | Path, current: dict[str, Any], sections: tuple[str, ...]
+) -> dict[str, Any]:
+    """Load the checkpoint into the prepared objects and return its state, after checking that the config
+    `sections` (those whose change makes the checkpoint meaningless for this run) are unchanged."""
     path = Path(path)
+    differences = config_differences((path / CONFIG_FILE).read_text(), current, sections)
+    if differences:
+        raise BerthError(f"refusing to resume from {path}: the config changed: {'; '.join(differences)}")
     accelerator.load_state(str(path))
     return json.loads((path / STATE_FILE).read_text())
 
@@ -90,11 +97,16 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
 
 
 def config_differences(saved_text: str, current: dict[str, Any], sections: tuple[str, ...]) -> list[str]:
-    """'section.key: old -> new' for every difference inside `sections`."""
+    """'section.key: old -> new' for every difference inside `sections` ('key: old -> new' for a top-level
+    value such as finetune's task)."""
     saved = yaml.safe_load(saved_text) or {}
     out = []
     for section in sections:
         old, new = saved.get(section, {}), current.get(section, {})
+        if not (isinstance(old, dict) and isinstance(new, dict)):
+            if old != new:
+                out.append(f"{section}: {old!r} -> {new!r}")
+            continue
         for key in sorted(set(old) | set(new)):
             if old.get(key) != new.get(key):
                 out.append(f"{section}.{key}: {old.get(key)!r} -> {new.get(key)!r}")

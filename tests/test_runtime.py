@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from runtime.checkpoint import config_differences
 from runtime.optim import Lamb, build_optimizer, parameter_groups
 from runtime.schedules import lr_multiplier, planned_curve
 
@@ -81,3 +82,13 @@ def test_metrics_log_drops_lines_past_a_resumed_step(tmp_path):
     assert read_metrics(tmp_path)[-1] == {"step": 4, "loss": None}  # JSON has no NaN
     MetricsLog(tmp_path, resume_step=2)
     assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2]
+
+
+def test_config_differences_name_section_keys_and_top_level_values():
+    saved = "task: ner\nmodel:\n  init: a\n  size: mini\ndata:\n  max_seq_len: 128\ntrain:\n  lr: 0.1\n"
+    current = {"task": "classification", "model": {"init": "b", "size": "mini"}, "data": {}, "train": {"lr": 0.2}}
+    assert config_differences(saved, current, ("task", "model", "data")) == [
+        "task: 'ner' -> 'classification'",
+        "model.init: 'a' -> 'b'",
+        "data.max_seq_len: 128 -> None",
+    ]
