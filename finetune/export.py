@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from berth.config import dump_config
 from berth.hub import card_metadata, hub_model_id
@@ -29,9 +29,17 @@ POOLER_FILE = "window_pooler.safetensors"
 PIPELINE_TAGS = {"classification": "text-classification", "ner": "token-classification"}
 
 
-def _parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module | None]:
-    """The transformers model and the window pooler (None without one)."""
-    inner = getattr(model, "model", model)
+def _parts(model: torch.nn.Module) -> tuple[PreTrainedModel, torch.nn.Module | None]:
+    """The transformers model and the window pooler (None without one).
+
+    Decided by type: a transformers model is saved whole. Its attributes say nothing (ModernBERT's task models
+    keep their encoder in `.model`), so only berth's own wrapper is unwrapped.
+    """
+    if isinstance(model, PreTrainedModel):
+        return model, None
+    inner = model.model
+    if not isinstance(inner, PreTrainedModel):
+        raise TypeError(f"cannot export {type(model).__name__}: no transformers model inside")
     return inner, getattr(model, "pooler", None)
 
 
@@ -65,13 +73,10 @@ def load_best(model: torch.nn.Module, directory: Path) -> None:
     """Load the weights saved in `directory` into `model` (and its pooler)."""
     hf_model, pooler = _parts(model)
     weights = load_file(str(directory / "model.safetensors"))
+    # Strict: a key missing from the file would leave the in-memory weights silently in place.
     missing, unexpected = hf_model.load_state_dict(weights, strict=False)
-    # Tied or buffer entries may be left out of the file; anything else missing means a different model.
-    real_missing = [k for k in missing if not k.endswith("position_ids")]
-    if real_missing or unexpected:
-        raise RuntimeError(
-            f"{directory}: weights do not match the model (missing {real_missing}, unexpected {unexpected})"
-        )
+    if missing or unexpected:
+        raise RuntimeError(f"{directory}: weights do not match the model (missing {missing}, unexpected {unexpected})")
     if pooler is not None:
         pooler.load_state_dict(load_file(str(directory / POOLER_FILE)))
 

@@ -556,3 +556,59 @@ def test_a_modernbert_checkpoint_fine_tunes_and_predicts(tiny, tmp_path, aggrega
         return
     ner = finetune(ner_config(tiny, tmp_path / "ner", f"model.init={tmp_path / 'modern'}", "train.max_steps=2"))
     assert json.loads((ner.parent / "eval_results.json").read_text())["test"]["f1"] >= 0.0
+
+
+def _modernbert_checkpoint(tiny, where: Path) -> Path:
+    from transformers import ModernBertConfig, ModernBertForMaskedLM
+
+    tokenizer = load_tokenizer(tiny / "ckpt")
+    config = ModernBertConfig(
+        vocab_size=padded_vocab_size(len(tokenizer), 64),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=64,
+        pad_token_id=tokenizer.pad_token_id,
+        cls_token_id=tokenizer.cls_token_id,
+        sep_token_id=tokenizer.sep_token_id,
+        bos_token_id=tokenizer.cls_token_id,
+        eos_token_id=tokenizer.sep_token_id,
+        global_attn_every_n_layers=1,
+    )
+    torch.manual_seed(0)
+    ModernBertForMaskedLM(config).save_pretrained(where)
+    tokenizer.save_pretrained(where)
+    return where
+
+
+@pytest.mark.parametrize("architecture", ["bert", "modernbert"])
+@pytest.mark.parametrize("task", ["mean", "max", "attention", "ner"])
+def test_every_export_is_whole(tiny, tmp_path, architecture, task):
+    """Each architecture x task: the exported model reloads with its AutoModelFor* class with no missing or
+    unexpected key (the task head included), and berth predict on the export gives the run's test predictions."""
+    init = tiny / "ckpt" if architecture == "bert" else _modernbert_checkpoint(tiny, tmp_path / "modern")
+    common = (f"model.init={init}", "train.max_steps=3", "train.eval_every=3")
+    if task == "ner":
+        final = finetune(ner_config(tiny, tmp_path / "run", *common))
+        auto_class, texts = AutoModelForTokenClassification, texts_of(tiny / "ner_test.jsonl", "tokens")
+    else:
+        final = finetune(review_config(tiny, tmp_path / "run", *common, f"data.aggregation={task}"))
+        auto_class, texts = AutoModelForSequenceClassification, texts_of(tiny / "reviews_test.jsonl", "review")
+    config = json.loads((final / "config.json").read_text())
+    prefix = {"bert": "Bert", "modernbert": "ModernBert"}[architecture]
+    assert config["architectures"] == [auto_class.__name__.replace("AutoModel", prefix)]
+    model, info = auto_class.from_pretrained(final, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    saved = load_file(str(final / "model.safetensors"))
+    head = "classifier.weight"
+    assert head in saved and torch.equal(saved[head], model.state_dict()[head])
+
+    predicted = run_predict(final, texts, tmp_path)
+    expected = [json.loads(line) for line in (final.parent / "test_predictions.jsonl").read_text().splitlines()]
+    if task == "ner":
+        spans = [[(e["type"], e["start"], e["end"]) for e in row["entities"]] for row in expected]
+        assert [[(e["type"], e["start"], e["end"]) for e in p["entities"]] for p in predicted] == spans
+    else:
+        assert [p["label"] for p in predicted] == [e["label"] for e in expected]
+        assert [p["score"] for p in predicted] == pytest.approx([e["score"] for e in expected], abs=1e-5)
