@@ -16,9 +16,11 @@ import time
 
 from torch.profiler import ProfilerActivity, profile
 
-from berth.config import load_config
-from pretrain.config import PretrainConfig
-from pretrain.train import Loop, TrainState, batches
+from berth.core.config import load_config
+from berth.pretrain.config import PretrainConfig
+from berth.pretrain.train import PretrainingStage
+from berth.runtime.loop import Loop
+from berth.tokenizer.train import ensure_tokenizer
 
 
 def build(args: argparse.Namespace, attention: str) -> Loop:
@@ -30,7 +32,8 @@ def build(args: argparse.Namespace, attention: str) -> Loop:
         "train.progress_bar=false",
         f"output_dir=runs/bench/attention-{attention}",
     ]
-    loop = Loop(load_config(PretrainConfig, "configs/pretrain/mini_zh.yaml", overrides))
+    cfg = load_config(PretrainConfig, "configs/pretrain/mini_zh.yaml", overrides)
+    loop = Loop(cfg, PretrainingStage(cfg, lambda: ensure_tokenizer(cfg.tokenizer.path, cfg.tokenizer.config)))
     loop.build()
     return loop
 
@@ -54,7 +57,7 @@ def main() -> None:
     parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
     args = parser.parse_args()
     loops = {name: build(args, name) for name in ("sdpa", "eager")}
-    stream = batches(loops["sdpa"].prepared, loops["sdpa"].cfg, TrainState(), loops["sdpa"].accelerator)
+    stream = (batch for step in loops["sdpa"].epoch_steps() for batch in step)
     data = [next(stream) for _ in range(args.steps + 3)]
     speed: dict[str, list[float]] = {name: [] for name in loops}
     for i, batch in enumerate(data):

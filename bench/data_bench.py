@@ -19,11 +19,11 @@ import time
 import torch
 from transformers import BertConfig, BertForPreTraining
 
-from berth.config import load_config
-from pretrain.config import PretrainConfig
-from pretrain.masking import EpochExamples, MaskingCollator
-from pretrain.prepare import format_stats, prepare
-from tokenizer.train import ensure_tokenizer
+from berth.core.config import load_config
+from berth.pretrain.config import PretrainConfig
+from berth.pretrain.masking import EpochExamples, MaskingCollator
+from berth.pretrain.prepare import format_stats, prepare
+from berth.tokenizer.train import ensure_tokenizer
 
 
 def main() -> None:

@@ -27,9 +27,11 @@ from pathlib import Path
 import torch
 from transformers import BertForMaskedLM, DataCollatorForLanguageModeling
 
-from berth.config import load_config
-from pretrain.config import PretrainConfig
-from pretrain.train import Loop, TrainState, batches
+from berth.core.config import load_config
+from berth.pretrain.config import PretrainConfig
+from berth.pretrain.train import PretrainingStage
+from berth.runtime.loop import Loop
+from berth.tokenizer.train import ensure_tokenizer
 
 
 def setup(args):
@@ -43,13 +45,14 @@ def setup(args):
         "model.architecture=bert",  # the baseline is BertForMaskedLM: the same encoder on both sides
     ]
     cfg = load_config(PretrainConfig, "configs/pretrain/mini_zh.yaml", overrides)
-    loop = Loop(cfg)  # berth's own training step, exactly as `berth pretrain` runs it
+    stage = PretrainingStage(cfg, lambda: ensure_tokenizer(cfg.tokenizer.path, cfg.tokenizer.config))
+    loop = Loop(cfg, stage)  # berth's own training step, exactly as `berth pretrain` runs it
     loop.build()
     return cfg, loop
 
 
 def berth_side(cfg, loop):
-    stream = batches(loop.prepared, cfg, TrainState(), loop.accelerator)
+    stream = (batch for step in loop.epoch_steps() for batch in step)
 
     def step() -> int:
         batch = next(stream)
@@ -60,10 +63,10 @@ def berth_side(cfg, loop):
 
 
 def baseline_side(cfg, loop, attention: str):
-    prepared, accelerator = loop.prepared, loop.accelerator
+    prepared, accelerator = loop.stage.prepared, loop.accelerator
     torch.manual_seed(0)
     # a copy: the attention choice is stored on the config, which berth's model reads at every forward
-    config = copy.deepcopy(loop.objective.model.config)
+    config = copy.deepcopy(loop.stage.objective.model.config)
     model = BertForMaskedLM._from_config(config, attn_implementation=attention)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -201,7 +204,7 @@ def main() -> None:
     memory = {name: peak_memory(args, name) for name in sides}
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
     attention = (
-        f"attention: berth {loop.objective.model.config._attn_implementation}, baseline {args.baseline_attention}"
+        f"attention: berth {loop.stage.objective.model.config._attn_implementation}, baseline {args.baseline_attention}"
     )
     print(
         f"{args.size}, seq {args.seq_len}, batch {args.batch_size}, {args.precision}, {device}, {args.steps} steps, "

@@ -11,13 +11,22 @@ import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerBase
 
-from berth.errors import BerthError
-from finetune.batching import encoder_batch, eval_order, gather_in_order
-from finetune.config import FinetuneConfig, TaskData
-from finetune.data import Split, check_labels, check_texts, label_values, load_splits, require_columns, resolve_labels
-from finetune.metrics import load_metric
-from finetune.modeling import build_pretrained, encoder_inputs
-from finetune.windows import truncate, window_spans
+from berth.core.errors import BerthError
+from berth.finetune.batching import encoder_batch, eval_order, gather_in_order
+from berth.finetune.config import FinetuneConfig, TaskData
+from berth.finetune.data import (
+    Split,
+    check_labels,
+    check_texts,
+    label_values,
+    load_splits,
+    require_columns,
+    resolve_labels,
+)
+from berth.finetune.metrics import load_metric
+from berth.finetune.modeling import build_pretrained, encoder_inputs
+from berth.finetune.windows import truncate, window_spans
+from berth.finetune.yardstick import tfidf_yardstick
 
 logger = logging.getLogger(__name__)
 
@@ -298,8 +307,12 @@ class ClassificationTask:
         batch["labels"] = torch.tensor([encoded.doc_labels[encoded.window_doc[unit[0]]] for unit in units])  # [U]
         return batch
 
-    def loss(self, model: WindowClassifier, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed cross-entropy over the batch's units and their count (the loop normalises over all processes)."""
+    def targets(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The batch's units (texts, or windows with their text's label): one target each."""
+        return torch.tensor(len(batch["labels"]), device=batch["labels"].device)
+
+    def loss(self, model: WindowClassifier, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Summed cross-entropy over the batch's units (the loop normalises over all processes)."""
         logits, vectors = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
         if self.attention:
             inner = model.module if hasattr(model, "module") else model
@@ -307,8 +320,7 @@ class ClassificationTask:
         weight = (
             torch.tensor(self.cfg.data.class_weights, device=logits.device) if self.cfg.data.class_weights else None
         )
-        loss = nn.functional.cross_entropy(logits.float(), batch["labels"], weight=weight, reduction="sum")
-        return loss, torch.tensor(len(batch["labels"]), device=logits.device)
+        return nn.functional.cross_entropy(logits.float(), batch["labels"], weight=weight, reduction="sum")
 
     # -- evaluation ----------------------------------------------------------------------------------------
 
@@ -347,6 +359,17 @@ class ClassificationTask:
             for d in range(len(labels))
         ]
         return metrics, predictions
+
+    def test_extras(self, model: WindowClassifier, acc: Any, batch_size: int) -> dict[str, Any]:
+        """Beside the test figures: the same weights with truncation instead of windows, and the TF-IDF yardstick."""
+        t, data, extras = self.cfg.train, self.cfg.data, {}
+        if t.compare_truncation and data.long_text == "windows" and not data.text_pair_column:
+            extras["test_truncated"] = self.evaluate_truncated(model, "test", acc, batch_size)
+        if t.yardstick and acc.is_main_process:
+            labels = {name: encoded.doc_labels for name, encoded in self.splits.items()}
+            long_docs = {name: self.long_documents(name) for name in self.splits}
+            extras["yardstick"] = tfidf_yardstick(self.texts, labels, long_docs, t.seed)
+        return extras
 
     def long_documents(self, split: str) -> list[int]:
         """The documents of the split longer than one window (content tokens beyond max_seq_len - 2)."""

@@ -3,7 +3,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from berth.hub import HubConfig
+from berth.core.hub import HubConfig
+from berth.runtime.config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -72,24 +73,12 @@ class TaskData:
 
 
 @dataclass(frozen=True)
-class FinetuneTrainConfig:
+class FinetuneTrainConfig(TrainConfig):
+    """The shared train section (berth.runtime.config) with fine-tuning's defaults and its own fields."""
+
     epochs: int = 3
-    # Optimizer steps; 0: epochs x steps per epoch.
-    max_steps: int = 0
-    batch_size: int = 32
-    eval_batch_size: int = 64
-    grad_accum: int = 1
-    lr: float = 1e-4
-    # Warm-up as a share of all optimizer steps (BERT fine-tunes with 10%).
     warmup_ratio: float = 0.1
-    schedule: Literal["linear", "cosine", "constant", "noam"] = "linear"
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    seed: int = 0
-    log_every: int = 20
-    # Evaluate every N optimizer steps; 0: at the end of every epoch.
-    eval_every: int = 0
+    eval_batch_size: int = 64
     # The validation metric that picks the best checkpoint and drives early stopping (higher is better,
     # except for names ending in loss). Classification: accuracy, macro_f1, micro_f1; ner: f1, precision, recall.
     metric: str = "accuracy"
@@ -97,14 +86,6 @@ class FinetuneTrainConfig:
     early_stopping_patience: int = 2
     # Short texts are batched with short texts (random chunks of 50 batches sorted by length).
     group_by_length: bool = True
-    # Resumable checkpoints (weights, optimizer, LR schedule, RNG states, counters) written in
-    # output_dir/checkpoints/ right after each evaluation; the newest N are kept (0: none).
-    keep_checkpoints: int = 1
-    # auto: continue from the newest checkpoint in output_dir (a fresh start when there is none); or a
-    # checkpoint directory. The resumed run ends with the weights of an uninterrupted one.
-    resume: str = ""
-    trackers: tuple[str, ...] = ()
-    progress_bar: bool = True
     # Classification: also fit a TF-IDF (character 1-3 grams) + logistic-regression yardstick on the same split
     # and report it in eval_results.json beside the model's figures.
     yardstick: bool = False
@@ -113,13 +94,9 @@ class FinetuneTrainConfig:
     compare_truncation: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "eval_batch_size", "grad_accum", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
-        if min(self.max_steps, self.eval_every, self.early_stopping_patience, self.keep_checkpoints) < 0:
-            raise ValueError("max_steps, eval_every, early_stopping_patience and keep_checkpoints must be >= 0")
-        if not 0.0 <= self.warmup_ratio < 1.0 or self.lr <= 0:
-            raise ValueError("warmup_ratio must be in [0, 1) and lr > 0")
+        super().__post_init__()
+        if self.eval_batch_size < 1 or self.early_stopping_patience < 0:
+            raise ValueError("eval_batch_size must be at least 1 and early_stopping_patience >= 0")
 
 
 @dataclass(frozen=True)

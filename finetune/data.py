@@ -9,11 +9,11 @@ from pathlib import Path
 
 import datasets
 
-from berth.errors import BerthError
-from berth.hub import require_hub
-from corpora.embedded import peoples_daily_ner, reviews_sentiment
-from corpora.readers import check_utf8, detect_format
-from finetune.config import TaskData
+from berth.core.errors import BerthError
+from berth.core.hub import require_hub
+from berth.corpora.embedded import peoples_daily_ner, reviews_sentiment
+from berth.corpora.readers import check_utf8, detect_format
+from berth.finetune.config import TaskData
 
 EMBEDDED = {"reviews_sentiment": reviews_sentiment, "peoples_daily_ner": peoples_daily_ner}
 BUILDERS = {"jsonl": "json", "csv": "csv", "tsv": "csv", "parquet": "parquet"}

@@ -18,10 +18,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from berth.config import dump_config
-from berth.hub import card_metadata, hub_model_id
-from finetune.modeling import BERTH_KEY
-from tokenizer.train import write_vocab_txt
+from berth.core.config import dump_config
+from berth.core.hub import card_metadata, hub_model_id
+from berth.core.text import vocabulary_languages
+from berth.core.vocab import load_tokenizer, write_vocab_txt
+from berth.finetune.modeling import BERTH_KEY
 
 BEST = "best"
 FINAL = "final"
@@ -140,15 +141,11 @@ which cuts and aggregates them as in training.
 
 def export_final(best: Path, final: Path, cfg: Any, results: dict[str, Any]) -> Path:
     """final/ = the best checkpoint plus a model card; written beside and renamed into place."""
-    from transformers import AutoTokenizer
-
-    from pretrain.export import vocabulary_languages
-
     tmp = final.parent / f".tmp-{final.name}-{time.time_ns()}"
     shutil.copytree(best, tmp, ignore=shutil.ignore_patterns("berth_state.json"))
     config = json.loads((tmp / "config.json").read_text())
     labels = [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
-    languages = vocabulary_languages(AutoTokenizer.from_pretrained(tmp))
+    languages = vocabulary_languages(load_tokenizer(tmp).get_vocab())
     (tmp / "README.md").write_text(model_card(cfg, results, labels, languages), encoding="utf-8")
     if final.exists():
         shutil.rmtree(final)

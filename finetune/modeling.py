@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
 
-from berth.errors import BerthError
-from berth.hub import hub_model_id, hub_reachable
+from berth.core.errors import BerthError
+from berth.core.hub import hub_model_id, hub_reachable
 
 logger = logging.getLogger(__name__)
 
@@ -41,16 +41,6 @@ def check_init(init: str) -> str:
             "or offline mode is set"
         )
     raise BerthError(f"model.init={init}: no such directory")
-
-
-def load_tokenizer(init: str) -> PreTrainedTokenizerBase:
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(init)
-    except (OSError, ValueError) as exc:
-        raise BerthError(f"{init}: cannot load its tokenizer: {str(exc).splitlines()[0]}") from None
-    if not tokenizer.is_fast:
-        raise BerthError(f"{init}: berth needs a fast tokenizer (tokenizer.json) for word alignment and offsets")
-    return tokenizer
 
 
 def load_config(init: str, overrides: dict[str, Any]) -> PretrainedConfig:

@@ -12,14 +12,22 @@ import torch
 from torch import nn
 from transformers import AutoModelForTokenClassification, PreTrainedTokenizerBase
 
-from berth.errors import BerthError
-from finetune.batching import encoder_batch, eval_order, gather_in_order, pad_rows
-from finetune.bio import bio_spans
-from finetune.config import FinetuneConfig
-from finetune.data import Split, check_labels, check_tokens, label_values, load_splits, require_columns, resolve_labels
-from finetune.metrics import load_metric
-from finetune.modeling import build_pretrained, encoder_inputs
-from finetune.windows import max_context_owner, window_spans
+from berth.core.errors import BerthError
+from berth.finetune.batching import encoder_batch, eval_order, gather_in_order, pad_rows
+from berth.finetune.bio import bio_spans
+from berth.finetune.config import FinetuneConfig
+from berth.finetune.data import (
+    Split,
+    check_labels,
+    check_tokens,
+    label_values,
+    load_splits,
+    require_columns,
+    resolve_labels,
+)
+from berth.finetune.metrics import load_metric
+from berth.finetune.modeling import build_pretrained, encoder_inputs
+from berth.finetune.windows import max_context_owner, window_spans
 
 logger = logging.getLogger(__name__)
 
@@ -163,17 +171,23 @@ class NerTask:
         batch["labels"] = pad_rows([encoded.window_labels[w] for w in windows], IGNORE)
         return batch
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def targets(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The batch's tagged tokens (the first piece of each word in its window's max-context span)."""
+        return (batch["labels"] != IGNORE).sum()
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = model(**encoder_inputs(model, batch)).logits  # [B, L, C]
         weight = (
             torch.tensor(self.cfg.data.class_weights, device=logits.device) if self.cfg.data.class_weights else None
         )
-        loss = nn.functional.cross_entropy(
+        return nn.functional.cross_entropy(
             logits.flatten(0, 1).float(), batch["labels"].flatten(), weight=weight, ignore_index=IGNORE, reduction="sum"
         )
-        return loss, (batch["labels"] != IGNORE).sum()
 
     # -- evaluation ----------------------------------------------------------------------------------------
+
+    def test_extras(self, model: nn.Module, acc: Any, batch_size: int) -> dict[str, Any]:
+        return {}
 
     def evaluate(
         self, model: nn.Module, split: str, acc: Any, batch_size: int, aggregation: str | None = None

@@ -15,12 +15,13 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 from transformers.utils import logging as hf_logging
 
-from berth.errors import BerthError
-from finetune.bio import bio_spans
-from finetune.classification import WindowClassifier, WindowSettings, document_logits, encode_texts
-from finetune.export import POOLER_FILE
-from finetune.modeling import berth_settings, check_vocab, is_model_dir, load_tokenizer
-from finetune.ner import NerEncoded, add_windows, paragraph_from_word_ids, token_predictions, window_logits
+from berth.core.errors import BerthError
+from berth.core.vocab import load_tokenizer
+from berth.finetune.bio import bio_spans
+from berth.finetune.classification import WindowClassifier, WindowSettings, document_logits, encode_texts
+from berth.finetune.export import POOLER_FILE
+from berth.finetune.modeling import berth_settings, check_vocab, is_model_dir
+from berth.finetune.ner import NerEncoded, add_windows, paragraph_from_word_ids, token_predictions, window_logits
 
 # Texts per chunk: output is written chunk by chunk, in input order.
 CHUNK = 256

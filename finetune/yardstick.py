@@ -5,36 +5,32 @@ from __future__ import annotations
 
 from typing import Any
 
-from finetune.classification import ClassificationTask
 
-
-def tfidf_yardstick(task: ClassificationTask, texts: dict[str, list[str]], seed: int = 0) -> dict[str, Any]:
-    """Character 1-3-gram TF-IDF + logistic regression, trained on the task's training texts; accuracy and macro
-    F1 on validation and test, overall and on the texts longer than one window (as the encoder's metrics)."""
+def tfidf_yardstick(
+    texts: dict[str, list[str]], labels: dict[str, list[int]], long_docs: dict[str, list[int]], seed: int = 0
+) -> dict[str, Any]:
+    """Character 1-3-gram TF-IDF + logistic regression, trained on the training texts; accuracy and macro F1 on
+    validation and test, overall and on the texts longer than one window (as the encoder's metrics)."""
+    # scikit-learn loads only when a yardstick is asked for
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import accuracy_score, f1_score
 
-    train = task.splits["train"]
-    if len(set(train.doc_labels)) < 2:
+    if len(set(labels["train"])) < 2:
         return {"model": "tfidf_char_1_3_logreg", "skipped": "the training split has a single class"}
     vectorizer = TfidfVectorizer(analyzer="char", ngram_range=(1, 3), min_df=2, sublinear_tf=True)
     features = vectorizer.fit_transform(texts["train"])
-    model = LogisticRegression(C=10.0, max_iter=2000, random_state=seed).fit(features, train.doc_labels)
+    model = LogisticRegression(C=10.0, max_iter=2000, random_state=seed).fit(features, labels["train"])
     out: dict[str, Any] = {"model": "tfidf_char_1_3_logreg"}
     for split in ("validation", "test"):
-        if split not in task.splits:
+        if split not in texts:
             continue
-        encoded = task.splits[split]
         predicted = model.predict(vectorizer.transform(texts[split]))
-        labels = encoded.doc_labels
-        long_docs = task.long_documents(split)
+        truth, long = labels[split], long_docs[split]
         out[split] = {
-            "accuracy": float(accuracy_score(labels, predicted)),
-            "macro_f1": float(f1_score(labels, predicted, average="macro")),
-            "long_accuracy": float(accuracy_score([labels[d] for d in long_docs], predicted[long_docs]))
-            if long_docs
-            else None,
-            "long_count": len(long_docs),
+            "accuracy": float(accuracy_score(truth, predicted)),
+            "macro_f1": float(f1_score(truth, predicted, average="macro")),
+            "long_accuracy": float(accuracy_score([truth[d] for d in long], predicted[long])) if long else None,
+            "long_count": len(long),
         }
     return out

@@ -3,8 +3,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from berth.hub import HubConfig
-from corpora.config import CorpusConfig
+from berth.core.hub import HubConfig
+from berth.corpora.config import CorpusConfig
+from berth.runtime.config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -95,44 +96,27 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class PretrainTrainConfig(TrainConfig):
+    """The shared train section (berth.runtime.config) with pretraining's defaults and its own fields."""
+
     max_steps: int = 1000
-    # Examples per process per micro-batch; the global batch is batch_size x processes x grad_accum.
-    batch_size: int = 32
-    grad_accum: int = 1
     lr: float = 5e-4
-    # Warm-up and decay count optimizer steps, whatever the number of processes and accumulation.
     warmup_steps: int = 100
-    schedule: Literal["linear", "cosine", "constant", "noam"] = "linear"
-    min_lr_ratio: float = 0.0
-    optimizer: Literal["adamw", "lamb"] = "adamw"
-    weight_decay: float = 0.01
-    adam_beta1: float = 0.9
     adam_beta2: float = 0.98
     adam_eps: float = 1e-6
-    max_grad_norm: float = 1.0
-    # auto: bf16 on GPUs with it and on CPUs with AVX512-BF16/AMX, fp16 on older GPUs, else fp32.
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    seed: int = 0
     log_every: int = 10
     eval_every: int = 200
+    save_every: int = 500
+    keep_checkpoints: int = 2
     # Evaluation batches (0: the whole validation split).
     eval_batches: int = 0
-    save_every: int = 500
-    keep_last: int = 2
-    # auto: continue from the newest checkpoint in output_dir (or start fresh); a path: that checkpoint.
-    resume: str = ""
-    trackers: tuple[str, ...] = ()
     # Peak FLOP/s of one device, for MFU; 0 uses a table for known GPUs and leaves MFU out elsewhere.
     peak_tflops: float = 0.0
-    progress_bar: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "batch_size", "grad_accum", "log_every", "eval_every", "save_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
-        if self.warmup_steps < 0 or self.lr <= 0:
-            raise ValueError("warmup_steps must be >= 0 and lr > 0")
+        super().__post_init__()
+        if self.eval_batches < 0 or self.peak_tflops < 0:
+            raise ValueError("eval_batches and peak_tflops must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -142,5 +126,5 @@ class PretrainConfig:
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: PretrainTrainConfig = field(default_factory=PretrainTrainConfig)
     hub: HubConfig = field(default_factory=HubConfig)

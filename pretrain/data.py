@@ -28,10 +28,11 @@ import numpy as np
 import pyarrow.compute as pc
 from transformers import PreTrainedTokenizerBase
 
-from berth.errors import BerthError
-from corpora.embedded import hash_unit
-from pretrain.config import DataConfig
-from pretrain.sentences import sentence_ends
+from berth.core.errors import BerthError
+from berth.core.text import has_cjk
+from berth.corpora.embedded import hash_unit
+from berth.pretrain.config import DataConfig
+from berth.pretrain.sentences import sentence_ends
 
 logger = logging.getLogger(__name__)
 
@@ -120,10 +121,6 @@ def continuation_mask(tokenizer: PreTrainedTokenizerBase) -> np.ndarray:
     for token, i in tokenizer.get_vocab().items():
         mask[i] = token.startswith("##")
     return mask
-
-
-def has_cjk(text: str) -> bool:
-    return any("\u4e00" <= ch <= "\u9fff" or "\u3400" <= ch <= "\u4dbf" for ch in text)
 
 
 def word_starts(text: str, words: Sequence[str] | None) -> list[int] | None:

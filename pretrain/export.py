@@ -12,25 +12,18 @@ from accelerate import Accelerator
 from safetensors.torch import save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from berth.hub import card_metadata, hub_model_id
-from pretrain.data import has_cjk
-from pretrain.model import SENTENCE_HEAD
-from runtime.tracking import read_metrics
-from tokenizer.train import write_vocab_txt
+from berth.core.hub import card_metadata, hub_model_id
+from berth.core.text import vocabulary_languages
+from berth.core.vocab import write_vocab_txt
+from berth.pretrain.model import SENTENCE_HEAD
+from berth.runtime.tracking import read_metrics
 
 FINAL = "final"
 
 
-def vocabulary_languages(tokenizer: PreTrainedTokenizerBase) -> list[str]:
-    """["zh"] when CJK characters make up much of the vocabulary; the hub's `language` field."""
-    vocab = tokenizer.get_vocab()
-    cjk = sum(1 for token in vocab if has_cjk(token))
-    return ["zh"] if cjk > 0.3 * len(vocab) else []
-
-
 def model_card(cfg: Any, metrics: dict[str, Any], languages: list[str], base_model: str = "") -> str:
     """A short model card with the hub's YAML metadata and the last evaluation."""
-    from berth.config import dump_config
+    from berth.core.config import dump_config
 
     meta = {
         "language": languages,
@@ -101,7 +94,7 @@ def export_final(
         write_vocab_txt(tokenizer.get_vocab(), tmp / "vocab.txt")
         evals = [m for m in read_metrics(out) if "eval_mlm_accuracy" in m]
         last = {k: v for k, v in (evals[-1] if evals else {}).items() if k.startswith("eval_")}
-        card = model_card(cfg, last, vocabulary_languages(tokenizer), hub_model_id(cfg.model.init))
+        card = model_card(cfg, last, vocabulary_languages(tokenizer.get_vocab()), hub_model_id(cfg.model.init))
         (tmp / "README.md").write_text(card, encoding="utf-8")
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)

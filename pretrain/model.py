@@ -18,9 +18,9 @@ from transformers import (
     ModernBertForMaskedLM,
 )
 
-from berth.errors import BerthError
-from berth.hub import hub_model_id
-from pretrain.config import MODEL_SIZES, ModelConfig
+from berth.core.errors import BerthError
+from berth.core.hub import hub_model_id
+from berth.pretrain.config import MODEL_SIZES, ModelConfig
 
 logger = logging.getLogger(__name__)
 

@@ -29,13 +29,13 @@ import numpy as np
 import pyarrow.compute as pc
 from transformers import PreTrainedTokenizerBase
 
-from berth.config import to_dict
-from berth.errors import BerthError
-from corpora.config import CorpusConfig
-from corpora.embedded import NAMED_CORPORA
-from corpora.readers import HUB_PREFIX, load_corpus, resolve_files
-from pretrain.config import DataConfig, PretrainConfig
-from pretrain.data import (
+from berth.core.config import to_dict
+from berth.core.errors import BerthError
+from berth.corpora.config import CorpusConfig
+from berth.corpora.embedded import NAMED_CORPORA
+from berth.corpora.readers import HUB_PREFIX, load_corpus, resolve_files
+from berth.pretrain.config import DataConfig, PretrainConfig
+from berth.pretrain.data import (
     DOCUMENT_FEATURES,
     EXAMPLE_FEATURES,
     FORMAT_VERSION,
@@ -266,7 +266,7 @@ def decode_example(tokenizer: PreTrainedTokenizerBase, input_ids: list[int]) -> 
 
 def dump_examples(prepared: PreparedData, n: int, stream: Any) -> None:
     """Write n collated, masked training examples (epoch 0) as JSON lines: exactly what the model sees."""
-    from pretrain.masking import EpochExamples, MaskingCollator
+    from berth.pretrain.masking import EpochExamples, MaskingCollator
 
     examples = EpochExamples(prepared.examples("train", 0), prepared.data.seed, epoch=0)
     collator = MaskingCollator(prepared.data, prepared.special)

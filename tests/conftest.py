@@ -39,9 +39,9 @@ def _isolated_datasets_cache(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="session")
 def zh_tokenizer_dir(tmp_path_factory):
     """The tokenizer of configs/tokenizer/zh.yaml, trained once per test session on the embedded corpus."""
-    from berth.config import load_config
-    from tokenizer.config import TokenizerJobConfig
-    from tokenizer.train import train_tokenizer
+    from berth.core.config import load_config
+    from berth.tokenizer.config import TokenizerJobConfig
+    from berth.tokenizer.train import train_tokenizer
 
     out = tmp_path_factory.mktemp("zh-tokenizer")
     cfg = load_config(TokenizerJobConfig, "configs/tokenizer/zh.yaml", [f"output_dir={out}"])
@@ -58,7 +58,7 @@ def fake_hub(monkeypatch, tmp_path):
     import huggingface_hub.constants
     from fake_hub import FakeHub
 
-    from berth.hub import OFFLINE_VARS
+    from berth.core.hub import OFFLINE_VARS
 
     for var in OFFLINE_VARS:
         monkeypatch.delenv(var, raising=False)
@@ -71,8 +71,8 @@ def fake_hub(monkeypatch, tmp_path):
         yield server
 
 
-def launch_two_processes(module: str, args: list[str]):
-    """`accelerate launch` of `python -m module args` on two CPU processes through the shipped config
+def launch_two_processes(command: str, args: list[str]):
+    """`accelerate launch -m berth command args` on two CPU processes through the shipped config
     (plain `--cpu --num_processes 2` would run one). Returns the finished process."""
     import socket
     import subprocess
@@ -90,7 +90,8 @@ def launch_two_processes(module: str, args: list[str]):
         "--main_process_port",
         port,
         "-m",
-        module,
+        "berth",
+        command,
         *args,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -6,8 +6,8 @@ import sys
 import pytest
 import yaml
 
-from berth import hub
-from berth.cli import main
+from berth.app.cli import main
+from berth.core import hub
 
 
 @pytest.fixture
@@ -70,9 +70,9 @@ def test_missing_corpus_is_one_line_on_stderr(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_python_dash_m_tokenizer_is_the_same_command():
+def test_python_dash_m_berth_is_the_same_command():
     result = subprocess.run(
-        [sys.executable, "-m", "tokenizer", "train", "configs/tokenizer/zh.yaml", "--print-config"],
+        [sys.executable, "-m", "berth", "tokenizer", "train", "configs/tokenizer/zh.yaml", "--print-config"],
         capture_output=True,
         text=True,
         check=True,
@@ -139,9 +139,9 @@ def test_quick_demo_runs_every_stage_writes_the_report_then_reuses(tmp_path, cap
 
 
 def test_a_fine_tuning_run_is_stale_once_its_encoder_is_retrained(tmp_path):
-    from berth.config import dump_config, load_config
-    from berth.demo import built_with
-    from finetune.config import FinetuneConfig
+    from berth.app.demo import built_with
+    from berth.core.config import dump_config, load_config
+    from berth.finetune.config import FinetuneConfig
 
     cfg = load_config(FinetuneConfig, "configs/finetune/reviews_sentiment.yaml", [f"output_dir={tmp_path / 'ft'}"])
     run, encoder = tmp_path / "ft", tmp_path / "pretrain" / "final" / "model.safetensors"
@@ -170,7 +170,7 @@ def test_a_fine_tuning_run_is_stale_once_its_encoder_is_retrained(tmp_path):
 )
 def test_python_dash_m_stage_prints_its_config(module, config, key):
     result = subprocess.run(
-        [sys.executable, "-m", module, config, "train.max_steps=7", "--print-config"],
+        [sys.executable, "-m", "berth", module, config, "train.max_steps=7", "--print-config"],
         capture_output=True,
         text=True,
         check=True,

@@ -4,7 +4,7 @@ from typing import Literal
 import pytest
 import yaml
 
-from berth.config import ConfigError, dump_config, load_config, save_config
+from berth.core.config import ConfigError, dump_config, load_config, save_config
 
 
 @dataclass(frozen=True)

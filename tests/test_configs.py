@@ -3,9 +3,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from berth.config import load_config
-from pretrain.config import PretrainConfig
-from tokenizer.config import TokenizerJobConfig
+from berth.core.config import load_config
+from berth.pretrain.config import PretrainConfig
+from berth.tokenizer.config import TokenizerJobConfig
 
 CONFIGS = Path("configs")
 

@@ -2,8 +2,8 @@ import collections
 
 import pytest
 
-from corpora import embedded
-from corpora.embedded import (
+from berth.corpora import embedded
+from berth.corpora.embedded import (
     NER_LABELS,
     article_starts,
     bio_characters,

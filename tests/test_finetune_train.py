@@ -18,18 +18,19 @@ from transformers import (
     pipeline,
 )
 
-from berth.cli import main
-from berth.config import load_config
-from berth.errors import BerthError
-from corpora.embedded import peoples_daily_ner, reviews_sentiment
-from finetune.classification import WindowSettings, encode_texts, pair_cuts
-from finetune.config import FinetuneConfig
-from finetune.predict import predict_file
-from finetune.train import FinetuneLoop, finetune
-from pretrain.data import has_cjk
-from pretrain.model import padded_vocab_size
-from runtime.tracking import read_metrics
-from tokenizer.train import load_tokenizer
+from berth.app.cli import main
+from berth.core.config import load_config
+from berth.core.errors import BerthError
+from berth.core.text import has_cjk
+from berth.core.vocab import load_tokenizer
+from berth.corpora.embedded import peoples_daily_ner, reviews_sentiment
+from berth.finetune.classification import WindowSettings, encode_texts, pair_cuts
+from berth.finetune.config import FinetuneConfig
+from berth.finetune.predict import predict_file
+from berth.finetune.train import FinetuneStage, finetune
+from berth.pretrain.model import padded_vocab_size
+from berth.runtime.loop import Loop
+from berth.runtime.tracking import read_metrics
 
 SMALL = ["train.epochs=2", "train.batch_size=8", "train.precision=fp32", "train.progress_bar=false"]
 
@@ -308,7 +309,7 @@ def test_two_processes_reach_the_weights_and_metrics_of_one(tiny, tmp_path, aggr
 
 def _flat_overrides(cfg):
     """The resolved config as section.key=value pairs, so a subprocess runs exactly this config."""
-    from berth.config import to_dict
+    from berth.core.config import to_dict
 
     def walk(tree, prefix=""):
         for key, value in tree.items():
@@ -325,9 +326,9 @@ def _flat_overrides(cfg):
 def test_early_stopping_keeps_the_best_evaluation(tiny, tmp_path):
     scripted = iter([0.50, 0.70, 0.60, 0.65, 0.99, 0.99])
 
-    class Scripted(FinetuneLoop):
-        def build(self):
-            super().build()
+    class Scripted(FinetuneStage):
+        def build(self, acc):
+            model = super().build(acc)
             real = self.task.evaluate
 
             def evaluate(model, split, acc, batch_size, aggregation=None):
@@ -335,9 +336,10 @@ def test_early_stopping_keeps_the_best_evaluation(tiny, tmp_path):
                 return {**metrics, "accuracy": next(scripted)}, rows
 
             self.task.evaluate = evaluate
+            return model
 
     cfg = review_config(tiny, tmp_path / "run", "train.eval_every=2", "train.early_stopping_patience=2")
-    Scripted(cfg).run()
+    Loop(cfg, Scripted(cfg)).run()
     results = json.loads((tmp_path / "run" / "eval_results.json").read_text())
     assert results["best_step"] == 4 and results["steps"] == 8  # 0.70 at step 4; 0.60, 0.65 then stop
     assert results["validation"]["accuracy"] == 0.70
@@ -506,7 +508,7 @@ def test_hub_push_in_the_config_uploads_the_export(tiny, tmp_path, fake_hub, mon
 
 
 def test_hub_push_without_a_token_stops_before_training(tiny, tmp_path, fake_hub):
-    from berth.errors import BerthError
+    from berth.core.errors import BerthError
 
     with pytest.raises(BerthError, match="needs a Hugging Face token"):
         finetune(review_config(tiny, tmp_path / "run", "hub.push=true", "hub.repo_id=bob/reviews"))

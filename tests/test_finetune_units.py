@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from finetune.batching import eval_order, length_grouped_batches, pad_rows
-from finetune.bio import bio_spans
-from finetune.classification import WindowPooler, aggregate
-from finetune.metrics import load_metric
-from finetune.ner import Paragraph, token_predictions
-from finetune.windows import max_context_owner, truncate, window_spans
+from berth.finetune.batching import eval_order, length_grouped_batches, pad_rows
+from berth.finetune.bio import bio_spans
+from berth.finetune.classification import WindowPooler, aggregate
+from berth.finetune.metrics import load_metric
+from berth.finetune.ner import Paragraph, token_predictions
+from berth.finetune.windows import max_context_owner, truncate, window_spans
 
 
 def test_window_spans_step_by_stride_and_align_the_last_window_to_the_end():
@@ -155,7 +155,7 @@ def test_modernbert_window_vectors_give_the_models_own_logits(pooling):
     logits of ModernBertForSequenceClassification itself."""
     from transformers import ModernBertConfig, ModernBertForSequenceClassification
 
-    from finetune.classification import WindowClassifier
+    from berth.finetune.classification import WindowClassifier
 
     config = ModernBertConfig(
         vocab_size=64,

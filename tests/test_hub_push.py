@@ -6,12 +6,12 @@ import pytest
 from conftest import HUB_TOKEN as TOKEN
 from transformers import BertConfig, BertForMaskedLM
 
-from berth.cli import main
+from berth.app.cli import main
 
 
 @pytest.fixture
 def model_dir(zh_tokenizer_dir, tmp_path):
-    from tokenizer.train import load_tokenizer
+    from berth.core.vocab import load_tokenizer
 
     _, _, tokenizer_dir = zh_tokenizer_dir
     out = tmp_path / "final"

@@ -3,10 +3,10 @@ import random
 import pytest
 import torch
 
-from pretrain.config import DataConfig
-from pretrain.data import Document, DocumentEncoder, SpecialIds, pack_documents, renumber
-from pretrain.masking import EpochExamples, MaskingCollator, mask_seed, word_starts
-from tokenizer.train import load_tokenizer
+from berth.core.vocab import load_tokenizer
+from berth.pretrain.config import DataConfig
+from berth.pretrain.data import Document, DocumentEncoder, SpecialIds, pack_documents, renumber
+from berth.pretrain.masking import EpochExamples, MaskingCollator, mask_seed, word_starts
 
 SPECIAL = SpecialIds(pad=0, unk=1, cls=2, sep=3, mask=4, vocab_size=500)
 

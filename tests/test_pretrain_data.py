@@ -6,10 +6,11 @@ import sys
 import numpy as np
 import pytest
 
-from berth.config import load_config
-from berth.errors import BerthError
-from pretrain.config import DataConfig, PretrainConfig
-from pretrain.data import (
+from berth.core.config import load_config
+from berth.core.errors import BerthError
+from berth.core.vocab import load_tokenizer
+from berth.pretrain.config import DataConfig, PretrainConfig
+from berth.pretrain.data import (
     Document,
     DocumentEncoder,
     ExampleBuilder,
@@ -24,10 +25,10 @@ from pretrain.data import (
     sentence_token_ends,
     truncate_pair,
 )
-from pretrain.prepare import example_stats, prepare, prepare_documents
-from pretrain.sentences import split_sentences
-from tokenizer.config import WordPieceConfig
-from tokenizer.train import SPECIAL_TOKENS, build_wordpiece, load_tokenizer, save_tokenizer
+from berth.pretrain.prepare import example_stats, prepare, prepare_documents
+from berth.pretrain.sentences import split_sentences
+from berth.tokenizer.config import WordPieceConfig
+from berth.tokenizer.train import SPECIAL_TOKENS, build_wordpiece, save_tokenizer
 
 SPECIAL = SpecialIds(pad=0, unk=1, cls=2, sep=3, mask=4, vocab_size=1000)
 
@@ -454,7 +455,7 @@ def test_prepare_dump_writes_what_the_model_sees(zh_tokenizer_dir, tmp_path):
         [
             sys.executable,
             "-m",
-            "berth.cli",
+            "berth",
             "-q",
             "prepare",
             "configs/pretrain/mini_zh.yaml",

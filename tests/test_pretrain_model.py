@@ -2,11 +2,11 @@ import pytest
 import torch
 from transformers import AutoModelForPreTraining
 
-from berth.errors import BerthError
-from pretrain.config import DataConfig, ModelConfig
-from pretrain.data import SpecialIds
-from pretrain.masking import MaskingCollator, mask_seed
-from pretrain.model import NEVER, PretrainingObjective, build_model
+from berth.core.errors import BerthError
+from berth.pretrain.config import DataConfig, ModelConfig
+from berth.pretrain.data import SpecialIds
+from berth.pretrain.masking import MaskingCollator, mask_seed
+from berth.pretrain.model import NEVER, PretrainingObjective, build_model
 
 VOCAB = 300
 SPECIAL = SpecialIds(0, 1, 2, 3, 4, VOCAB)
@@ -134,7 +134,7 @@ def test_init_that_is_not_a_model(tmp_path):
 
 
 def test_fast_dropout_matches_dropout_in_distribution():
-    from runtime.dropout import FastDropout, use_fast_dropout
+    from berth.runtime.dropout import FastDropout, use_fast_dropout
 
     torch.manual_seed(0)
     x = torch.ones(200_000)
@@ -151,7 +151,7 @@ def test_fast_dropout_matches_dropout_in_distribution():
 
 
 def test_pack_batch_exact():
-    from pretrain.masking import pack_batch
+    from berth.pretrain.masking import pack_batch
 
     collator = MaskingCollator(DataConfig(pad_to_multiple_of=4), SPECIAL, mask=False)
     examples = [
@@ -200,7 +200,7 @@ def modernbert(impl="sdpa", **overrides):
     [("bert", "sdpa"), ("bert", "eager"), ("modernbert", "sdpa"), ("modernbert", "eager"), ("sliding", "sdpa")],
 )
 def test_packed_batch_gives_the_losses_of_the_unpacked_one(architecture, impl):
-    from pretrain.masking import pack_batch
+    from berth.pretrain.masking import pack_batch
 
     if architecture == "bert":
         torch.manual_seed(0)
@@ -277,7 +277,7 @@ def test_modernbert_sentence_task_uses_berths_head_on_the_final_cls_vector():
 
 
 def test_auto_attention_is_eager_only_for_cpu_training_without_attention_dropout():
-    from pretrain.model import resolve_attention
+    from berth.pretrain.model import resolve_attention
 
     no_dropout = ModelConfig(attention_dropout=0.0)
     assert resolve_attention(no_dropout, "cpu") == "eager"

@@ -8,13 +8,13 @@ from conftest import launch_two_processes
 from safetensors.torch import load_file
 from transformers import AutoModelForMaskedLM, AutoModelForPreTraining, pipeline
 
-from berth.config import load_config
-from berth.errors import BerthError
-from corpora.embedded import peoples_daily
-from pretrain.config import PretrainConfig
-from pretrain.train import pretrain
-from runtime.tracking import read_metrics
-from tokenizer.train import load_tokenizer
+from berth.core.config import load_config
+from berth.core.errors import BerthError
+from berth.core.vocab import load_tokenizer
+from berth.corpora.embedded import peoples_daily
+from berth.pretrain.config import PretrainConfig
+from berth.pretrain.train import pretrain
+from berth.runtime.tracking import read_metrics
 
 
 @pytest.fixture(scope="module")
@@ -268,7 +268,7 @@ def test_modernbert_pretrains_with_berths_sentence_head_exports_and_fills_masks(
 
 
 def test_continued_modernbert_pretraining_starts_from_the_saved_head(setup, modern):
-    from pretrain.model import PretrainingObjective, SentenceHead, build_model, load_sentence_head
+    from berth.pretrain.model import PretrainingObjective, SentenceHead, build_model, load_sentence_head
 
     _, final = modern
     cfg = config(setup, "continued", f"model.init={final}")
@@ -287,7 +287,7 @@ def test_a_hub_id_init_downloads_the_saved_head(modern, monkeypatch):
     import huggingface_hub
     from huggingface_hub.errors import EntryNotFoundError
 
-    from pretrain.model import SentenceHead, load_sentence_head
+    from berth.pretrain.model import SentenceHead, load_sentence_head
 
     _, final = modern
     asked = []

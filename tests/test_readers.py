@@ -4,9 +4,9 @@ import time
 import datasets
 import pytest
 
-from berth.errors import BerthError
-from corpora.config import CorpusConfig
-from corpora.readers import load_corpus
+from berth.core.errors import BerthError
+from berth.corpora.config import CorpusConfig
+from berth.corpora.readers import load_corpus
 
 
 def texts(corpus):

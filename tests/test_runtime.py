@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from runtime.checkpoint import config_differences
-from runtime.optim import Lamb, build_optimizer, parameter_groups
-from runtime.schedules import lr_multiplier, planned_curve
+from berth.runtime.checkpoint import config_differences
+from berth.runtime.optim import Lamb, build_optimizer, parameter_groups
+from berth.runtime.schedules import lr_multiplier, planned_curve
 
 
 @pytest.mark.parametrize(
@@ -60,7 +60,7 @@ def test_build_optimizer_names():
 
 
 def test_wandb_is_offline_unless_logged_in(monkeypatch, tmp_path):
-    from runtime.tracking import configure_wandb
+    from berth.runtime.tracking import configure_wandb
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
@@ -74,7 +74,7 @@ def test_wandb_is_offline_unless_logged_in(monkeypatch, tmp_path):
 
 
 def test_metrics_log_drops_lines_past_a_resumed_step(tmp_path):
-    from runtime.tracking import MetricsLog, read_metrics
+    from berth.runtime.tracking import MetricsLog, read_metrics
 
     log = MetricsLog(tmp_path)
     for step in (1, 2, 3, 4):

@@ -5,16 +5,16 @@ import pytest
 from transformers import AutoTokenizer, BertTokenizer
 from transformers.models.bert.tokenization_bert_legacy import BertTokenizerLegacy
 
-from berth.config import load_config
-from berth.errors import BerthError
-from corpora.embedded import NAMED_CORPORA
-from tokenizer.config import TokenizerJobConfig, WordPieceConfig
-from tokenizer.train import (
+from berth.core.config import load_config
+from berth.core.errors import BerthError
+from berth.core.vocab import load_tokenizer
+from berth.corpora.embedded import NAMED_CORPORA
+from berth.tokenizer.config import TokenizerJobConfig, WordPieceConfig
+from berth.tokenizer.train import (
     SPECIAL_TOKENS,
     build_wordpiece,
     corpus_alphabet,
     is_built,
-    load_tokenizer,
     save_tokenizer,
     train_tokenizer,
     train_wordpiece,

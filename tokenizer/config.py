@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from corpora.config import CorpusConfig
+from berth.corpora.config import CorpusConfig
 
 
 @dataclass(frozen=True)

@@ -14,13 +14,14 @@ from typing import Any
 
 import datasets
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import AutoTokenizer, BertTokenizer, PreTrainedTokenizerBase
+from transformers import BertTokenizer, PreTrainedTokenizerBase
 
-from berth.config import CONFIG_FILENAME, dump_config, save_config
-from berth.errors import BerthError
-from corpora.embedded import hash_unit
-from corpora.readers import load_corpus
-from tokenizer.config import TokenizerJobConfig, WordPieceConfig
+from berth.core.config import CONFIG_FILENAME, dump_config, load_config, save_config
+from berth.core.errors import BerthError
+from berth.core.vocab import has_tokenizer, load_tokenizer, write_vocab_txt
+from berth.corpora.embedded import hash_unit
+from berth.corpora.readers import load_corpus
+from berth.tokenizer.config import TokenizerJobConfig, WordPieceConfig
 
 logger = logging.getLogger(__name__)
 
@@ -159,27 +160,6 @@ def save_tokenizer(tok: Tokenizer, cfg: WordPieceConfig, output_dir: str | Path)
     return out
 
 
-def write_vocab_txt(vocab: dict[str, int], path: Path) -> None:
-    """vocab.txt alone rebuilds the same tokenizer with transformers' BertTokenizer (ids are line numbers)."""
-    tokens = sorted(vocab.items(), key=lambda kv: kv[1])
-    path.write_text("".join(f"{token}\n" for token, _ in tokens), encoding="utf-8")
-
-
-def has_tokenizer(path: Path) -> bool:
-    return (path / "tokenizer.json").is_file() or (path / "vocab.txt").is_file()
-
-
-def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    """Load a saved tokenizer, with a one-line error when the directory holds none."""
-    path = Path(path)
-    if not has_tokenizer(path):
-        raise BerthError(f"{path}: no tokenizer here (no tokenizer.json or vocab.txt); run `berth tokenizer train`")
-    try:
-        return AutoTokenizer.from_pretrained(str(path))
-    except Exception as exc:
-        raise BerthError(f"{path}: cannot load the tokenizer: {exc}") from None
-
-
 def measure(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> dict[str, float]:
     """[UNK] rate (share of tokens) and tokens per character on `texts`, special tokens left out."""
     if not texts:
@@ -281,8 +261,6 @@ def ensure_tokenizer(path: str | Path, config: str | Path | None) -> PreTrainedT
     if not has_tokenizer(path):
         if not config:
             raise BerthError(f"{path}: no tokenizer here, and tokenizer.config is empty; run `berth tokenizer train`")
-        from berth.config import load_config
-
         logger.info("no tokenizer in %s yet: training it with %s", path, config)
         cfg = load_config(TokenizerJobConfig, config, [f"output_dir={path}"])
         logger.info("\n%s", format_summary(train_tokenizer(cfg)))

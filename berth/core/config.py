@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.resources
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -17,7 +18,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
 
-from berth.errors import BerthError
+from berth.core.errors import BerthError
 
 T = TypeVar("T")
 
@@ -37,13 +38,24 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
     source = str(path) if path else "<defaults>"
     raw: dict[str, Any] = {}
     if path:
-        raw = _read_yaml(Path(path))
+        raw = _read_yaml(config_file(path))
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override '{item}': expected section.key=value")
         _set_dotted(raw, key.strip().split("."), _Override(value), item)
     return from_dict(cls, raw, source=source)
+
+
+def config_file(path: str | Path) -> Path:
+    """`path` itself when it is a file; else the config shipped with berth under that name
+    (`configs/pretrain/mini_zh.yaml` or `pretrain/mini_zh.yaml`), so the documented commands work from any
+    directory once berth is installed. A name that is neither comes back unchanged, for the caller's error."""
+    given = Path(path)
+    if given.is_file() or given.is_absolute():
+        return given
+    shipped = importlib.resources.files("berth.configs").joinpath(given.as_posix().removeprefix("configs/"))
+    return Path(str(shipped)) if shipped.is_file() else given
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from berth.errors import BerthError
+from berth.core.errors import BerthError
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")

@@ -9,8 +9,8 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs
 
-from berth.errors import BerthError
-from runtime.tracking import configure_wandb
+from berth.core.errors import BerthError
+from berth.runtime.tracking import configure_wandb
 
 TRACKERS = ("wandb", "tensorboard")
 

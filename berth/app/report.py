@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runtime.tracking import read_metrics
+from berth.runtime.tracking import read_metrics
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from accelerate import Accelerator
 
-from berth.errors import BerthError
+from berth.core.errors import BerthError
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "state.json"
@@ -37,7 +37,7 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
 
 
 def save_checkpoint(
-    accelerator: Accelerator, output_dir: str | Path, step: int, state: dict[str, Any], config_text: str, keep_last: int
+    accelerator: Accelerator, output_dir: str | Path, step: int, state: dict[str, Any], config_text: str, keep: int
 ) -> Path:
     root = checkpoint_dir(output_dir)
     final = root / f"step-{step:08d}"
@@ -54,7 +54,7 @@ def save_checkpoint(
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
-        for old in list_checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
+        for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import datasets
 
-from berth.errors import BerthError
-from berth.hub import require_hub
-from corpora.config import CorpusConfig
-from corpora.embedded import NAMED_CORPORA
+from berth.core.errors import BerthError
+from berth.core.hub import require_hub
+from berth.corpora.config import CorpusConfig
+from berth.corpora.embedded import NAMED_CORPORA
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,72 @@
+"""The `train` section every stage shares: one name per idea, one meaning in pretraining and fine-tuning.
+
+A stage's own train section subclasses `TrainConfig`, adds its fields and may change a default; the loop
+(`berth.runtime.loop`) reads only the fields defined here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # Optimizer steps; 0: epochs x the steps of one epoch.
+    max_steps: int = 0
+    epochs: int = 1
+    # Units per process per micro-batch; the global batch is batch_size x processes x grad_accum.
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 1e-4
+    # Warm-up in optimizer steps; 0: warmup_ratio x all optimizer steps (BERT fine-tunes with 10%).
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    schedule: Literal["linear", "cosine", "constant", "noam"] = "linear"
+    min_lr_ratio: float = 0.0
+    optimizer: Literal["adamw", "lamb"] = "adamw"
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    # auto: bf16 on GPUs with it and on CPUs with AVX512-BF16/AMX, fp16 on older GPUs, else fp32.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    seed: int = 0
+    log_every: int = 20
+    # Evaluate every N optimizer steps; 0: at the end of every epoch. The last step is always evaluated.
+    eval_every: int = 0
+    # Save a resumable checkpoint every N optimizer steps; 0: right after each evaluation.
+    save_every: int = 0
+    # How many of the newest checkpoints are kept (0: none is written).
+    keep_checkpoints: int = 1
+    # auto: continue from the newest checkpoint in output_dir (a fresh start when there is none); or a
+    # checkpoint directory. A resumed run ends with the weights of an uninterrupted one.
+    resume: str = ""
+    trackers: tuple[str, ...] = ()
+    progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "grad_accum", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
+        for name in ("max_steps", "warmup_steps", "eval_every", "save_every", "keep_checkpoints"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0; got {self.lr}")
+        for name in ("warmup_ratio", "min_lr_ratio", "adam_beta1", "adam_beta2"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be in [0, 1); got {value}")
+        if not (math.isfinite(self.adam_eps) and self.adam_eps > 0):
+            raise ValueError(f"adam_eps must be a finite number > 0; got {self.adam_eps}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a finite number >= 0; got {self.weight_decay}")
+        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+            raise ValueError(f"max_grad_norm must be a finite number > 0; got {self.max_grad_norm}")
+
+    def warmup(self, total_steps: int) -> int:
+        """Warm-up optimizer steps of a run of `total_steps`."""
+        return self.warmup_steps or round(self.warmup_ratio * total_steps)
