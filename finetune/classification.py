@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -13,7 +13,7 @@ from transformers import AutoModelForSequenceClassification, PreTrainedTokenizer
 
 from berth.core.errors import BerthError
 from berth.finetune.batching import encoder_batch, eval_order, gather_in_order
-from berth.finetune.config import FinetuneConfig, TaskData
+from berth.finetune.config import FinetuneConfig
 from berth.finetune.data import (
     Split,
     check_labels,
@@ -25,31 +25,10 @@ from berth.finetune.data import (
 )
 from berth.finetune.metrics import load_metric
 from berth.finetune.modeling import build_pretrained, encoder_inputs
-from berth.finetune.windows import truncate, window_spans
+from berth.finetune.windows import WindowSettings, truncate, window_spans
 from berth.finetune.yardstick import tfidf_yardstick
 
 logger = logging.getLogger(__name__)
-
-AGGREGATIONS = ("mean", "max", "attention")
-
-
-@dataclass(frozen=True)
-class WindowSettings:
-    """How a text becomes model inputs; saved in the exported config so predict cuts texts the same way."""
-
-    max_seq_len: int = 128
-    long_text: str = "windows"
-    stride: int = 64
-    head_fraction: float = 0.25
-    aggregation: str = "mean"  # the one used at prediction (auto is resolved on validation)
-    text_pair: bool = False  # the model classifies text pairs (predict then needs both texts)
-
-    @classmethod
-    def from_data(cls, data: TaskData) -> WindowSettings:
-        aggregation = "mean" if data.aggregation == "auto" else data.aggregation
-        return cls(
-            data.max_seq_len, data.long_text, data.stride, data.head_fraction, aggregation, bool(data.text_pair_column)
-        )
 
 
 @dataclass
@@ -231,7 +210,7 @@ class ClassificationTask:
     def __init__(self, cfg: FinetuneConfig, tokenizer: PreTrainedTokenizerBase):
         data = cfg.data
         self.cfg, self.tokenizer = cfg, tokenizer
-        self.settings = WindowSettings.from_data(data)
+        self.settings = WindowSettings.from_data("classification", data)
         self.attention = data.aggregation == "attention" and data.long_text == "windows"
         splits = load_splits(data)
         columns = [data.text_column, data.label_column] + ([data.text_pair_column] if data.text_pair_column else [])
@@ -274,8 +253,9 @@ class ClassificationTask:
         model = build_pretrained(AutoModelForSequenceClassification, init, config, from_scratch)
         return WindowClassifier(model, self.attention)
 
-    def export_settings(self, aggregation: str) -> dict[str, Any]:
-        return {"task": self.kind, **asdict(self.settings), "aggregation": aggregation}
+    def export_settings(self, aggregation: str) -> WindowSettings:
+        """What the export carries: these settings with the aggregation validation chose in place of auto."""
+        return replace(self.settings, aggregation=aggregation)
 
     # -- training ------------------------------------------------------------------------------------------
 
@@ -341,7 +321,7 @@ class ClassificationTask:
         labels = torch.tensor(encoded.doc_labels)
         long_docs = self.long_documents(split)
         results = {how: self._scores(logits, labels, long_docs) for how, logits in by_aggregation.items()}
-        chosen = aggregation or self._choose(results)
+        chosen = aggregation or self.choose_aggregation(results)
         metrics: dict[str, Any] = {**results[chosen], "aggregation": chosen, "long_count": len(long_docs)}
         for how, scores in results.items():
             metrics[f"accuracy_{how}"] = scores["accuracy"]
@@ -391,7 +371,8 @@ class ClassificationTask:
             out[strategy] = {k: scores[k] for k in ("accuracy", "macro_f1", "long_accuracy")}
         return out
 
-    def _choose(self, results: dict[str, dict[str, float]]) -> str:
+    def choose_aggregation(self, results: dict[str, dict[str, float]]) -> str:
+        """The one place `auto` is resolved: the better of mean and max on this split's metric."""
         configured = self.cfg.data.aggregation
         if self.cfg.data.long_text != "windows":
             return "mean"  # one window per text: every aggregation is the same

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,9 @@ from berth.core.hub import card_metadata, hub_model_id
 from berth.core.text import vocabulary_languages
 from berth.core.vocab import load_tokenizer, write_vocab_txt
 from berth.finetune.modeling import BERTH_KEY
+from berth.finetune.windows import WindowSettings
 
 BEST = "best"
-FINAL = "final"
 POOLER_FILE = "window_pooler.safetensors"
 PIPELINE_TAGS = {"classification": "text-classification", "ner": "token-classification"}
 
@@ -47,14 +48,14 @@ def _parts(model: torch.nn.Module) -> tuple[PreTrainedModel, torch.nn.Module | N
 def save_model_dir(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    settings: dict[str, Any],
+    settings: WindowSettings,
     target: Path,
     extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write the model atomically: a temporary directory renamed over `target`, so a kill leaves the old one."""
     hf_model, pooler = _parts(model)
     tmp = target.parent / f".tmp-{target.name}-{time.time_ns()}"
-    setattr(hf_model.config, BERTH_KEY, settings)
+    setattr(hf_model.config, BERTH_KEY, asdict(settings))
     hf_model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     write_vocab_txt(tokenizer.get_vocab(), tmp / "vocab.txt")
@@ -139,7 +140,7 @@ which cuts and aggregates them as in training.
 """
 
 
-def export_final(best: Path, final: Path, cfg: Any, results: dict[str, Any]) -> Path:
+def export_finetuned(best: Path, final: Path, cfg: Any, results: dict[str, Any]) -> Path:
     """final/ = the best checkpoint plus a model card; written beside and renamed into place."""
     tmp = final.parent / f".tmp-{final.name}-{time.time_ns()}"
     shutil.copytree(best, tmp, ignore=shutil.ignore_patterns("berth_state.json"))

@@ -43,7 +43,7 @@ def check_init(init: str) -> str:
     raise BerthError(f"model.init={init}: no such directory")
 
 
-def load_config(init: str, overrides: dict[str, Any]) -> PretrainedConfig:
+def load_model_config(init: str, overrides: dict[str, Any]) -> PretrainedConfig:
     try:
         config = AutoConfig.from_pretrained(init)
     except (OSError, ValueError) as exc:

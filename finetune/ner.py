@@ -13,6 +13,7 @@ from torch import nn
 from transformers import AutoModelForTokenClassification, PreTrainedTokenizerBase
 
 from berth.core.errors import BerthError
+from berth.core.labels import IGNORE_INDEX
 from berth.finetune.batching import encoder_batch, eval_order, gather_in_order, pad_rows
 from berth.finetune.bio import bio_spans
 from berth.finetune.config import FinetuneConfig
@@ -27,11 +28,9 @@ from berth.finetune.data import (
 )
 from berth.finetune.metrics import load_metric
 from berth.finetune.modeling import build_pretrained, encoder_inputs
-from berth.finetune.windows import max_context_owner, window_spans
+from berth.finetune.windows import WindowSettings, max_context_owner, window_spans
 
 logger = logging.getLogger(__name__)
-
-IGNORE = -100
 
 
 @dataclass
@@ -61,13 +60,13 @@ def paragraph_from_word_ids(ids: list[int], word_ids: list[int | None], num_word
 class NerEncoded:
     paragraphs: list[Paragraph] = field(default_factory=list)
     window_ids: list[list[int]] = field(default_factory=list)  # [CLS] pieces [SEP]
-    window_labels: list[list[int]] = field(default_factory=list)  # tag of a word's first piece, else IGNORE
+    window_labels: list[list[int]] = field(default_factory=list)  # tag of a word's first piece, else IGNORE_INDEX
     window_doc: list[int] = field(default_factory=list)
 
 
 def add_windows(encoded: NerEncoded, paragraph: Paragraph, cls: int, sep: int, max_seq_len: int, stride: int) -> None:
     doc = len(encoded.paragraphs)
-    labels = [IGNORE] * len(paragraph.ids)
+    labels = [IGNORE_INDEX] * len(paragraph.ids)
     for w, p in enumerate(paragraph.first_piece):
         if p >= 0 and paragraph.tags[w] >= 0:
             labels[p] = paragraph.tags[w]
@@ -75,7 +74,7 @@ def add_windows(encoded: NerEncoded, paragraph: Paragraph, cls: int, sep: int, m
     for start, end in paragraph.spans:
         paragraph.windows.append(len(encoded.window_ids))
         encoded.window_ids.append([cls, *paragraph.ids[start:end], sep])
-        encoded.window_labels.append([IGNORE, *labels[start:end], IGNORE])
+        encoded.window_labels.append([IGNORE_INDEX, *labels[start:end], IGNORE_INDEX])
         encoded.window_doc.append(doc)
     encoded.paragraphs.append(paragraph)
 
@@ -150,9 +149,8 @@ class NerTask:
         config.label2id = {name: i for i, name in enumerate(self.labels)}
         return build_pretrained(AutoModelForTokenClassification, init, config, from_scratch)
 
-    def export_settings(self, aggregation: str) -> dict[str, Any]:
-        data = self.cfg.data
-        return {"task": self.kind, "max_seq_len": data.max_seq_len, "stride": data.stride}
+    def export_settings(self, aggregation: str) -> WindowSettings:
+        return WindowSettings(self.kind, self.cfg.data.max_seq_len, self.cfg.data.stride)
 
     # -- training ------------------------------------------------------------------------------------------
 
@@ -168,12 +166,12 @@ class NerTask:
             [[0] * len(encoded.window_ids[w]) for w in windows],
             self.tokenizer.pad_token_id,
         )
-        batch["labels"] = pad_rows([encoded.window_labels[w] for w in windows], IGNORE)
+        batch["labels"] = pad_rows([encoded.window_labels[w] for w in windows], IGNORE_INDEX)
         return batch
 
     def targets(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The batch's tagged tokens (the first piece of each word in its window's max-context span)."""
-        return (batch["labels"] != IGNORE).sum()
+        return (batch["labels"] != IGNORE_INDEX).sum()
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = model(**encoder_inputs(model, batch)).logits  # [B, L, C]
@@ -181,7 +179,11 @@ class NerTask:
             torch.tensor(self.cfg.data.class_weights, device=logits.device) if self.cfg.data.class_weights else None
         )
         return nn.functional.cross_entropy(
-            logits.flatten(0, 1).float(), batch["labels"].flatten(), weight=weight, ignore_index=IGNORE, reduction="sum"
+            logits.flatten(0, 1).float(),
+            batch["labels"].flatten(),
+            weight=weight,
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
         )
 
     # -- evaluation ----------------------------------------------------------------------------------------
@@ -206,8 +208,10 @@ class NerTask:
             for w in paragraph.windows:
                 row_logits = torch.from_numpy(logits[w])
                 labels = torch.tensor(encoded.window_labels[w])
-                loss_sum += nn.functional.cross_entropy(row_logits, labels, ignore_index=IGNORE, reduction="sum").item()
-                loss_count += int((labels != IGNORE).sum())
+                loss_sum += nn.functional.cross_entropy(
+                    row_logits, labels, ignore_index=IGNORE_INDEX, reduction="sum"
+                ).item()
+                loss_count += int((labels != IGNORE_INDEX).sum())
             rows.append(
                 {
                     "index": d,

@@ -11,6 +11,7 @@ from typing import Any, TextIO
 import numpy as np
 import torch
 from accelerate import Accelerator
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 from transformers.utils import logging as hf_logging
@@ -18,10 +19,11 @@ from transformers.utils import logging as hf_logging
 from berth.core.errors import BerthError
 from berth.core.vocab import load_tokenizer
 from berth.finetune.bio import bio_spans
-from berth.finetune.classification import WindowClassifier, WindowSettings, document_logits, encode_texts
+from berth.finetune.classification import WindowClassifier, document_logits, encode_texts
 from berth.finetune.export import POOLER_FILE
 from berth.finetune.modeling import berth_settings, check_vocab, is_model_dir
 from berth.finetune.ner import NerEncoded, add_windows, paragraph_from_word_ids, token_predictions, window_logits
+from berth.finetune.windows import WindowSettings
 
 # Texts per chunk: output is written chunk by chunk, in input order.
 CHUNK = 256
@@ -89,37 +91,28 @@ class Predictor:
             raise BerthError(f"{model_dir}: not a model directory (no config.json)")
         self.tokenizer = load_tokenizer(str(path))
         config = json.loads((path / "config.json").read_text())
-        settings = berth_settings(path)
         architectures = " ".join(config.get("architectures") or [])
-        self.task = settings.get("task") or ("ner" if "TokenClassification" in architectures else "classification")
         if "SequenceClassification" not in architectures and "TokenClassification" not in architectures:
             raise BerthError(
                 f"{model_dir}: not a fine-tuned classifier (architectures: {architectures or 'none'}); "
                 "fine-tune it first with berth finetune"
             )
+        saved = berth_settings(path)
+        task = "ner" if "TokenClassification" in architectures else "classification"
+        self.settings = (
+            WindowSettings(**saved) if saved else WindowSettings.for_checkpoint(task, config["max_position_embeddings"])
+        )
+        self.task = self.settings.task
         auto = AutoModelForTokenClassification if self.task == "ner" else AutoModelForSequenceClassification
         hf_logging.disable_progress_bar()  # berth predict shows its own bar; standard error stays readable
         model = auto.from_pretrained(str(path))
         check_vocab(self.tokenizer, model.config, str(model_dir))
         self.labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
-        limit = min(model.config.max_position_embeddings, 512)
-        self.max_seq_len = int(settings.get("max_seq_len", limit))
-        self.stride = int(settings.get("stride", self.max_seq_len // 2))
         self.accelerator = Accelerator(cpu=device == "cpu" or not torch.cuda.is_available())
         if self.task == "classification":
-            self.settings = WindowSettings(
-                max_seq_len=self.max_seq_len,
-                long_text=settings.get("long_text", "windows"),
-                stride=self.stride,
-                head_fraction=float(settings.get("head_fraction", 0.25)),
-                aggregation=settings.get("aggregation", "mean"),
-                text_pair=bool(settings.get("text_pair", False)),
-            )
             attention = self.settings.aggregation == "attention"
             model = WindowClassifier(model, attention)
             if attention:
-                from safetensors.torch import load_file
-
                 model.pooler.load_state_dict(load_file(str(path / POOLER_FILE)))
         self.model = model.to(self.accelerator.device).eval()
 
@@ -133,7 +126,7 @@ class Predictor:
         if (pairs is not None) != self.pairs:
             raise BerthError("this model classifies text pairs" if self.pairs else "this model classifies single texts")
         encoded = encode_texts(self.tokenizer, texts, self.settings, pairs)
-        how = self.settings.aggregation if self.settings.long_text == "windows" else "mean"
+        how = self.settings.aggregation
         logits = document_logits(
             self.model, encoded, self.tokenizer.pad_token_id, self.accelerator, batch_size, (how,)
         )[how]
@@ -148,7 +141,7 @@ class Predictor:
             num_words = max((w for w in word_ids if w is not None), default=-1) + 1
             paragraph = paragraph_from_word_ids(batch["input_ids"][i], word_ids, num_words, [-1] * num_words)
             cls, sep = self.tokenizer.cls_token_id, self.tokenizer.sep_token_id
-            add_windows(encoded, paragraph, cls, sep, self.max_seq_len, self.stride)
+            add_windows(encoded, paragraph, cls, sep, self.settings.max_seq_len, self.settings.stride)
         logits = window_logits(self.model, encoded, self.tokenizer.pad_token_id, self.accelerator, batch_size)
         out = []
         for i, paragraph in enumerate(encoded.paragraphs):

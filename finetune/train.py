@@ -15,12 +15,13 @@ from accelerate import Accelerator
 
 from berth.core.errors import BerthError
 from berth.core.hub import push_folder
+from berth.core.layout import FINAL_DIR
 from berth.core.vocab import load_tokenizer
 from berth.finetune.batching import length_grouped_batches
 from berth.finetune.classification import ClassificationTask
 from berth.finetune.config import FinetuneConfig
-from berth.finetune.export import BEST, export_final, load_best, save_model_dir
-from berth.finetune.modeling import check_init, check_vocab, dropout_overrides, load_config
+from berth.finetune.export import BEST, export_finetuned, load_best, save_model_dir
+from berth.finetune.modeling import check_init, check_vocab, dropout_overrides, load_model_config
 from berth.finetune.ner import NerTask
 from berth.runtime.loop import Batch, Loop, TrainState
 
@@ -59,7 +60,7 @@ class FinetuneStage:
             )
         init = check_init(m.init)
         self.tokenizer = load_tokenizer(init)
-        config = load_config(init, dropout_overrides(m.hidden_dropout, m.attention_dropout, m.classifier_dropout))
+        config = load_model_config(init, dropout_overrides(m.hidden_dropout, m.attention_dropout, m.classifier_dropout))
         check_vocab(self.tokenizer, config, init)
         self.task = TASKS[cfg.task](cfg, self.tokenizer)
         return self.task.build_model(init, config, m.from_scratch)
@@ -122,12 +123,12 @@ class FinetuneStage:
             results["test"], predictions = self.task.evaluate(model, "test", acc, t.eval_batch_size, aggregation)
             results.update(self.task.test_extras(model, acc, t.eval_batch_size))
         results["train_seconds"] = round(state.elapsed, 1)
-        final = self.out / "final"
+        final = self.out / FINAL_DIR
         if acc.is_main_process:
             write_json(self.out / RESULTS_FILE, results)
             if predictions:
                 write_jsonl(self.out / PREDICTIONS_FILE, predictions)
-            export_final(self.out / BEST, final, self.cfg, results)
+            export_finetuned(self.out / BEST, final, self.cfg, results)
             if self.cfg.hub.push:
                 hub = self.cfg.hub
                 push_folder(final, hub.repo_id, hub.revision, hub.private, "berth: fine-tuned model")

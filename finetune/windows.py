@@ -3,9 +3,45 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class WindowSettings:
+    """How a fine-tuned model reads a text of any length. Written whole into the exported config.json (key
+    "berth") and read back whole by predict (`WindowSettings(**saved)`), so both cut and combine alike."""
+
+    task: str = "classification"  # classification | ner
+    max_seq_len: int = 128
+    stride: int = 64  # tokens between window starts
+    long_text: str = "windows"  # windows | head | tail | head_tail (classification)
+    head_fraction: float = 0.25  # head_tail: the share of the room taken from the head
+    # How window logits become a document's: mean | max | attention; "auto" only while training, until validation
+    # chooses (ClassificationTask.choose_aggregation, the one place it is resolved).
+    aggregation: str = "mean"
+    text_pair: bool = False  # the model classifies text pairs (predict then needs both texts)
+
+    @classmethod
+    def from_data(cls, task: str, data: Any) -> WindowSettings:
+        """The settings of a fine-tuning config's data section."""
+        return cls(
+            task,
+            data.max_seq_len,
+            data.stride,
+            data.long_text,
+            data.head_fraction,
+            data.aggregation,
+            bool(data.text_pair_column),
+        )
+
+    @classmethod
+    def for_checkpoint(cls, task: str, max_position_embeddings: int) -> WindowSettings:
+        """For a classifier berth did not train: windows as long as the model takes, half overlapping."""
+        size = min(max_position_embeddings, 512)
+        return cls(task, size, size // 2)
 
 
 def window_spans(length: int, size: int, stride: int) -> list[tuple[int, int]]:

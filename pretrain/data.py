@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 from transformers import PreTrainedTokenizerBase
 
 from berth.core.errors import BerthError
+from berth.core.labels import IGNORE_INDEX
 from berth.core.text import has_cjk
 from berth.corpora.embedded import hash_unit
 from berth.pretrain.config import DataConfig
@@ -41,7 +42,6 @@ FORMAT_VERSION = 2
 # Documents per unit of work when drawing examples. Fixed, so results do not depend on num_proc.
 GROUP_SIZE = 256
 NOT_A_WORD = -1
-IGNORE_LABEL = -100
 
 DOCUMENT_FEATURES = datasets.Features(
     {
@@ -123,7 +123,7 @@ def continuation_mask(tokenizer: PreTrainedTokenizerBase) -> np.ndarray:
     return mask
 
 
-def word_starts(text: str, words: Sequence[str] | None) -> list[int] | None:
+def word_start_offsets(text: str, words: Sequence[str] | None) -> list[int] | None:
     """Character offsets where the given words start in `text`; None when they do not line up with it."""
     if not words:
         return None
@@ -187,7 +187,7 @@ class DocumentEncoder:
         if self.segmenter == "none":
             return None
         if self.segmenter == "auto" and words:
-            return word_starts(text, words)
+            return word_start_offsets(text, words)
         if not has_cjk(text):
             return None  # ## continuations already give English words
         import jieba
@@ -405,7 +405,7 @@ def pack_documents(docs: list[Document], cfg: DataConfig, special: SpecialIds) -
                     "input_ids": [special.cls, *ids, special.sep],
                     "token_type_ids": [0] * (len(ids) + 2),
                     "word_ids": renumber([NOT_A_WORD, *words, NOT_A_WORD]),
-                    "next_sentence_label": IGNORE_LABEL,
+                    "next_sentence_label": IGNORE_INDEX,
                     "truncated": truncated,
                 }
             )

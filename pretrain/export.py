@@ -12,19 +12,17 @@ from accelerate import Accelerator
 from safetensors.torch import save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from berth.core.config import dump_config
 from berth.core.hub import card_metadata, hub_model_id
+from berth.core.layout import FINAL_DIR
 from berth.core.text import vocabulary_languages
 from berth.core.vocab import write_vocab_txt
 from berth.pretrain.model import SENTENCE_HEAD
 from berth.runtime.tracking import read_metrics
 
-FINAL = "final"
-
 
 def model_card(cfg: Any, metrics: dict[str, Any], languages: list[str], base_model: str = "") -> str:
     """A short model card with the hub's YAML metadata and the last evaluation."""
-    from berth.core.config import dump_config
-
     meta = {
         "language": languages,
         "library_name": "transformers",
@@ -65,14 +63,14 @@ fill = pipeline("fill-mask", model="path/to/this/folder")
 """
 
 
-def export_final(
+def export_pretrained(
     accelerator: Accelerator,
     prepared: torch.nn.Module,
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     cfg: Any,
     out: Path,
-    name: str = FINAL,
+    name: str = FINAL_DIR,
 ) -> Path:
     """`prepared` is the objective as Accelerate wrapped it (DDP, FSDP, ...); `model` the encoder inside it.
     Writes out/<name> (final/ by default), with berth's [CLS]-task head beside it when the model has none."""

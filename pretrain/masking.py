@@ -12,8 +12,9 @@ from typing import Any
 
 import torch
 
+from berth.core.labels import IGNORE_INDEX
 from berth.pretrain.config import DataConfig
-from berth.pretrain.data import IGNORE_LABEL, NOT_A_WORD, SpecialIds
+from berth.pretrain.data import NOT_A_WORD, SpecialIds
 
 # 64-bit mixing constants (splitmix64) so that neighbouring (seed, epoch, index) give unrelated streams.
 _MIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
@@ -42,7 +43,7 @@ class EpochExamples(torch.utils.data.Dataset):
         return {**self.examples[int(index)], "mask_seed": mask_seed(self.seed, self.epoch, int(index))}
 
 
-def word_starts(word_ids: torch.Tensor) -> torch.Tensor:
+def word_start_index(word_ids: torch.Tensor) -> torch.Tensor:
     """(B, L) -> (B, L): for every position, the index of the first token of its word (run of equal ids)."""
     positions = torch.arange(word_ids.shape[1], device=word_ids.device).expand_as(word_ids)
     is_start = torch.ones_like(word_ids, dtype=torch.bool)
@@ -85,7 +86,7 @@ class MaskingCollator:
         if not self.cfg.whole_word_mask:
             # Every token a word of its own; specials and padding keep -1.
             word_ids = torch.where(word_ids >= 0, torch.arange(length).expand(batch, length), NOT_A_WORD)
-        nsp = torch.tensor([int(e.get("next_sentence_label", IGNORE_LABEL)) for e in examples], dtype=torch.long)
+        nsp = torch.tensor([int(e.get("next_sentence_label", IGNORE_INDEX)) for e in examples], dtype=torch.long)
         return {
             "input_ids": input_ids,
             "token_type_ids": token_type_ids,
@@ -119,13 +120,13 @@ class MaskingCollator:
         if not self.mask:
             return batch
         choose, action, random_tokens = self.draws(examples, input_ids.shape[1])
-        starts = word_starts(word_ids)  # (B, L): one draw per word, read at the word's first token
+        starts = word_start_index(word_ids)  # (B, L): one draw per word, read at the word's first token
         chosen = (choose.gather(1, starts) < self.cfg.mask_prob) & (word_ids != NOT_A_WORD)
         act = action.gather(1, starts)
         p_mask, p_random = self.cfg.mask_replace_prob, self.cfg.random_replace_prob
         to_mask = chosen & (act < p_mask)
         to_random = chosen & (act >= p_mask) & (act < p_mask + p_random)
-        labels = torch.where(chosen, input_ids, IGNORE_LABEL)
+        labels = torch.where(chosen, input_ids, IGNORE_INDEX)
         masked = torch.where(to_mask, self.special.mask, input_ids)
         masked = torch.where(to_random, random_tokens, masked)
         positions = chosen.flatten().nonzero().squeeze(1)  # (N,) flat indices into (B * L)
@@ -167,7 +168,7 @@ def pack_batch(
         "word_ids": torch.full((rows, length), NOT_A_WORD, dtype=torch.long),
     }
     if "labels" in batch:
-        out["labels"] = torch.full((rows, length), IGNORE_LABEL, dtype=torch.long)
+        out["labels"] = torch.full((rows, length), IGNORE_INDEX, dtype=torch.long)
     cls_positions = torch.empty(len(lengths), dtype=torch.long)
     for i, (row, start) in enumerate(place):
         n, end = lengths[i], place[i][1] + lengths[i]
@@ -181,6 +182,6 @@ def pack_batch(
     out["next_sentence_label"] = batch["next_sentence_label"]
     if "labels" in out:
         flat = out["labels"].flatten()
-        out["mlm_positions"] = (flat != IGNORE_LABEL).nonzero().squeeze(1)
+        out["mlm_positions"] = (flat != IGNORE_INDEX).nonzero().squeeze(1)
         out["mlm_labels"] = flat[out["mlm_positions"]]
     return out

@@ -20,6 +20,7 @@ from transformers import (
 
 from berth.core.errors import BerthError
 from berth.core.hub import hub_model_id
+from berth.core.labels import IGNORE_INDEX
 from berth.pretrain.config import MODEL_SIZES, ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -253,7 +254,7 @@ class PretrainingObjective(nn.Module):
     ) -> dict[str, torch.Tensor]:
         logits, valid = logits.float(), labels >= 0
         return {
-            "nsp_loss": F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum"),
+            "nsp_loss": F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum"),
             "nsp_correct": ((logits.argmax(-1) == labels) & valid).sum(),
             "nsp_count": valid.sum(),
         }

@@ -46,6 +46,7 @@ from berth.pretrain.data import (
     check_seq_len,
     check_tokenizer,
 )
+from berth.pretrain.masking import EpochExamples, MaskingCollator
 
 logger = logging.getLogger(__name__)
 
@@ -266,8 +267,6 @@ def decode_example(tokenizer: PreTrainedTokenizerBase, input_ids: list[int]) -> 
 
 def dump_examples(prepared: PreparedData, n: int, stream: Any) -> None:
     """Write n collated, masked training examples (epoch 0) as JSON lines: exactly what the model sees."""
-    from berth.pretrain.masking import EpochExamples, MaskingCollator
-
     examples = EpochExamples(prepared.examples("train", 0), prepared.data.seed, epoch=0)
     collator = MaskingCollator(prepared.data, prepared.special)
     for i in range(min(n, len(examples))):

@@ -19,7 +19,7 @@ from berth.core.hub import push_folder
 from berth.core.vocab import load_tokenizer
 from berth.pretrain.config import PretrainConfig
 from berth.pretrain.data import check_seq_len
-from berth.pretrain.export import export_final
+from berth.pretrain.export import export_pretrained
 from berth.pretrain.masking import EpochExamples, MaskingCollator, pack_batch
 from berth.pretrain.model import PretrainingObjective, build_model, load_sentence_head
 from berth.pretrain.prepare import PreparedData, prepare
@@ -167,7 +167,7 @@ class PretrainingStage:
             return
         branch = f"step-{state.step}"
         out = Path(self.cfg.output_dir)
-        folder = export_final(
+        folder = export_pretrained(
             acc, model, self.objective.model, self.prepared.tokenizer, self.cfg, out, f".hub-{branch}"
         )
         if acc.is_main_process:
@@ -177,7 +177,7 @@ class PretrainingStage:
 
     def finish(self, model: torch.nn.Module, state: TrainState, acc: Accelerator) -> Path:
         cfg = self.cfg
-        final = export_final(acc, model, self.objective.model, self.prepared.tokenizer, cfg, Path(cfg.output_dir))
+        final = export_pretrained(acc, model, self.objective.model, self.prepared.tokenizer, cfg, Path(cfg.output_dir))
         if cfg.hub.push and acc.is_main_process:
             push_folder(final, cfg.hub.repo_id, cfg.hub.revision, cfg.hub.private, "berth: final pretrained model")
         return final

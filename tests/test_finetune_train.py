@@ -24,10 +24,11 @@ from berth.core.errors import BerthError
 from berth.core.text import has_cjk
 from berth.core.vocab import load_tokenizer
 from berth.corpora.embedded import peoples_daily_ner, reviews_sentiment
-from berth.finetune.classification import WindowSettings, encode_texts, pair_cuts
+from berth.finetune.classification import encode_texts, pair_cuts
 from berth.finetune.config import FinetuneConfig
 from berth.finetune.predict import predict_file
 from berth.finetune.train import FinetuneStage, finetune
+from berth.finetune.windows import WindowSettings
 from berth.pretrain.model import padded_vocab_size
 from berth.runtime.loop import Loop
 from berth.runtime.tracking import read_metrics

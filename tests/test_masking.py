@@ -6,7 +6,7 @@ import torch
 from berth.core.vocab import load_tokenizer
 from berth.pretrain.config import DataConfig
 from berth.pretrain.data import Document, DocumentEncoder, SpecialIds, pack_documents, renumber
-from berth.pretrain.masking import EpochExamples, MaskingCollator, mask_seed, word_starts
+from berth.pretrain.masking import EpochExamples, MaskingCollator, mask_seed, word_start_index
 
 SPECIAL = SpecialIds(pad=0, unk=1, cls=2, sep=3, mask=4, vocab_size=500)
 
@@ -213,4 +213,4 @@ def test_a_fresh_mask_each_epoch():
 
 def test_word_starts():
     words = torch.tensor([[-1, 0, 0, 1, 1, 1, -1, 2, -1, -1]])
-    assert word_starts(words).tolist() == [[0, 1, 1, 3, 3, 3, 6, 7, 8, 8]]
+    assert word_start_index(words).tolist() == [[0, 1, 1, 3, 3, 3, 6, 7, 8, 8]]

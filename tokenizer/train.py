@@ -16,8 +16,9 @@ import datasets
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import BertTokenizer, PreTrainedTokenizerBase
 
-from berth.core.config import CONFIG_FILENAME, dump_config, load_config, save_config
+from berth.core.config import dump_config, load_config, save_config
 from berth.core.errors import BerthError
+from berth.core.layout import CONFIG_FILENAME
 from berth.core.vocab import has_tokenizer, load_tokenizer, write_vocab_txt
 from berth.corpora.embedded import hash_unit
 from berth.corpora.readers import load_corpus

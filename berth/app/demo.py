@@ -12,7 +12,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from berth.app.report import DemoRuns, duration, eval_curve, summary_table, write_report
 from berth.core.config import dump_config, load_config
+from berth.core.layout import CONFIG_FILENAME, FINAL_DIR
+from berth.core.vocab import load_tokenizer
+from berth.finetune.config import FinetuneConfig
+from berth.finetune.train import finetune
+from berth.pretrain.config import PretrainConfig
+from berth.pretrain.prepare import format_stats, prepare
+from berth.pretrain.train import pretrain
+from berth.runtime.checkpoint import checkpoint_dir
+from berth.tokenizer.config import TokenizerJobConfig
+from berth.tokenizer.train import format_summary, train_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +60,7 @@ QUICK = DemoBudget(
 def built_with(run: Path, cfg: object, source: Path | None = None) -> bool:
     """True when `run` holds a finished export made with exactly this config and, when given, after the
     `source` file it was built from was last written (a fine-tuning run is stale once its encoder is retrained)."""
-    saved, done = run / "config.yaml", run / "final" / "config.json"
+    saved, done = run / CONFIG_FILENAME, run / FINAL_DIR / "config.json"
     if not (done.is_file() and saved.is_file() and saved.read_text() == dump_config(cfg)):
         return False
     return source is None or (source.is_file() and done.stat().st_mtime >= source.stat().st_mtime)
@@ -58,8 +69,6 @@ def built_with(run: Path, cfg: object, source: Path | None = None) -> bool:
 def start_afresh(run: Path) -> None:
     """The demo owns its run directories: a stage it builds again drops the checkpoints of the run it replaces
     (a fresh start is refused where an earlier run's checkpoints are)."""
-    from berth.runtime.checkpoint import checkpoint_dir
-
     stale = checkpoint_dir(run)
     if stale.is_dir():
         logger.info("removing %s: this stage is built again", stale)
@@ -68,15 +77,6 @@ def start_afresh(run: Path) -> None:
 
 def run_demo(output_dir: str | Path = "runs/demo", overrides: Sequence[str] = (), quick: bool = False) -> str:
     """Run the pipeline into output_dir and return the printed summary (the report is output_dir/report.md)."""
-    from berth.app.report import DemoRuns, duration, eval_curve, summary_table, write_report
-    from berth.finetune.config import FinetuneConfig
-    from berth.finetune.train import finetune
-    from berth.pretrain.config import PretrainConfig
-    from berth.pretrain.prepare import format_stats, prepare
-    from berth.pretrain.train import pretrain
-    from berth.tokenizer.config import TokenizerJobConfig
-    from berth.tokenizer.train import format_summary, load_tokenizer, train_tokenizer
-
     start = time.perf_counter()
     out = Path(output_dir)
     budget = QUICK if quick else FULL
@@ -105,7 +105,7 @@ def run_demo(output_dir: str | Path = "runs/demo", overrides: Sequence[str] = ()
 
     stage(3, f"berth pretrain configs/pretrain/mini_zh.yaml {' '.join(pre_overrides)}")
     if built_with(runs.pretrain, pre_cfg):
-        logger.info("reusing the pretrained model in %s (same config)", runs.pretrain / "final")
+        logger.info("reusing the pretrained model in %s (same config)", runs.pretrain / FINAL_DIR)
     else:
         start_afresh(runs.pretrain)
         pretrain(pre_cfg)
@@ -119,14 +119,14 @@ def run_demo(output_dir: str | Path = "runs/demo", overrides: Sequence[str] = ()
     for number, name, run, extra, scratch in jobs:
         ft_overrides = [
             f"output_dir={run}",
-            f"model.init={runs.pretrain / 'final'}",
+            f"model.init={runs.pretrain / FINAL_DIR}",
             *(["model.from_scratch=true"] if scratch else []),
             *extra,
         ]
         ft_cfg = load_config(FinetuneConfig, f"configs/finetune/{name}.yaml", ft_overrides)
         stage(number, f"berth finetune configs/finetune/{name}.yaml {' '.join(ft_overrides)}")
-        if built_with(run, ft_cfg, runs.pretrain / "final" / "model.safetensors"):
-            logger.info("reusing %s (same config)", run / "final")
+        if built_with(run, ft_cfg, runs.pretrain / FINAL_DIR / "model.safetensors"):
+            logger.info("reusing %s (same config)", run / FINAL_DIR)
         else:
             start_afresh(run)
             finetune(ft_cfg)

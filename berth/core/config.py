@@ -19,10 +19,9 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 import yaml
 
 from berth.core.errors import BerthError
+from berth.core.layout import CONFIG_FILENAME
 
 T = TypeVar("T")
-
-CONFIG_FILENAME = "config.yaml"
 
 
 class ConfigError(BerthError):

@@ -17,10 +17,10 @@ import yaml
 from accelerate import Accelerator
 
 from berth.core.errors import BerthError
+from berth.core.layout import CONFIG_FILENAME
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "state.json"
-CONFIG_FILE = "config.yaml"
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
@@ -50,7 +50,7 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
-        (tmp / CONFIG_FILE).write_text(config_text)
+        (tmp / CONFIG_FILENAME).write_text(config_text)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
@@ -66,7 +66,7 @@ def load_checkpoint(
     """Load the checkpoint into the prepared objects and return its state, after checking that the config
     `sections` (those whose change makes the checkpoint meaningless for this run) are unchanged."""
     path = Path(path)
-    differences = config_differences((path / CONFIG_FILE).read_text(), current, sections)
+    differences = config_differences((path / CONFIG_FILENAME).read_text(), current, sections)
     if differences:
         raise BerthError(f"refusing to resume from {path}: the config changed: {'; '.join(differences)}")
     accelerator.load_state(str(path))
