@@ -22,13 +22,20 @@ test: $(STAMP) lint
 test-all: $(STAMP) lint
 	$(PY) -m pytest
 
+# mypy checks the package as it installs: a tree of links puts the stage folders under berth/ (package-dir).
+TYPECHECK := build/typecheck
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/berth
+	for f in berth/*; do ln -s $(CURDIR)/$$f $(TYPECHECK)/berth/; done
+	for d in tokenizer pretrain finetune configs; do ln -s $(CURDIR)/$$d $(TYPECHECK)/berth/$$d; done
+	cd $(TYPECHECK) && MYPYPATH=. $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml \
+		--cache-dir $(CURDIR)/.mypy_cache -p berth
 
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) runs build .pytest_cache .ruff_cache .mypy_cache

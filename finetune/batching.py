@@ -21,12 +21,12 @@ def length_grouped_batches(
     rng = np.random.default_rng([seed, epoch, 2])
     order = rng.permutation(len(lengths))
     if group_by_length:
-        lengths = np.asarray(lengths)
+        sizes = np.asarray(lengths)
         span = batch_size * chunk
         order = (
             np.concatenate(
                 [
-                    part[np.argsort(-lengths[part], kind="stable")]
+                    part[np.argsort(-sizes[part], kind="stable")]
                     for part in np.array_split(order, max(1, -(-len(order) // span)))
                 ]
             )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -12,6 +12,7 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerBase
 
 from berth.core.errors import BerthError
+from berth.core.models import HFModel
 from berth.finetune.batching import encoder_batch, eval_order, gather_in_order
 from berth.finetune.config import FinetuneConfig
 from berth.finetune.data import (
@@ -151,7 +152,10 @@ class WindowClassifier(nn.Module):
     document's pooled vector to the same classifier. Other models give logits only.
     """
 
-    def __init__(self, model: nn.Module, attention: bool):
+    model: HFModel
+    pooler: WindowPooler | None
+
+    def __init__(self, model: HFModel, attention: bool):
         super().__init__()
         self.model = model
         self.kind = vector_kind(model)
@@ -189,10 +193,11 @@ class WindowClassifier(nn.Module):
 
     def documents(self, vectors: torch.Tensor, doc: torch.Tensor, num_docs: int) -> torch.Tensor:
         """Document logits [D, C] from window vectors [W, H] by attention pooling."""
+        assert self.pooler is not None, "built without attention pooling"
         return self.classify(self.pooler(vectors, doc, num_docs))
 
 
-def vector_kind(model: nn.Module) -> str | None:
+def vector_kind(model: HFModel) -> str | None:
     """ "bert" or "modernbert" when the classifier's window vectors can be read out, else None."""
     if all(hasattr(model, n) for n in ("classifier", "dropout")) and getattr(model.base_model, "pooler", None):
         return "bert"
@@ -204,8 +209,8 @@ def vector_kind(model: nn.Module) -> str | None:
 class ClassificationTask:
     """Data, model, loss and metrics of text (pair) classification; the fine-tuning loop drives it."""
 
-    kind = "classification"
-    metrics = ("accuracy", "macro_f1", "micro_f1", "loss")
+    kind: str = "classification"
+    metrics: tuple[str, ...] = ("accuracy", "macro_f1", "micro_f1", "loss")
 
     def __init__(self, cfg: FinetuneConfig, tokenizer: PreTrainedTokenizerBase):
         data = cfg.data
@@ -295,7 +300,7 @@ class ClassificationTask:
         """Summed cross-entropy over the batch's units (the loop normalises over all processes)."""
         logits, vectors = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
         if self.attention:
-            inner = model.module if hasattr(model, "module") else model
+            inner = cast(WindowClassifier, model.module if hasattr(model, "module") else model)  # DDP wraps it
             logits = inner.documents(vectors, batch["unit"], len(batch["labels"]))
         weight = (
             torch.tensor(self.cfg.data.class_weights, device=logits.device) if self.cfg.data.class_weights else None

@@ -75,7 +75,7 @@ def dropout_overrides(hidden: float | None, attention: float | None, classifier:
     }
 
 
-def build_pretrained(auto_class: type, init: str, config: PretrainedConfig, from_scratch: bool) -> torch.nn.Module:
+def build_pretrained(auto_class: Any, init: str, config: PretrainedConfig, from_scratch: bool) -> torch.nn.Module:
     """The checkpoint's weights (task head freshly initialised), or the same architecture from random init."""
     if from_scratch:
         return auto_class.from_config(config)

@@ -109,8 +109,8 @@ def token_predictions(paragraph: Paragraph, window_logits: list[np.ndarray]) -> 
 
 
 class NerTask:
-    kind = "ner"
-    metrics = ("f1", "precision", "recall", "loss")
+    kind: str = "ner"
+    metrics: tuple[str, ...] = ("f1", "precision", "recall", "loss")
 
     def __init__(self, cfg: FinetuneConfig, tokenizer: PreTrainedTokenizerBase):
         data = cfg.data

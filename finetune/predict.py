@@ -113,6 +113,7 @@ class Predictor:
             attention = self.settings.aggregation == "attention"
             model = WindowClassifier(model, attention)
             if attention:
+                assert model.pooler is not None  # built for attention
                 model.pooler.load_state_dict(load_file(str(path / POOLER_FILE)))
         self.model = model.to(self.accelerator.device).eval()
 

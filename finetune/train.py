@@ -23,11 +23,12 @@ from berth.finetune.config import FinetuneConfig
 from berth.finetune.export import BEST, export_finetuned, load_best, save_model_dir
 from berth.finetune.modeling import check_init, check_vocab, dropout_overrides, load_model_config
 from berth.finetune.ner import NerTask
+from berth.finetune.task import Task
 from berth.runtime.loop import Batch, Loop, TrainState
 
 logger = logging.getLogger(__name__)
 
-TASKS = {"classification": ClassificationTask, "ner": NerTask}
+TASKS: dict[str, type[ClassificationTask] | type[NerTask]] = {"classification": ClassificationTask, "ner": NerTask}
 RESULTS_FILE = "eval_results.json"
 PREDICTIONS_FILE = "test_predictions.jsonl"
 # Sections whose change makes a checkpoint meaningless for this run (the train section may change).
@@ -42,7 +43,7 @@ class FinetuneStage:
     """A task (classification or NER) plugged into the shared loop (`berth.runtime.loop.Stage`): the best
     weights by the validation metric are kept in best/, evaluated on test at the end and exported to final/."""
 
-    resume_sections = RESUME_SECTIONS
+    resume_sections: tuple[str, ...] = RESUME_SECTIONS
 
     def __init__(self, cfg: FinetuneConfig):
         self.cfg = cfg
@@ -62,7 +63,7 @@ class FinetuneStage:
         self.tokenizer = load_tokenizer(init)
         config = load_model_config(init, dropout_overrides(m.hidden_dropout, m.attention_dropout, m.classifier_dropout))
         check_vocab(self.tokenizer, config, init)
-        self.task = TASKS[cfg.task](cfg, self.tokenizer)
+        self.task: Task = TASKS[cfg.task](cfg, self.tokenizer)
         return self.task.build_model(init, config, m.from_scratch)
 
     def steps_per_epoch(self, global_batch: int, acc: Accelerator) -> int:
@@ -118,7 +119,7 @@ class FinetuneStage:
         aggregation = state.best_metrics.get("aggregation") or None
         results: dict[str, Any] = {"best_step": state.best_step, "steps": state.step, "metric": t.metric}
         results["validation"] = state.best_metrics  # measured on these very weights when they were saved
-        predictions = []
+        predictions: list[dict[str, Any]] = []
         if "test" in self.task.splits:
             results["test"], predictions = self.task.evaluate(model, "test", acc, t.eval_batch_size, aggregation)
             results.update(self.task.test_extras(model, acc, t.eval_batch_size))

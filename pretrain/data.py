@@ -79,13 +79,14 @@ class SpecialIds:
 def check_tokenizer(tokenizer: PreTrainedTokenizerBase, where: str = "tokenizer") -> SpecialIds:
     """The special-token ids pretraining needs, or a one-line error naming what is missing or inconsistent."""
     names = ("pad", "unk", "cls", "sep", "mask")
-    ids = {name: getattr(tokenizer, f"{name}_token_id", None) for name in names}
-    missing = [f"[{n.upper()}]" for n, i in ids.items() if i is None]
+    found = {name: getattr(tokenizer, f"{name}_token_id", None) for name in names}
+    missing = [f"[{n.upper()}]" for n, i in found.items() if i is None]
     if missing:
         raise BerthError(
             f"{where}: the tokenizer has no {', '.join(missing)} token; pretraining needs all of "
             "[PAD] [UNK] [CLS] [SEP] [MASK]"
         )
+    ids: dict[str, int] = {name: int(i) for name, i in found.items() if i is not None}
     vocab_size = len(tokenizer)
     vocab_file = Path(getattr(tokenizer, "name_or_path", "") or ".") / "vocab.txt"
     if vocab_file.is_file():
@@ -311,7 +312,7 @@ class RandomSegments:
     would give random B segments a review's style (and its missing final stop) far more often than true ones.
     """
 
-    def __init__(self, doc_indices: Sequence[int], sentence_counts: Sequence[int]):
+    def __init__(self, doc_indices: Sequence[int] | np.ndarray, sentence_counts: Sequence[int] | np.ndarray):
         self.docs = np.asarray(doc_indices, dtype=np.int64)
         # Document i offers sentence_counts[i] - 1 start sentences (its 2nd, 3rd, ...).
         self.ends = np.cumsum(np.asarray(sentence_counts, dtype=np.int64) - 1)

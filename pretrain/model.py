@@ -21,6 +21,7 @@ from transformers import (
 from berth.core.errors import BerthError
 from berth.core.hub import hub_model_id
 from berth.core.labels import IGNORE_INDEX
+from berth.core.models import HFModel
 from berth.pretrain.config import MODEL_SIZES, ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ def modernbert_config(cfg: ModelConfig, vocab_size: int, special: dict[str, int]
         num_attention_heads=hidden // 64,
         intermediate_size=hidden * 3 // 2,
         max_position_embeddings=cfg.max_position_embeddings,
-        global_attn_every_n_layers=1,
+        global_attn_every_n_layers=1,  # type: ignore[call-arg]  # taken by **kwargs, made into layer_types
         embedding_dropout=cfg.hidden_dropout,
         mlp_dropout=cfg.hidden_dropout,
         attention_dropout=cfg.attention_dropout,
@@ -92,7 +93,7 @@ def resolve_attention(cfg: ModelConfig, device_type: str) -> str:
 
 def build_model(
     cfg: ModelConfig, vocab_size: int, pad_token_id: int, cls_id: int = 2, sep_id: int = 3, device_type: str = "cpu"
-) -> nn.Module:
+) -> HFModel:
     """A fresh encoder of `cfg.size` (BertForPreTraining, or ModernBertForMaskedLM for architecture=modernbert),
     or the checkpoint `cfg.init` for continued pretraining, to be trained on `device_type`."""
     attention = resolve_attention(cfg, device_type)
@@ -117,16 +118,16 @@ def build_model(
     return model
 
 
-def output_bias(model: nn.Module) -> torch.Tensor:
+def output_bias(model: HFModel) -> torch.Tensor:
     """The MLM output layer's bias, one entry per vocabulary row."""
     return model.decoder.bias if is_modernbert(model) else model.cls.predictions.bias
 
 
-def is_modernbert(model: nn.Module) -> bool:
+def is_modernbert(model: HFModel) -> bool:
     return model.config.model_type == "modernbert"
 
 
-def load_checkpoint_model(path_or_id: str, attn_implementation: str) -> nn.Module:
+def load_checkpoint_model(path_or_id: str, attn_implementation: str) -> HFModel:
     if Path(path_or_id).exists() and not (Path(path_or_id) / "config.json").is_file():
         raise BerthError(f"model.init={path_or_id}: not a model directory (no config.json)")
     try:
@@ -189,7 +190,9 @@ class PretrainingObjective(nn.Module):
     by the count over all processes and accumulation steps (exact equivalence across process counts).
     """
 
-    def __init__(self, model: nn.Module, vocab_size: int, sentence_task: bool):
+    model: HFModel
+
+    def __init__(self, model: HFModel, vocab_size: int, sentence_task: bool):
         super().__init__()
         self.model = model
         self.vocab_size = vocab_size
@@ -218,7 +221,7 @@ class PretrainingObjective(nn.Module):
             hidden = sequence.flatten(0, 1).index_select(0, mlm_positions)  # (N, H)
             logits = self.vocab_logits(self.model.head(hidden), self.model.decoder)  # (N, V)
             out = self.mlm_outputs(logits, mlm_labels)
-            if self.sentence_task:
+            if self.sentence_head is not None:
                 cls = sequence[:, 0] if cls_positions is None else sequence.flatten(0, 1).index_select(0, cls_positions)
                 out.update(self.sentence_outputs(self.sentence_head(cls), next_sentence_label))  # cls: (B, H)
             return out

@@ -262,7 +262,7 @@ def format_stats(prepared: PreparedData) -> str:
 
 
 def decode_example(tokenizer: PreTrainedTokenizerBase, input_ids: list[int]) -> list[str]:
-    return tokenizer.convert_ids_to_tokens(input_ids)
+    return list(tokenizer.convert_ids_to_tokens(input_ids))
 
 
 def dump_examples(prepared: PreparedData, n: int, stream: Any) -> None:
@@ -272,7 +272,7 @@ def dump_examples(prepared: PreparedData, n: int, stream: Any) -> None:
     for i in range(min(n, len(examples))):
         batch = collator([examples[i]])
         length = int(batch["attention_mask"][0].sum())
-        row = {
+        row: dict[str, Any] = {
             key: batch[key][0, :length].tolist()
             for key in ("input_ids", "token_type_ids", "attention_mask", "labels", "word_ids")
         }

@@ -16,6 +16,7 @@ from transformers import PreTrainedTokenizerBase
 
 from berth.core.errors import BerthError
 from berth.core.hub import push_folder
+from berth.core.models import HFModel
 from berth.core.vocab import load_tokenizer
 from berth.pretrain.config import PretrainConfig
 from berth.pretrain.data import check_seq_len
@@ -53,7 +54,7 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: batch[name] for name in MODEL_INPUTS if name in batch}
 
 
-def flops_per_token(model: torch.nn.Module, seq_len: int, mask_prob: float) -> float:
+def flops_per_token(model: HFModel, seq_len: int, mask_prob: float) -> float:
     """Training FLOPs per token (nanoGPT's 6N + 12 L H T), with the MLM head's share only on masked tokens."""
     cfg = model.config
     embeddings = model.base_model.embeddings
@@ -75,7 +76,7 @@ class PretrainingStage:
     """Masked-LM (+ NSP/SOP) on prepared examples, plugged into the shared loop (`berth.runtime.loop.Stage`)."""
 
     name = "pretraining"
-    resume_sections = RESUME_SECTIONS
+    resume_sections: tuple[str, ...] = RESUME_SECTIONS
     metric = ""  # pretraining keeps its last weights, not a best-so-far
     lower_is_better = True
 

@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from berth.core.config import dump_config, load_config
 from berth.core.errors import BerthError
@@ -25,9 +26,9 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
-def _config_unless_printed(cls: type, args: argparse.Namespace):
+def _config_unless_printed(cls: type, args: argparse.Namespace) -> Any:
     """The resolved config, or None after printing it for --print-config."""
-    cfg = load_config(cls, args.config, args.overrides)
+    cfg: Any = load_config(cls, args.config, args.overrides)
     if args.print_config:
         print(dump_config(cfg), end="")
         return None

@@ -14,7 +14,7 @@ import types
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args, get_origin
+from typing import Any, Literal, TypeVar, cast, get_args, get_origin
 
 import yaml
 
@@ -89,7 +89,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any], source: str = "<dict>", pre
     """Build the dataclass `cls` from a mapping, rejecting unknown keys and values of the wrong type."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"{source}: '{prefix.rstrip('.')}' must be a section (a mapping), got {data!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    fields = {f.name: f for f in dataclasses.fields(cast(Any, cls)) if f.init}
     hints = typing.get_type_hints(cls)
     for key in data:
         if key not in fields:
@@ -122,7 +122,7 @@ def _convert(tp: Any, value: Any, source: str, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if isinstance(value, _Override):
             raise ConfigError(f"{source}: '{key}' is a section; set one of its keys, e.g. {key}.KEY=VALUE")
-        return from_dict(tp, value or {}, source, f"{key}.")
+        return from_dict(cast(type, tp), value or {}, source, f"{key}.")
     if origin in (typing.Union, types.UnionType):
         options = get_args(tp)
         if type(None) in options and (value is None or (isinstance(value, _Override) and value in ("", "null"))):

@@ -143,7 +143,7 @@ def peoples_daily(with_words: bool = False, unit: str = "article", split: str = 
     paragraphs = _peoples_daily_paragraphs()
     texts = [join_words(p.words) for p in paragraphs]
     bounds = article_starts(texts) if unit == "article" else list(range(len(texts)))
-    spans = [range(a, b) for a, b in zip(bounds, [*bounds[1:], len(texts)], strict=True)]
+    spans: list[Sequence[int]] = [range(a, b) for a, b in zip(bounds, [*bounds[1:], len(texts)], strict=True)]
     if split:
         # article boundaries come from the whole corpus; a held-out paragraph is cut out of its article
         spans = [[i for i in span if split_of(ner_text(paragraphs[i])) == split] for span in spans]

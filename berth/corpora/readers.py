@@ -14,6 +14,7 @@ import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TypeAlias
 
 import datasets
 
@@ -24,7 +25,7 @@ from berth.corpora.embedded import NAMED_CORPORA
 
 logger = logging.getLogger(__name__)
 
-Corpus = datasets.Dataset | datasets.IterableDataset
+Corpus: TypeAlias = datasets.Dataset | datasets.IterableDataset
 
 SUFFIX_FORMATS = {
     ".txt": "text",
@@ -162,7 +163,9 @@ def _decoded_lines(path: Path, on_decode_error: str) -> Iterator[tuple[int, str]
         logger.warning("%s: skipped %d line(s) that are not valid UTF-8", path, skipped)
 
 
-def iter_text_documents(path: Path, documents: str = "line", on_decode_error: str = "error", **_: str) -> Iterator[str]:
+def iter_text_documents(
+    path: Path, documents: str = "line", on_decode_error: str = "error", **_options: str
+) -> Iterator[str]:
     """Documents of a plain-text file: each non-empty line, or blocks separated by blank lines."""
     block: list[str] = []
     for _, line in _decoded_lines(path, on_decode_error):
@@ -180,7 +183,7 @@ def iter_text_documents(path: Path, documents: str = "line", on_decode_error: st
 
 
 def iter_jsonl_documents(
-    path: Path, text_column: str = "text", on_decode_error: str = "error", **_: str
+    path: Path, text_column: str = "text", on_decode_error: str = "error", **_options: str
 ) -> Iterator[str]:
     for lineno, line in _decoded_lines(path, on_decode_error):
         if not line.strip():
