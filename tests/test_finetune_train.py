@@ -520,26 +520,7 @@ def test_hub_push_without_a_token_stops_before_training(tiny, tmp_path, fake_hub
 def test_a_modernbert_checkpoint_fine_tunes_and_predicts(tiny, tmp_path, aggregation):
     """Encoders without token types (ModernBERT: RoPE, GeGLU) go through the same tasks, export and predict,
     attention pooling of windows included."""
-    from transformers import ModernBertConfig, ModernBertForMaskedLM
-
-    tokenizer = load_tokenizer(tiny / "ckpt")
-    config = ModernBertConfig(
-        vocab_size=padded_vocab_size(len(tokenizer), 64),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=48,
-        max_position_embeddings=64,
-        pad_token_id=tokenizer.pad_token_id,
-        cls_token_id=tokenizer.cls_token_id,
-        sep_token_id=tokenizer.sep_token_id,
-        bos_token_id=tokenizer.cls_token_id,
-        eos_token_id=tokenizer.sep_token_id,
-        global_attn_every_n_layers=1,
-    )
-    torch.manual_seed(0)
-    ModernBertForMaskedLM(config).save_pretrained(tmp_path / "modern")
-    tokenizer.save_pretrained(tmp_path / "modern")
+    _modernbert_checkpoint(tiny, tmp_path / "modern")
     final = finetune(
         review_config(
             tiny,
