@@ -37,7 +37,13 @@ def read_texts(source: str, stdin: TextIO | None = None, pairs: bool = False) ->
     that is a JSON object); for a model of text pairs, JSON lines with `text` and `text_pair`. Returns the texts
     and the second texts (None for single texts). Every line is checked before any prediction is written."""
     if source == "-":
-        lines, name = (stdin or sys.stdin).read().splitlines(), "<stdin>"
+        name, stream = "<stdin>", stdin or sys.stdin
+        try:
+            # the bytes, decoded here: a non-UTF-8 byte is one line naming it, not a traceback
+            text = stream.buffer.read().decode("utf-8") if hasattr(stream, "buffer") else stream.read()
+        except UnicodeDecodeError as exc:
+            raise BerthError(f"{name}: not UTF-8 text (byte {exc.start})") from None
+        lines = text.splitlines()
     else:
         path = Path(source)
         if not path.is_file():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -43,7 +44,15 @@ MODEL_INPUTS = (
 )
 TokenizerSource = Callable[[], PreTrainedTokenizerBase]
 # Dense bf16 peak FLOP/s of one device, for MFU.
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0, "4090": 165.0}
+PEAK_TFLOPS = {
+    "H100": 989.0,
+    "H200": 989.0,
+    "A100": 312.0,
+    "L4": 121.0,
+    "L40S": 362.0,
+    "A10": 125.0,
+    "4090": 165.0,
+}
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
@@ -63,12 +72,18 @@ def flops_per_token(model: HFModel, seq_len: int, mask_prob: float) -> float:
     return 6 * encoder + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len + 6 * head * mask_prob
 
 
+def peak_tflops_of(device_name: str) -> float:
+    """Dense bf16 peak TFLOP/s of a GPU by its name's parts ("NVIDIA L40S" is not an L4), 0 when unknown."""
+    parts = set(re.split(r"[\s\-_]+", device_name.upper()))
+    return next((tflops for key, tflops in PEAK_TFLOPS.items() if key in parts), 0.0)
+
+
 def peak_flops(cfg: PretrainConfig) -> float:
     if cfg.train.peak_tflops:
         return cfg.train.peak_tflops * 1e12
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
-        return next((tf * 1e12 for key, tf in PEAK_TFLOPS.items() if key in name), 0.0)
+        return peak_tflops_of(name) * 1e12
     return 0.0
 
 

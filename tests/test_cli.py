@@ -129,7 +129,11 @@ def test_quick_demo_runs_every_stage_writes_the_report_then_reuses(tmp_path, cap
     for run in ("sentiment", "sentiment_scratch", "ner", "ner_scratch"):
         assert (tmp_path / run / "final" / "model.safetensors").is_file()
     assert "berth finetune configs/finetune/peoples_daily_ner.yaml" in report
+    assert "building every stage" in report and "reusing" not in report
     assert main(["demo", "--quick", "--output-dir", str(tmp_path)]) == 0
+    again = (tmp_path / "report.md").read_text()
+    reuse = "reusing tokenizer, pretraining, sentiment, sentiment_scratch, ner, ner_scratch (built earlier with"
+    assert reuse in " ".join(again.split())
     second = capsys.readouterr().out
     assert second.split("Report:")[0].split("  time")[0] == first.split("Report:")[0].split("  time")[0]
     assert "reusing the tokenizer" in caplog.text

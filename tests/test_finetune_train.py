@@ -494,6 +494,22 @@ def test_predict_rejects_bad_input_before_writing_anything(review_run, tmp_path,
     assert code == 2 and "not a model directory" in err[-1]
 
 
+def test_predict_says_which_byte_of_standard_input_is_not_utf8(review_run, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO("好\n".encode() + b"\xff\n"), encoding="utf-8"))
+    code, err = cli(["predict", str(review_run / "final")], capsys)
+    assert code == 2 and err == ["berth: error: <stdin>: not UTF-8 text (byte 4)"]
+    assert capsys.readouterr().out == ""
+
+
+def test_wandb_writes_into_the_run_directory(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.chdir(tmp_path)
+    final = finetune(review_config(tiny, tmp_path / "run", "train.max_steps=2", "train.trackers=[wandb]"))
+    assert list((final.parent / "wandb").glob("offline-run-*"))
+    assert not (tmp_path / "wandb").exists()
+
+
 def test_hub_push_in_the_config_uploads_the_export(tiny, tmp_path, fake_hub, monkeypatch):
     from conftest import HUB_TOKEN
 

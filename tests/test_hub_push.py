@@ -67,8 +67,17 @@ def test_push_offline_says_so_in_one_line(model_dir, monkeypatch, capsys):
     lines = [line for line in output.splitlines() if line.strip()]
     assert lines == [
         "berth: error: pushing to alice/berth-mini needs the Hugging Face Hub, but offline mode is set "
-        "(HF_HUB_OFFLINE); use local files instead"
+        "(HF_HUB_OFFLINE, HF_DATASETS_OFFLINE, TRANSFORMERS_OFFLINE); use local files instead"
     ]
+
+
+def test_the_offline_message_names_the_switch_that_is_set(model_dir, monkeypatch, capsys):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(var)
+    code, output = run(["push", str(model_dir), "--repo-id", "alice/berth-mini"], capsys)  # TRANSFORMERS_OFFLINE
+    assert code == 2
+    assert "but offline mode is set (TRANSFORMERS_OFFLINE); use local files instead" in output
 
 
 def test_push_refuses_a_directory_that_is_not_a_model(fake_hub, tmp_path, monkeypatch, capsys):

@@ -59,6 +59,18 @@ def test_build_optimizer_names():
     assert isinstance(build_optimizer(model, "lamb", 1e-3, 0.01), Lamb)
 
 
+def test_mfu_peak_is_looked_up_by_whole_name_parts():
+    from berth.pretrain.train import peak_tflops_of
+
+    assert peak_tflops_of("NVIDIA L4") == 121.0
+    assert peak_tflops_of("NVIDIA L40S") == 362.0  # not an L4
+    assert peak_tflops_of("NVIDIA A100-SXM4-80GB") == 312.0
+    assert peak_tflops_of("NVIDIA A10") == 125.0  # not an A100
+    assert peak_tflops_of("NVIDIA H100 80GB HBM3") == 989.0
+    assert peak_tflops_of("NVIDIA GeForce RTX 4090") == 165.0
+    assert peak_tflops_of("Tesla T4") == 0.0
+
+
 def test_wandb_is_offline_unless_logged_in(monkeypatch, tmp_path):
     from berth.runtime.tracking import configure_wandb
 

@@ -70,8 +70,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if cfg is None:
         return 0
     # The tokenizer stage builds tokenizer.path first when it holds none (on the main process first).
-    final = pretrain(cfg, lambda: ensure_tokenizer(cfg.tokenizer.path, cfg.tokenizer.config))
-    logging.getLogger("berth").info("exported %s", final)
+    pretrain(cfg, lambda: ensure_tokenizer(cfg.tokenizer.path, cfg.tokenizer.config))
     return 0
 
 
@@ -82,8 +81,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     cfg = _config_unless_printed(FinetuneConfig, args)
     if cfg is None:
         return 0
-    final = finetune(cfg)
-    logging.getLogger("berth").info("exported %s", final)
+    finetune(cfg)
     return 0
 
 

@@ -23,7 +23,7 @@ from berth.pretrain.prepare import format_stats, prepare
 from berth.pretrain.train import pretrain
 from berth.runtime.checkpoint import checkpoint_dir
 from berth.tokenizer.config import TokenizerJobConfig
-from berth.tokenizer.train import format_summary, train_tokenizer
+from berth.tokenizer.train import format_summary, is_built, train_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +95,7 @@ def run_demo(output_dir: str | Path = "runs/demo", overrides: Sequence[str] = ()
 
     tok_cfg = load_config(TokenizerJobConfig, "configs/tokenizer/zh.yaml", [f"output_dir={out / 'tokenizer'}"])
     stage(1, f"berth tokenizer train configs/tokenizer/zh.yaml output_dir={out / 'tokenizer'}")
+    reused: list[str] = ["tokenizer"] if is_built(tok_cfg) else []
     summary = train_tokenizer(tok_cfg, reuse=True)
 
     shared = [f"tokenizer.path={out / 'tokenizer'}", f"data.cache_dir={out / 'cache'}"]
@@ -106,6 +107,7 @@ def run_demo(output_dir: str | Path = "runs/demo", overrides: Sequence[str] = ()
     stage(3, f"berth pretrain configs/pretrain/mini_zh.yaml {' '.join(pre_overrides)}")
     if built_with(runs.pretrain, pre_cfg):
         logger.info("reusing the pretrained model in %s (same config)", runs.pretrain / FINAL_DIR)
+        reused.append("pretraining")
     else:
         start_afresh(runs.pretrain)
         pretrain(pre_cfg)
@@ -127,12 +129,13 @@ def run_demo(output_dir: str | Path = "runs/demo", overrides: Sequence[str] = ()
         stage(number, f"berth finetune configs/finetune/{name}.yaml {' '.join(ft_overrides)}")
         if built_with(run, ft_cfg, runs.pretrain / FINAL_DIR / "model.safetensors"):
             logger.info("reusing %s (same config)", run / FINAL_DIR)
+            reused.append(run.name)
         else:
             start_afresh(run)
             finetune(ft_cfg)
 
     minutes = (time.perf_counter() - start) / 60
-    report = write_report(out, runs, commands, minutes)
+    report = write_report(out, runs, commands, minutes, reused)
     curve = "\n".join(f"  step {s:>5}: {100 * a:.1f}%" for s, a in eval_curve(runs.pretrain, "eval_mlm_accuracy"))
     return (
         f"{format_summary(summary)}\n\n{format_stats(prepared)}\n\n"

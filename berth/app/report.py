@@ -213,7 +213,14 @@ def summary_table(runs: DemoRuns) -> str:
     return "\n".join(lines)
 
 
-def write_report(out: Path, runs: DemoRuns, commands: list[str], minutes: float) -> Path:
+def reuse_note(reused: list[str]) -> str:
+    """What this demo run took from earlier runs with the same config, as the report's opening says it."""
+    if not reused:
+        return "building every stage"
+    return f"reusing {', '.join(reused)} (built earlier with the same config)"
+
+
+def write_report(out: Path, runs: DemoRuns, commands: list[str], minutes: float, reused: list[str]) -> Path:
     """Plots into out/plots/ and out/report.md. Returns the report's path."""
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
@@ -235,8 +242,8 @@ def write_report(out: Path, runs: DemoRuns, commands: list[str], minutes: float)
     text = f"""# berth demo report
 
 The whole pipeline on the embedded Chinese data, on this machine: {training_minutes(runs):.1f} minutes of
-pretraining and fine-tuning (as the runs logged it); this `berth demo` took {duration(minutes)}, reusing every
-stage already built. Each stage is a command you can run on its own (and point at your own corpus):
+pretraining and fine-tuning (as the runs logged it); this `berth demo` took {duration(minutes)},
+{reuse_note(reused)}. Each stage is a command you can run on its own (and point at your own corpus):
 
 ```bash
 {chr(10).join(commands)}

@@ -20,12 +20,19 @@ from berth.core.errors import BerthError
 DEFAULT_ENDPOINT = "https://huggingface.co"
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 _TRUE = {"1", "true", "yes", "on"}
-# Endpoints found unreachable by configure_offline_mode, so errors can say why offline mode is on.
+# Endpoints found unreachable by configure_offline_mode, and the switches the user had set before it turned on
+# the rest, so errors can say why offline mode is on.
 _unreachable_at_start: list[str] = []
+_set_by_user: list[str] = []
+
+
+def offline_switches() -> list[str]:
+    """The offline switches that are on."""
+    return [var for var in OFFLINE_VARS if os.environ.get(var, "").strip().lower() in _TRUE]
 
 
 def offline_requested() -> bool:
-    return any(os.environ.get(var, "").strip().lower() in _TRUE for var in OFFLINE_VARS)
+    return bool(offline_switches())
 
 
 def endpoint() -> str:
@@ -55,7 +62,8 @@ def configure_offline_mode() -> bool:
     """
     if hub_reachable():
         return False
-    if not offline_requested():
+    _set_by_user[:] = offline_switches()
+    if not _set_by_user:
         _unreachable_at_start.append(endpoint())
     for var in OFFLINE_VARS:
         os.environ[var] = "1"
@@ -68,7 +76,7 @@ def require_hub(what: str) -> None:
         if _unreachable_at_start or not offline_requested():
             reason = f"{endpoint()} is unreachable"
         else:
-            reason = "offline mode is set (HF_HUB_OFFLINE)"
+            reason = f"offline mode is set ({', '.join(_set_by_user or offline_switches())})"
         raise BerthError(f"{what} needs the Hugging Face Hub, but {reason}; use local files instead")
 
 

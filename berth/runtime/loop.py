@@ -198,7 +198,10 @@ class Loop:
                 acc.mixed_precision,
             )
         if t.trackers:
-            acc.init_trackers(self.out.name, config=flat_config(to_dict(self.cfg)))
+            # wandb writes its run folder into the run directory, not the current one
+            self.out.mkdir(parents=True, exist_ok=True)
+            init = {"wandb": {"dir": str(self.out)}} if "wandb" in t.trackers else {}
+            acc.init_trackers(self.out.name, config=flat_config(to_dict(self.cfg)), init_kwargs=init)
         self.start_time = time.perf_counter() - self.state.elapsed
         self.last_log = (self.state.step, time.perf_counter())
 
@@ -374,6 +377,8 @@ class Loop:
             logger.info("stopped early at step %d: no better %s lately", self.state.step, self.stage.metric)
         self.state.elapsed = time.perf_counter() - self.start_time
         final = self.stage.finish(self.model, self.state, self.accelerator)
+        if self.accelerator.is_main_process:
+            logger.info("exported %s", final)
         self.accelerator.end_training()
         return final
 

@@ -52,7 +52,7 @@ def wandb_logged_in() -> bool:
 
 
 def configure_wandb() -> str:
-    """wandb runs offline (files under ./wandb, `wandb sync` later) unless the user is logged in and
+    """wandb runs offline (files under <output_dir>/wandb, `wandb sync` later) unless the user is logged in and
     WANDB_MODE does not say otherwise. Returns the mode."""
     if "WANDB_MODE" not in os.environ:
         os.environ["WANDB_MODE"] = "online" if wandb_logged_in() else "offline"
