@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from berth.core.config import dump_config
+from berth.core.config import dump_config, portable_config
 from berth.core.hub import card_metadata, hub_model_id
 from berth.core.text import vocabulary_languages
 from berth.core.vocab import load_tokenizer, write_vocab_txt
@@ -147,7 +147,8 @@ def export_finetuned(best: Path, final: Path, cfg: Any, results: dict[str, Any])
     config = json.loads((tmp / "config.json").read_text())
     labels = [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
     languages = vocabulary_languages(load_tokenizer(tmp).get_vocab())
-    (tmp / "README.md").write_text(model_card(cfg, results, labels, languages), encoding="utf-8")
+    card = model_card(portable_config(cfg, final.parent), results, labels, languages)
+    (tmp / "README.md").write_text(card, encoding="utf-8")
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)

@@ -12,7 +12,7 @@ from accelerate import Accelerator
 from safetensors.torch import save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from berth.core.config import dump_config
+from berth.core.config import dump_config, portable_config
 from berth.core.hub import card_metadata, hub_model_id
 from berth.core.layout import FINAL_DIR
 from berth.core.text import vocabulary_languages
@@ -92,7 +92,8 @@ def export_pretrained(
         write_vocab_txt(tokenizer.get_vocab(), tmp / "vocab.txt")
         evals = [m for m in read_metrics(out) if "eval_mlm_accuracy" in m]
         last = {k: v for k, v in (evals[-1] if evals else {}).items() if k.startswith("eval_")}
-        card = model_card(cfg, last, vocabulary_languages(tokenizer.get_vocab()), hub_model_id(cfg.model.init))
+        languages = vocabulary_languages(tokenizer.get_vocab())
+        card = model_card(portable_config(cfg, out), last, languages, hub_model_id(cfg.model.init))
         (tmp / "README.md").write_text(card, encoding="utf-8")
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)

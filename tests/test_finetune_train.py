@@ -165,6 +165,8 @@ def test_classification_run_writes_results_predictions_and_a_loadable_export(rev
     assert model.config.id2label == {0: "neg", 1: "pos"}
     card = (final / "README.md").read_text()
     assert 'pipeline_tag: "text-classification"' in card and "| test | accuracy |" in card
+    assert "/tmp" not in card and str(tiny) not in card  # published cards name no local absolute path
+    assert "init: ckpt\n" in card and "train_file: reviews_train.jsonl\n" in card
     classify = pipeline("text-classification", model=str(final))
     assert classify("质量很好")[0]["label"] in ("neg", "pos")
 

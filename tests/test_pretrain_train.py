@@ -79,6 +79,9 @@ def test_end_to_end_run_exports_a_working_checkpoint(finished):
     assert len(predictions) == 5 and all(p["token_str"] not in ("[PAD]", "[CLS]") for p in predictions)
     card = (final / "README.md").read_text()
     assert card.startswith("---\n") and "pipeline_tag" in card and "eval_mlm_accuracy" in card
+    # the card is published: no absolute local path (the corpus, cache and tokenizer live in tmp directories)
+    assert str(out.parent.parent) not in card and "/tmp" not in card
+    assert "sources:\n  - corpus.txt\n" in card
 
 
 def test_metrics_jsonl(finished):

@@ -198,6 +198,32 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return plain(cfg)
 
 
+def portable_path(value: str, run_dir: Path) -> str:
+    """An absolute local path as a published card may show it: relative to the run directory or to the directory
+    the command ran in when it lies inside one of them, else its last part only. Other values stay as they are."""
+    path = Path(value)
+    if not path.is_absolute():
+        return value
+    for base in (run_dir.resolve(), Path.cwd().resolve()):
+        if path.resolve().is_relative_to(base):
+            return str(path.resolve().relative_to(base)) or "."
+    return path.name
+
+
+def portable_config(cfg: T, run_dir: Path) -> T:
+    """`cfg` with every absolute local path made portable (`portable_path`), for model cards that get published."""
+
+    def walk(value: Any) -> Any:
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            changes = {f.name: walk(getattr(value, f.name)) for f in dataclasses.fields(value)}
+            return dataclasses.replace(value, **changes)
+        if isinstance(value, tuple):
+            return tuple(walk(v) for v in value)
+        return portable_path(value, run_dir) if isinstance(value, str) else value
+
+    return cast(T, walk(cfg))
+
+
 def dump_config(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
 
