@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from berth.core.config import check_rates
 from berth.core.hub import HubConfig
 from berth.runtime.config import TrainConfig
 
@@ -19,6 +21,13 @@ class ModelRef:
     hidden_dropout: float | None = 0.1
     attention_dropout: float | None = 0.1
     classifier_dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        check_rates(
+            hidden_dropout=self.hidden_dropout,
+            attention_dropout=self.attention_dropout,
+            classifier_dropout=self.classifier_dropout,
+        )
 
 
 @dataclass(frozen=True)
@@ -70,6 +79,10 @@ class TaskData:
             raise ValueError(f"head_fraction must be in [0, 1]; got {self.head_fraction}")
         if self.max_train_windows < 0 or self.max_examples < 0:
             raise ValueError("max_train_windows and max_examples must be >= 0")
+        if any(not (math.isfinite(w) and w >= 0) for w in self.class_weights) or (
+            self.class_weights and not any(self.class_weights)
+        ):
+            raise ValueError(f"class_weights must be finite, >= 0 and not all 0; got {list(self.class_weights)}")
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from berth.core.config import check_rates
 from berth.core.hub import HubConfig
 from berth.corpora.config import CorpusConfig
 from berth.runtime.config import TrainConfig
@@ -93,6 +94,11 @@ class ModelConfig:
     max_position_embeddings: int = 512
     # The embedding matrix is padded to a multiple of this (faster matmuls); padding rows are never predicted.
     pad_vocab_multiple: int = 64
+
+    def __post_init__(self) -> None:
+        check_rates(hidden_dropout=self.hidden_dropout, attention_dropout=self.attention_dropout)
+        if self.max_position_embeddings < 8 or self.pad_vocab_multiple < 1:
+            raise ValueError("max_position_embeddings must be at least 8 and pad_vocab_multiple at least 1")
 
 
 @dataclass(frozen=True)

@@ -1,3 +1,4 @@
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -138,3 +139,46 @@ def test_saved_config_round_trips(tmp_path):
     }
     assert load_config(Job, path) == cfg
     assert dump_config(load_config(Job, path)) == path.read_text()
+
+
+@pytest.mark.parametrize(
+    ("stage", "override", "message"),
+    [
+        ("pretrain", "train.lr=nan", "train: lr must be a finite number > 0; got nan"),
+        ("pretrain", "train.lr=inf", "train: lr must be a finite number > 0; got inf"),
+        ("pretrain", "train.lr=0", "train: lr must be a finite number > 0; got 0.0"),
+        ("pretrain", "train.adam_beta1=1", "train: adam_beta1 must be in [0, 1); got 1.0"),
+        ("pretrain", "train.adam_beta2=-0.1", "train: adam_beta2 must be in [0, 1); got -0.1"),
+        ("pretrain", "train.adam_eps=0", "train: adam_eps must be a finite number > 0; got 0.0"),
+        ("pretrain", "train.keep_checkpoints=-1", "train: keep_checkpoints must be >= 0; got -1"),
+        ("pretrain", "train.max_grad_norm=0", "train: max_grad_norm must be a finite number > 0; got 0.0"),
+        ("pretrain", "model.hidden_dropout=1.0", "model: hidden_dropout must be in [0, 1); got 1.0"),
+        ("pretrain", "model.attention_dropout=-0.1", "model: attention_dropout must be in [0, 1); got -0.1"),
+        ("finetune", "model.classifier_dropout=1.5", "model: classifier_dropout must be in [0, 1); got 1.5"),
+        ("finetune", "model.hidden_dropout=nan", "model: hidden_dropout must be in [0, 1); got nan"),
+        ("finetune", "train.warmup_ratio=1", "train: warmup_ratio must be in [0, 1); got 1.0"),
+        ("finetune", "train.keep_checkpoints=-2", "train: keep_checkpoints must be >= 0; got -2"),
+        ("finetune", "data.class_weights=[1,-2]", "data: class_weights must be finite, >= 0 and not all 0"),
+        ("finetune", "data.class_weights=[0,0]", "data: class_weights must be finite, >= 0 and not all 0"),
+    ],
+)
+def test_out_of_range_values_are_refused_with_the_key(stage, override, message):
+    from berth.finetune.config import FinetuneConfig
+    from berth.pretrain.config import PretrainConfig
+
+    cls = {"pretrain": PretrainConfig, "finetune": FinetuneConfig}[stage]
+    with pytest.raises(ConfigError) as caught:
+        load_config(cls, None, [override])
+    assert f"<defaults>: {message}" in str(caught.value)
+
+
+def test_one_name_per_idea_in_both_train_sections():
+    from berth.finetune.config import FinetuneTrainConfig
+    from berth.pretrain.config import PretrainTrainConfig
+    from berth.runtime.config import TrainConfig
+
+    shared = {f.name for f in dataclasses.fields(TrainConfig)}
+    for stage in (PretrainTrainConfig, FinetuneTrainConfig):
+        names = {f.name for f in dataclasses.fields(stage)}
+        assert shared <= names and "keep_last" not in names
+    assert {f.name for f in dataclasses.fields(PretrainTrainConfig)} - shared == {"eval_batches", "peak_tflops"}

@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -614,3 +615,16 @@ def test_every_export_is_whole(tiny, tmp_path, architecture, task):
     else:
         assert [p["label"] for p in predicted] == [e["label"] for e in expected]
         assert [p["score"] for p in predicted] == pytest.approx([e["score"] for e in expected], abs=1e-5)
+
+
+def test_a_non_finite_loss_stops_before_its_weights_are_evaluated_or_kept(tiny, tmp_path):
+    cfg = review_config(
+        tiny, tmp_path / "run", "train.lr=1e12", "train.warmup_ratio=0", "train.eval_every=1", "train.log_every=100"
+    )
+    with pytest.raises(BerthError, match=r"the loss is not finite at step (\d+); stopping") as caught:
+        finetune(cfg)
+    bad = int(re.search(r"at step (\d+);", str(caught.value)).group(1))
+    evaluated = [m["step"] for m in read_metrics(tmp_path / "run") if "eval_loss" in m]
+    assert evaluated and max(evaluated) < bad  # no evaluation of the weights that came from a non-finite loss
+    for tensor in load_file(str(tmp_path / "run" / "best" / "model.safetensors")).values():
+        assert torch.isfinite(tensor).all()

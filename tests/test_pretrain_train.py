@@ -312,3 +312,9 @@ def test_a_hub_id_init_downloads_the_saved_head(modern, monkeypatch):
     assert not load_sentence_head(fresh, "someone/no-head")  # a hub model not pretrained by berth
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in before.items())
     assert asked == [(repo, "sentence_head.safetensors") for repo in ("someone/berth-mini", "someone/no-head")]
+
+
+def test_a_warm_up_longer_than_the_run_is_refused(setup):
+    with pytest.raises(BerthError, match=r"train.warmup_steps=20 is longer than the run \(8 optimizer steps\)$"):
+        pretrain(config(setup, "warm", "train.warmup_steps=20"))
+    assert not (setup[0] / "warm" / "config.yaml").exists()

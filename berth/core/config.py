@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.resources
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -183,6 +184,13 @@ def _parse_override(value: str, source: str, key: str) -> Any:
         return yaml.safe_load(value) if value != "" else ""
     except yaml.YAMLError:
         raise ConfigError(f"{source}: override for '{key}': cannot parse {value!r}") from None
+
+
+def check_rates(**rates: float | None) -> None:
+    """Dropout rates and other shares of a whole that must lie in [0, 1) (None: not set)."""
+    for name, rate in rates.items():
+        if rate is not None and not (math.isfinite(rate) and 0.0 <= rate < 1.0):
+            raise ValueError(f"{name} must be in [0, 1); got {rate}")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
