@@ -104,3 +104,26 @@ def test_config_differences_name_section_keys_and_top_level_values():
         "model.init: 'a' -> 'b'",
         "data.max_seq_len: 128 -> None",
     ]
+
+
+def test_a_cut_last_line_of_the_metrics_log_is_skipped_and_dropped_on_resume(tmp_path, caplog):
+    from berth.core.errors import BerthError
+    from berth.runtime.tracking import METRICS_FILE, MetricsLog, read_metrics
+
+    log = MetricsLog(tmp_path)
+    for step in (1, 2, 3):
+        log.write({"step": step, "loss": 1.0})
+    with (tmp_path / METRICS_FILE).open("a") as handle:
+        handle.write('{"step": 4, "lo')  # killed mid-write
+    assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2, 3]
+    assert "skipping its last line, cut short (15 characters)" in caplog.text
+    MetricsLog(tmp_path, resume_step=3).write({"step": 4, "loss": 0.5})
+    assert (tmp_path / METRICS_FILE).read_text().splitlines()[-2:] == [
+        '{"step": 3, "loss": 1.0}',
+        '{"step": 4, "loss": 0.5}',
+    ]
+    assert not (tmp_path / f"{METRICS_FILE}.tmp").exists() and not list(tmp_path.glob("*.tmp"))
+
+    (tmp_path / METRICS_FILE).write_text('{"step": 1}\n{"st\n{"step": 3}\n')
+    with pytest.raises(BerthError, match=r"metrics.jsonl line 2: not a JSON record; the metrics log is damaged"):
+        read_metrics(tmp_path)

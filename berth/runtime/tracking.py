@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import netrc
 import os
 from pathlib import Path
 from typing import Any
+
+from berth.core.errors import BerthError
+
+logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -21,13 +26,11 @@ class MetricsLog:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is None:
-            self.path.write_text("")
-        elif self.path.exists():
-            kept = [
-                line for line in self.path.read_text().splitlines() if json.loads(line).get("step", 0) <= resume_step
-            ]
-            self.path.write_text("".join(f"{line}\n" for line in kept))
+        kept = [] if resume_step is None else [r for r in read_metrics(output_dir) if r.get("step", 0) <= resume_step]
+        # written beside and renamed over: a kill during the rewrite leaves the old log whole
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(record) + "\n" for record in kept))
+        tmp.replace(self.path)
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -38,8 +41,21 @@ class MetricsLog:
 
 
 def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of metrics.jsonl. A cut last line (a kill or a full disk mid-write) is skipped with a warning;
+    a bad line before it is an error naming it."""
     path = Path(output_dir) / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise BerthError(f"{path} line {number}: not a JSON record; the metrics log is damaged") from None
+            logger.warning("%s: skipping its last line, cut short (%d characters)", path, len(line))
+    return records
 
 
 def wandb_logged_in() -> bool:
