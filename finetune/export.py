@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from berth.core.config import dump_config, portable_config
+from berth.core.files import replace_dir, temporary_sibling
 from berth.core.hub import card_metadata, hub_model_id
 from berth.core.text import vocabulary_languages
 from berth.core.vocab import load_tokenizer, write_vocab_txt
@@ -50,24 +50,17 @@ def save_model_dir(
     tokenizer: PreTrainedTokenizerBase,
     settings: WindowSettings,
     target: Path,
-    extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the model atomically: a temporary directory renamed over `target`, so a kill leaves the old one."""
+    """Write the model beside `target` and put it in place (`replace_dir`): a kill leaves one whole version."""
     hf_model, pooler = _parts(model)
-    tmp = target.parent / f".tmp-{target.name}-{time.time_ns()}"
+    tmp = temporary_sibling(target)
     setattr(hf_model.config, BERTH_KEY, asdict(settings))
     hf_model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     write_vocab_txt(tokenizer.get_vocab(), tmp / "vocab.txt")
     if pooler is not None:
         save_file({k: v.detach().cpu().contiguous() for k, v in pooler.state_dict().items()}, str(tmp / POOLER_FILE))
-    if extra:
-        (tmp / "berth_state.json").write_text(json.dumps(extra, indent=2) + "\n")
-    old = target.parent / f".old-{target.name}-{time.time_ns()}"
-    if target.exists():
-        target.rename(old)
-    tmp.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, target)
     return target
 
 
@@ -142,14 +135,12 @@ which cuts and aggregates them as in training.
 
 def export_finetuned(best: Path, final: Path, cfg: Any, results: dict[str, Any]) -> Path:
     """final/ = the best checkpoint plus a model card; written beside and renamed into place."""
-    tmp = final.parent / f".tmp-{final.name}-{time.time_ns()}"
-    shutil.copytree(best, tmp, ignore=shutil.ignore_patterns("berth_state.json"))
+    tmp = temporary_sibling(final)
+    shutil.copytree(best, tmp)
     config = json.loads((tmp / "config.json").read_text())
     labels = [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
     languages = vocabulary_languages(load_tokenizer(tmp).get_vocab())
     card = model_card(portable_config(cfg, final.parent), results, labels, languages)
     (tmp / "README.md").write_text(card, encoding="utf-8")
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+    replace_dir(tmp, final)
     return final

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +11,7 @@ from safetensors.torch import save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from berth.core.config import dump_config, portable_config
+from berth.core.files import replace_dir, temporary_sibling
 from berth.core.hub import card_metadata, hub_model_id
 from berth.core.layout import FINAL_DIR
 from berth.core.text import vocabulary_languages
@@ -78,7 +77,7 @@ def export_pretrained(
     # Gathered on every process (FSDP / DeepSpeed shard it), written by the main one.
     state_dict = accelerator.get_state_dict(prepared)
     if accelerator.is_main_process:
-        tmp = out / f".tmp-final-{time.time_ns()}"
+        tmp = temporary_sibling(final)
         inner = {k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")}
         model.save_pretrained(tmp, state_dict=inner)
         head = {
@@ -95,7 +94,6 @@ def export_pretrained(
         languages = vocabulary_languages(tokenizer.get_vocab())
         card = model_card(portable_config(cfg, out), last, languages, hub_model_id(cfg.model.init))
         (tmp / "README.md").write_text(card, encoding="utf-8")
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        replace_dir(tmp, final)
     accelerator.wait_for_everyone()
     return final

@@ -318,3 +318,98 @@ def test_a_warm_up_longer_than_the_run_is_refused(setup):
     with pytest.raises(BerthError, match=r"train.warmup_steps=20 is longer than the run \(8 optimizer steps\)$"):
         pretrain(config(setup, "warm", "train.warmup_steps=20"))
     assert not (setup[0] / "warm" / "config.yaml").exists()
+
+
+# -- checkpoints: no code runs on resume, a damaged one is survived, a failed write loses nothing ----------------
+
+
+def copy_killed_after_step_4(final, target, damage_step_8=None):
+    """A copy of a finished run as a kill after step 8's checkpoint left it (no export), with that checkpoint
+    damaged by `damage_step_8` when given, else removed (a kill before it)."""
+    shutil.copytree(final.parent, target)
+    shutil.rmtree(target / "final")
+    if damage_step_8 is None:
+        shutil.rmtree(target / "checkpoints" / "step-00000008")
+    else:
+        damage_step_8(target / "checkpoints" / "step-00000008")
+    return target
+
+
+def test_checkpoints_hold_no_pickle_and_resume_loads_none(setup, finished, monkeypatch):
+    import pickle
+
+    _, final = finished
+    files = sorted(p.name for p in (final.parent / "checkpoints" / "step-00000004").iterdir())
+    assert files == [
+        "config.yaml",
+        "manifest.json",
+        "model.safetensors",
+        "optimizer.pt",
+        "rng-0.json",
+        "rng-0.safetensors",
+        "scheduler.json",
+        "state.json",
+    ]
+    real_load = torch.load
+
+    def weights_only_load(*args, **kwargs):
+        assert kwargs.get("weights_only") is True, "a checkpoint file was read with pickle"
+        return real_load(*args, **kwargs)
+
+    def no_pickle(*args, **kwargs):
+        raise AssertionError("resume unpickled something")
+
+    monkeypatch.setattr(torch, "load", weights_only_load)
+    monkeypatch.setattr(pickle, "load", no_pickle)
+    monkeypatch.setattr(pickle, "loads", no_pickle)
+    resumed = copy_killed_after_step_4(final, setup[0] / "no-pickle")
+    pretrain(config(setup, resumed.name, "train.resume=auto"))
+    assert_same_weights(weights(final.parent), weights(resumed))
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_and_a_named_one_refused(setup, finished, caplog):
+    _, final = finished
+
+    def truncate(step_dir):
+        weights_file = step_dir / "model.safetensors"
+        weights_file.write_bytes(weights_file.read_bytes()[:1000])  # a crash during a copy, a full disk
+
+    resumed = copy_killed_after_step_4(final, setup[0] / "damaged", truncate)
+    caplog.set_level("WARNING")
+    pretrain(config(setup, resumed.name, "train.resume=auto"))
+    skipped = [r.message for r in caplog.records if r.message.startswith("skipping")]
+    assert len(skipped) == 1 and "step-00000008: model.safetensors has 1000 bytes, not the" in skipped[0]
+    assert_same_weights(weights(final.parent), weights(resumed))  # resumed from step 4, step 8 written again
+
+    bad = setup[0] / "bad-state"
+    shutil.copytree(final.parent / "checkpoints" / "step-00000004", bad)
+    state = bad / "state.json"
+    state.write_text("{" + "x" * (len(state.read_text()) - 1))  # same size, not JSON
+    with pytest.raises(BerthError, match=r"train.resume=.*bad-state: the checkpoint is damaged: state.json cannot"):
+        pretrain(config(setup, "elsewhere", f"train.resume={bad}"))
+
+
+def test_a_failed_checkpoint_write_stops_in_one_line_and_keeps_the_previous_one(setup, monkeypatch):
+    import errno
+
+    from berth.runtime import checkpoint
+
+    real = checkpoint.save_model
+    calls = []
+
+    def full_disk(model, filename):
+        calls.append(filename)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(model, filename)
+
+    monkeypatch.setattr(checkpoint, "save_model", full_disk)
+    run = setup[0] / "full-disk"
+    with pytest.raises(BerthError) as caught:
+        pretrain(config(setup, run.name))
+    assert str(caught.value) == (
+        f"cannot write checkpoint {run / 'checkpoints' / 'step-00000008'}: No space left on device; "
+        "step-00000004 is intact"
+    )
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000004"]
+    assert checkpoint.check_checkpoint(run / "checkpoints" / "step-00000004") == ""

@@ -127,3 +127,34 @@ def test_a_cut_last_line_of_the_metrics_log_is_skipped_and_dropped_on_resume(tmp
     (tmp_path / METRICS_FILE).write_text('{"step": 1}\n{"st\n{"step": 3}\n')
     with pytest.raises(BerthError, match=r"metrics.jsonl line 2: not a JSON record; the metrics log is damaged"):
         read_metrics(tmp_path)
+
+
+@pytest.mark.parametrize("atomic_exchange", [True, False])
+def test_replacing_a_directory_keeps_one_whole_version(tmp_path, monkeypatch, atomic_exchange):
+    from berth.core import files
+
+    if not atomic_exchange:
+        monkeypatch.setattr(files, "_exchange", lambda a, b: False)
+    target = tmp_path / "best"
+    target.mkdir()
+    (target / "weights").write_text("old")
+    new = files.temporary_sibling(target)
+    new.mkdir()
+    (new / "weights").write_text("new")
+    files.replace_dir(new, target)
+    assert (target / "weights").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+
+
+def test_recover_puts_back_a_version_moved_aside_and_removes_temporary_ones(tmp_path):
+    from berth.core import files
+
+    # a kill between moving best/ aside and renaming the new one in: only the old one and the new temporary exist
+    (tmp_path / ".old-best-17").mkdir()
+    (tmp_path / ".old-best-17" / "weights").write_text("old")
+    (tmp_path / ".tmp-best-18").mkdir()
+    (tmp_path / "final").mkdir()
+    (tmp_path / ".old-final-19").mkdir()  # final/ is in place: the aside copy is only left over
+    files.recover(tmp_path)
+    assert (tmp_path / "best" / "weights").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "final"]

@@ -1,26 +1,49 @@
-"""Atomic checkpoints with everything exact resume needs, the last K kept.
+"""Checkpoints with everything exact resume needs, in formats that run no code when read, the last K kept.
 
-A checkpoint is Accelerate's `save_state` (model, optimizer, registered objects such as the LR scheduler,
-and the RNG states of every process) plus `state.json` (step, data position, counters) and the resolved
-`config.yaml`. It is written to a temporary directory and renamed into place, so a kill during a save
-leaves the last good checkpoint intact and never a half-written one under a checkpoint's name.
+A checkpoint directory `checkpoints/step-N/` holds:
+
+    model.safetensors       the weights (shared tensors once)
+    optimizer.pt            the optimizer state, read back with torch.load(weights_only=True)
+    scheduler.json          the LR schedule's counters
+    rng-<rank>.json         each process's Python and NumPy RNG states
+    rng-<rank>.safetensors  each process's torch CPU (and CUDA) RNG states
+    state.json              the loop's counters and data position
+    config.yaml             the resolved config of the run
+    manifest.json           every file's size, written last
+
+Nothing is pickled, so `train.resume=<a directory someone sent you>` cannot run their code. A checkpoint is written
+under a temporary name, flushed, and renamed into place (`berth.core.files`); before one is used, its manifest,
+JSON and YAML files and safetensors headers are checked, and `resume=auto` falls back to the newest whole one.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import random
 import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 import yaml
 from accelerate import Accelerator
+from safetensors import safe_open
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 from berth.core.errors import BerthError
+from berth.core.files import TMP_PREFIX, fsync_tree, replace_dir
 from berth.core.layout import CONFIG_FILENAME
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "state.json"
+MANIFEST_FILE = "manifest.json"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+SCHEDULER_FILE = "scheduler.json"
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
@@ -28,7 +51,7 @@ def checkpoint_dir(output_dir: str | Path) -> Path:
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints (with state.json), oldest first."""
+    """Checkpoints in place (step-N, with state.json), oldest first; whole or not (see `check_checkpoint`)."""
     root = checkpoint_dir(output_dir)
     if not root.is_dir():
         return []
@@ -36,45 +59,145 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+# -- random number generators: plain data, not pickles -----------------------------------------------------------
+
+
+def rng_states() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """This process's RNG states: Python's and NumPy's as JSON, torch's as tensors."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    plain = {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+    }
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return plain, tensors
+
+
+def set_rng_states(plain: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    version, internal, gauss = plain["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = plain["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+# -- saving ------------------------------------------------------------------------------------------------------
+
+
 def save_checkpoint(
-    accelerator: Accelerator, output_dir: str | Path, step: int, state: dict[str, Any], config_text: str, keep: int
+    accelerator: Accelerator,
+    output_dir: str | Path,
+    step: int,
+    objects: dict[str, Any],
+    state: dict[str, Any],
+    config_text: str,
+    keep: int,
 ) -> Path:
+    """Write checkpoint step-N of `objects` (model, optimizer, scheduler as prepared by Accelerate) and the loop's
+    `state`; keep the newest `keep`. A failed write (a full disk) removes its partial directory and stops with one
+    line; the checkpoints already there are untouched."""
     root = checkpoint_dir(output_dir)
     final = root / f"step-{step:08d}"
-    tmp = root / f".tmp-step-{step:08d}"
-    if accelerator.is_main_process:
+    tmp = root / f"{TMP_PREFIX}{final.name}"  # one name on every process: each writes its RNG files into it
+    rank = accelerator.process_index
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        plain, tensors = rng_states()
+        (tmp / f"rng-{rank}.json").write_text(json.dumps(plain))
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / f"rng-{rank}.safetensors"))
+        if accelerator.is_main_process:
+            save_model(accelerator.unwrap_model(objects["model"]), str(tmp / MODEL_FILE))
+            torch.save(objects["optimizer"].state_dict(), tmp / OPTIMIZER_FILE)
+            (tmp / SCHEDULER_FILE).write_text(json.dumps(objects["scheduler"].state_dict()))
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+            (tmp / CONFIG_FILENAME).write_text(config_text)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+            (tmp / MANIFEST_FILE).write_text(json.dumps(sizes, indent=2) + "\n")
+            fsync_tree(tmp)
+            replace_dir(tmp, final)
+            for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
+                shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        root.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # every process writes its own RNG state here
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
-        (tmp / CONFIG_FILENAME).write_text(config_text)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        kept = [p.name for p in list_checkpoints(output_dir) if p != final]
+        left = f"; {kept[-1]} is intact" if kept else ""
+        raise BerthError(f"cannot write checkpoint {final}: {exc.strerror or exc}{left}") from None
     accelerator.wait_for_everyone()
     return final
 
 
+# -- checking and loading ----------------------------------------------------------------------------------------
+
+
+def check_checkpoint(path: Path) -> str:
+    """'' when the checkpoint is whole, else why not (a missing or cut file, unreadable JSON, YAML or safetensors)."""
+    try:
+        sizes = json.loads((path / MANIFEST_FILE).read_text())
+    except FileNotFoundError:
+        return f"no {MANIFEST_FILE} (the save did not finish)"
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return f"{MANIFEST_FILE} is not valid JSON"
+    for name, size in sizes.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, not the {size} it was written with"
+    for name in sizes:
+        try:
+            if name.endswith(".json"):
+                json.loads((path / name).read_text())
+            elif name.endswith((".yaml", ".yml")):
+                yaml.safe_load((path / name).read_text())
+            elif name.endswith(".safetensors"):
+                with safe_open(str(path / name), framework="pt") as handle:
+                    handle.keys()
+        except (json.JSONDecodeError, UnicodeDecodeError, yaml.YAMLError):
+            return f"{name} cannot be parsed"
+        except Exception as exc:  # safetensors reports a bad header with exception types of its own
+            return f"{name} cannot be read ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+    return ""
+
+
 def load_checkpoint(
-    accelerator: Accelerator, path: str | Path, current: dict[str, Any], sections: tuple[str, ...]
+    accelerator: Accelerator,
+    path: str | Path,
+    objects: dict[str, Any],
+    current: dict[str, Any],
+    sections: tuple[str, ...],
 ) -> dict[str, Any]:
-    """Load the checkpoint into the prepared objects and return its state, after checking that the config
-    `sections` (those whose change makes the checkpoint meaningless for this run) are unchanged."""
+    """Load the checkpoint into `objects` (model, optimizer, scheduler as prepared) and this process's RNGs, and
+    return its loop state, after checking that the config `sections` (those whose change makes the checkpoint
+    meaningless for this run) are unchanged."""
     path = Path(path)
     differences = config_differences((path / CONFIG_FILENAME).read_text(), current, sections)
     if differences:
         raise BerthError(f"refusing to resume from {path}: the config changed: {'; '.join(differences)}")
-    accelerator.load_state(str(path))
+    load_model(accelerator.unwrap_model(objects["model"]), str(path / MODEL_FILE), strict=True)
+    optimizer = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+    objects["optimizer"].load_state_dict(optimizer)
+    objects["scheduler"].load_state_dict(json.loads((path / SCHEDULER_FILE).read_text()))
+    rank = accelerator.process_index
+    rng = path / f"rng-{rank}.json"
+    if not rng.is_file():
+        raise BerthError(f"refusing to resume from {path}: it has no RNG state for process {rank}")
+    set_rng_states(json.loads(rng.read_text()), load_file(str(path / f"rng-{rank}.safetensors")))
     return json.loads((path / STATE_FILE).read_text())
 
 
 def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
-    """'' -> None (fresh start); 'auto' -> the newest checkpoint, or None; otherwise that checkpoint.
+    """'' -> None (fresh start); 'auto' -> the newest whole checkpoint, or None; otherwise that checkpoint.
 
     A fresh start where an earlier run left checkpoints is refused: its own checkpoints would overwrite and
     prune the earlier ones by step number, and a later resume=auto could pick up the other run's.
@@ -89,10 +212,23 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
         return None
     if resume == "auto":
         found = list_checkpoints(output_dir)
-        return found[-1] if found else None
+        for candidate in reversed(found):
+            problem = check_checkpoint(candidate)
+            if not problem:
+                return candidate
+            logger.warning("skipping %s: %s", candidate, problem)
+        if found:
+            raise BerthError(
+                f"{checkpoint_dir(output_dir)}: none of its {len(found)} checkpoints is whole; delete the folder to "
+                "start afresh"
+            )
+        return None
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
         raise BerthError(f"train.resume={resume}: not a checkpoint directory (no {STATE_FILE})")
+    problem = check_checkpoint(path)
+    if problem:
+        raise BerthError(f"train.resume={resume}: the checkpoint is damaged: {problem}")
     return path
 
 

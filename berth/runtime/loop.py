@@ -23,9 +23,10 @@ from tqdm.auto import tqdm
 
 from berth.core.config import dump_config, save_config, to_dict
 from berth.core.errors import BerthError
+from berth.core.files import recover
 from berth.core.hub import check_push
 from berth.runtime.accel import build_accelerator
-from berth.runtime.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from berth.runtime.checkpoint import checkpoint_dir, load_checkpoint, resolve_resume, save_checkpoint
 from berth.runtime.config import TrainConfig
 from berth.runtime.dropout import use_fast_dropout
 from berth.runtime.optim import build_optimizer
@@ -150,13 +151,18 @@ class Loop:
         optimizer = build_optimizer(self.inner, t.optimizer, t.lr, t.weight_decay, betas, t.adam_eps, acc.device.type)
         self.scheduler = build_scheduler(optimizer, t.schedule, self.warmup, self.total_steps, t.min_lr_ratio)
         self.model, self.optimizer = acc.prepare(self.inner, optimizer)
-        acc.register_for_checkpointing(self.scheduler)
         self.state.global_batch = self.global_batch
+
+    @property
+    def saved_objects(self) -> dict[str, Any]:
+        """What a checkpoint holds beside the loop's state."""
+        return {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler}
 
     def maybe_resume(self, checkpoint: Path | None) -> None:
         if checkpoint is None:
             return
-        saved = load_checkpoint(self.accelerator, checkpoint, to_dict(self.cfg), self.stage.resume_sections)
+        current, sections = to_dict(self.cfg), self.stage.resume_sections
+        saved = load_checkpoint(self.accelerator, checkpoint, self.saved_objects, current, sections)
         state = TrainState(**saved)
         if state.global_batch != self.global_batch:
             raise BerthError(
@@ -332,7 +338,8 @@ class Loop:
         self.checkpointed_at = step
         self.maybe_log(force=True)  # never save a state whose loss went non-finite
         self.state.elapsed = time.perf_counter() - self.start_time
-        save_checkpoint(self.accelerator, self.out, step, asdict(self.state), dump_config(self.cfg), t.keep_checkpoints)
+        state, config = asdict(self.state), dump_config(self.cfg)
+        save_checkpoint(self.accelerator, self.out, step, self.saved_objects, state, config, t.keep_checkpoints)
         self.stage.checkpoint_saved(self.model, self.state, self.accelerator)
 
     def done(self) -> bool:
@@ -343,6 +350,10 @@ class Loop:
     def run(self) -> Path:
         if self.cfg.hub.push:
             check_push(self.cfg.hub.repo_id)  # before hours of training, not after
+        if self.accelerator.is_main_process:
+            for directory in (self.out, checkpoint_dir(self.out)):
+                recover(directory)  # what an interrupted save left
+        self.accelerator.wait_for_everyone()
         checkpoint = resolve_resume(self.train.resume, self.out)  # before data preparation: fails fast
         self.build()
         self.maybe_resume(checkpoint)
