@@ -19,6 +19,7 @@ from berth.finetune.data import (
     Split,
     check_labels,
     check_texts,
+    content_digest,
     label_values,
     load_splits,
     require_columns,
@@ -257,6 +258,11 @@ class ClassificationTask:
         config.label2id = {name: i for i, name in enumerate(self.labels)}
         model = build_pretrained(AutoModelForSequenceClassification, init, config, from_scratch)
         return WindowClassifier(model, self.attention)
+
+    def fingerprint(self) -> str:
+        return content_digest(
+            [(name, e.window_ids, e.window_types, e.doc_labels) for name, e in sorted(self.splits.items())]
+        )
 
     def export_settings(self, aggregation: str) -> WindowSettings:
         """What the export carries: these settings with the aggregation validation chose in place of auto."""

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import datasets
 
@@ -25,6 +28,11 @@ class Split:
     name: str
     rows: datasets.Dataset
     where: str  # for messages: a file path, or dataset:split
+
+
+def content_digest(value: Any) -> str:
+    """A short hash of nested lists of ids and labels."""
+    return hashlib.sha256(json.dumps(value, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
 def load_splits(data: TaskData) -> dict[str, Split]:

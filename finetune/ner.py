@@ -21,6 +21,7 @@ from berth.finetune.data import (
     Split,
     check_labels,
     check_tokens,
+    content_digest,
     label_values,
     load_splits,
     require_columns,
@@ -148,6 +149,9 @@ class NerTask:
         config.id2label = dict(enumerate(self.labels))
         config.label2id = {name: i for i, name in enumerate(self.labels)}
         return build_pretrained(AutoModelForTokenClassification, init, config, from_scratch)
+
+    def fingerprint(self) -> str:
+        return content_digest([(name, e.window_ids, e.window_labels) for name, e in sorted(self.splits.items())])
 
     def export_settings(self, aggregation: str) -> WindowSettings:
         return WindowSettings(self.kind, self.cfg.data.max_seq_len, self.cfg.data.stride)

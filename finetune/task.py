@@ -28,6 +28,9 @@ class Task(Protocol):
     def export_settings(self, aggregation: str) -> WindowSettings:
         """How predict must cut and combine texts, given the aggregation validation chose."""
 
+    def fingerprint(self) -> str:
+        """A hash of the encoded splits (token ids and labels): changed data under the same file names shows."""
+
     def train_units(self, epoch: int) -> tuple[list[list[int]], list[int]]:
         """The training units of an epoch (window indices each) and their lengths, for length grouping."""
 

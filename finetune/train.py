@@ -16,7 +16,7 @@ from accelerate import Accelerator
 from berth.core.errors import BerthError
 from berth.core.hub import push_folder
 from berth.core.layout import FINAL_DIR
-from berth.core.vocab import load_tokenizer
+from berth.core.vocab import load_tokenizer, tokenizer_fingerprint
 from berth.finetune.batching import length_grouped_batches
 from berth.finetune.classification import ClassificationTask
 from berth.finetune.config import FinetuneConfig
@@ -65,6 +65,9 @@ class FinetuneStage:
         check_vocab(self.tokenizer, config, init)
         self.task: Task = TASKS[cfg.task](cfg, self.tokenizer)
         return self.task.build_model(init, config, m.from_scratch)
+
+    def data_key(self) -> dict[str, str]:
+        return {"data": self.task.fingerprint(), "tokenizer": tokenizer_fingerprint(self.tokenizer)}
 
     def steps_per_epoch(self, global_batch: int, acc: Accelerator) -> int:
         units, _ = self.task.train_units(0)

@@ -31,6 +31,7 @@ from transformers import PreTrainedTokenizerBase
 
 from berth.core.config import to_dict
 from berth.core.errors import BerthError
+from berth.core.vocab import tokenizer_fingerprint
 from berth.corpora.config import CorpusConfig
 from berth.corpora.embedded import NAMED_CORPORA
 from berth.corpora.readers import HUB_PREFIX, load_corpus, resolve_files
@@ -53,7 +54,7 @@ logger = logging.getLogger(__name__)
 SPLITS = ("train", "validation")
 
 
-def _digest(obj: Any) -> str:
+def digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -77,15 +78,8 @@ def corpus_fingerprint(corpus: CorpusConfig) -> list[Any]:
     return parts
 
 
-def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
-    """Hash of the tokenizer's vocabulary and pipeline, so a retrained tokenizer invalidates the cache."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 def documents_key(corpus: CorpusConfig, data: DataConfig, tokenizer: PreTrainedTokenizerBase) -> str:
-    return _digest(
+    return digest(
         {
             "format": FORMAT_VERSION,
             "corpus": to_dict(corpus),
@@ -100,7 +94,7 @@ def documents_key(corpus: CorpusConfig, data: DataConfig, tokenizer: PreTrainedT
 
 def examples_key(data: DataConfig) -> str:
     shape = ("max_seq_len", "sentence_task", "short_seq_prob", "seed")
-    return _digest({"format": FORMAT_VERSION, "group": GROUP_SIZE, **{k: getattr(data, k) for k in shape}})
+    return digest({"format": FORMAT_VERSION, "group": GROUP_SIZE, **{k: getattr(data, k) for k in shape}})
 
 
 @dataclass
@@ -134,7 +128,7 @@ class PreparedData:
             features=EXAMPLE_FEATURES,
             num_proc=min(self.data.num_proc, n_groups) if n_groups > 1 else None,
             cache_file_name=str(self.examples_dir / f"epoch-{epoch}-{split}.arrow"),
-            new_fingerprint=_digest([self.root.name, examples_key(self.data), split, epoch]),
+            new_fingerprint=digest([self.root.name, examples_key(self.data), split, epoch]),
             desc=f"Drawing {split} examples for epoch {epoch}",
         )
 

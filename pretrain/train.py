@@ -18,13 +18,13 @@ from transformers import PreTrainedTokenizerBase
 from berth.core.errors import BerthError
 from berth.core.hub import push_folder
 from berth.core.models import HFModel
-from berth.core.vocab import load_tokenizer
+from berth.core.vocab import load_tokenizer, tokenizer_fingerprint
 from berth.pretrain.config import PretrainConfig
 from berth.pretrain.data import check_seq_len
 from berth.pretrain.export import export_pretrained
 from berth.pretrain.masking import EpochExamples, MaskingCollator, pack_batch
 from berth.pretrain.model import PretrainingObjective, build_model, load_sentence_head
-from berth.pretrain.prepare import PreparedData, prepare
+from berth.pretrain.prepare import PreparedData, corpus_fingerprint, digest, prepare
 from berth.runtime.loop import Batch, Loop, TrainState
 
 logger = logging.getLogger(__name__)
@@ -113,6 +113,12 @@ class PretrainingStage:
             load_sentence_head(self.objective.sentence_head, cfg.model.init)
         self.collator = MaskingCollator(cfg.data, special)
         return self.objective
+
+    def data_key(self) -> dict[str, str]:
+        return {
+            "corpus": digest(corpus_fingerprint(self.cfg.corpus)),
+            "tokenizer": tokenizer_fingerprint(self.prepared.tokenizer),
+        }
 
     def epoch_examples(self, epoch: int, acc: Accelerator) -> EpochExamples:
         with acc.main_process_first():

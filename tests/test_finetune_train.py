@@ -399,6 +399,17 @@ def test_resume_refuses_a_changed_model_or_data_config(tiny, tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "step-00000002" / "state.json").is_file()
 
 
+def test_resume_refuses_training_data_changed_under_the_same_file_name(tiny, tmp_path):
+    for split in ("train", "validation", "test"):
+        shutil.copy(tiny / f"reviews_{split}.jsonl", tmp_path / f"{split}.jsonl")
+    files = [f"data.{split}_file={tmp_path / f'{split}.jsonl'}" for split in ("train", "validation", "test")]
+    finetune(review_config(tiny, tmp_path / "run", *files, "train.max_steps=2", "train.eval_every=2"))
+    rows = (tmp_path / "train.jsonl").read_text().splitlines()
+    (tmp_path / "train.jsonl").write_text("\n".join(rows[1:] + rows[:1]) + "\n")  # the same rows, another order
+    with pytest.raises(BerthError, match=r"refusing to resume .*: the data under the same config changed \(data: "):
+        finetune(review_config(tiny, tmp_path / "run", *files, "train.max_steps=4", "train.resume=auto"))
+
+
 def test_keep_checkpoints_zero_writes_none(tiny, tmp_path):
     final = finetune(review_config(tiny, tmp_path / "run", "train.max_steps=2", "train.keep_checkpoints=0"))
     assert not (final.parent / "checkpoints").exists()

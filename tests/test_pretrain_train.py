@@ -413,3 +413,15 @@ def test_a_failed_checkpoint_write_stops_in_one_line_and_keeps_the_previous_one(
     )
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000004"]
     assert checkpoint.check_checkpoint(run / "checkpoints" / "step-00000004") == ""
+
+
+def test_resume_refuses_a_corpus_changed_under_the_same_path(setup):
+    root = setup[0]
+    corpus = root / "changed-corpus.txt"
+    shutil.copy(root / "corpus.txt", corpus)
+    run = root / "changed"
+    pretrain(config(setup, run.name, f"corpus.sources=[{corpus}]", "train.max_steps=4"))
+    with corpus.open("a", encoding="utf-8") as handle:
+        handle.write("新的一段文字，训练数据变了。\n")
+    with pytest.raises(BerthError, match=r"refusing to resume .*: the data under the same config changed \(corpus: "):
+        pretrain(config(setup, run.name, f"corpus.sources=[{corpus}]", "train.resume=auto"))

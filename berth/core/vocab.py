@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -31,6 +33,13 @@ def load_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
     if not tokenizer.is_fast:
         raise BerthError(f"{source}: berth needs a fast tokenizer (tokenizer.json) for word alignment and offsets")
     return tokenizer
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """Hash of the tokenizer's vocabulary and pipeline: a retrained tokenizer invalidates caches and checkpoints."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def write_vocab_txt(vocab: dict[str, int], path: Path) -> None:

