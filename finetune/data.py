@@ -119,7 +119,8 @@ def label_values(split: Split, column: str) -> list:
     names = _names_of(split.rows.features[column])
 
     def name(value) -> str:
-        if value is None:
+        # None, and a ClassLabel id of -1 (how hub datasets mark an unlabelled row), are missing labels
+        if value is None or (names is not None and isinstance(value, int) and value < 0):
             return ""
         return names[value] if names is not None and isinstance(value, int) else str(value)
 
@@ -153,6 +154,11 @@ def _label_sort_key(label: str) -> tuple:
 def check_labels(split: Split, values: list, known: Sequence[str], column: str, training_labels: bool) -> None:
     """Every label of the split is a known one; the first that is not stops the run, naming its row."""
     allowed = set(known)
+    if values and all(v == "" or (isinstance(v, list) and set(v) <= {""}) for v in values):
+        raise BerthError(
+            f"{split.where}: no labels in column '{column}' (all missing or -1: an unlabelled split, as hub datasets "
+            "mark their test splits); fine-tuning evaluates on labelled splits only: label it, or leave it out"
+        )
     for row, value in enumerate(values):
         for label in value if isinstance(value, list) else [value]:
             if label == "":

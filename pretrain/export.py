@@ -36,6 +36,11 @@ def model_card(cfg: Any, metrics: dict[str, Any], languages: list[str], base_mod
         meta["base_model"] = base_model
     architecture = "ModernBERT" if cfg.model.architecture == "modernbert" else "BERT"
     rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in metrics.items() if isinstance(v, float))
+    evaluation = (
+        f"| metric | value |\n|---|---|\n{rows}"
+        if rows
+        else "None: no documents were held out (`data.eval_fraction` is 0, or the corpus is too small)."
+    )
     return f"""{card_metadata(meta)}
 
 # {Path(cfg.output_dir).name}
@@ -51,9 +56,7 @@ fill = pipeline("fill-mask", model="path/to/this/folder")
 
 ## Evaluation (held-out documents, fixed mask)
 
-| metric | value |
-|---|---|
-{rows}
+{evaluation}
 
 ## Training config
 

@@ -219,6 +219,25 @@ def example_stats(examples: datasets.Dataset, max_seq_len: int) -> dict[str, Any
     }
 
 
+def check_sentence_task(task: str, positive_share: float | None) -> None:
+    """NSP labels a pair "random" only when another document can give its B segment: a corpus that cannot (one
+    document) would teach the [CLS] head one answer. Refuse that; warn when the classes are far from even."""
+    if task != "nsp" or positive_share is None:
+        return
+    if positive_share >= 1.0:
+        raise BerthError(
+            "data.sentence_task=nsp: no random-continuation pair could be drawn (a random B segment needs another "
+            "document of two or more sentences), so every pair would be labelled a true continuation; add "
+            "documents, or use data.sentence_task=sop or none"
+        )
+    if abs(positive_share - 0.5) > 0.1:
+        logger.warning(
+            "data.sentence_task=nsp: %.0f%% of the pairs are true continuations, far from half: few documents "
+            "can give random B segments",
+            100 * positive_share,
+        )
+
+
 def prepare(cfg: PretrainConfig, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
     """Tokenized documents plus epoch 0 of the train and validation examples, with logged statistics."""
     start = time.perf_counter()
@@ -226,6 +245,7 @@ def prepare(cfg: PretrainConfig, tokenizer: PreTrainedTokenizerBase) -> Prepared
     for split in SPLITS:
         stats = example_stats(prepared.examples(split, epoch=0), cfg.data.max_seq_len)
         prepared.stats[f"{split}_epoch0"] = stats
+    check_sentence_task(cfg.data.sentence_task, prepared.stats["train_epoch0"]["positive_share"])
     prepared.stats["prepare_seconds"] = round(time.perf_counter() - start, 2)
     return prepared
 

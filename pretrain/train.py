@@ -24,7 +24,7 @@ from berth.pretrain.data import check_seq_len
 from berth.pretrain.export import export_pretrained
 from berth.pretrain.masking import EpochExamples, MaskingCollator, pack_batch
 from berth.pretrain.model import PretrainingObjective, build_model, load_sentence_head
-from berth.pretrain.prepare import PreparedData, corpus_fingerprint, digest, prepare
+from berth.pretrain.prepare import corpus_fingerprint, digest, prepare
 from berth.runtime.loop import Batch, Loop, TrainState
 
 logger = logging.getLogger(__name__)
@@ -112,6 +112,13 @@ class PretrainingStage:
         if self.objective.sentence_head is not None:
             load_sentence_head(self.objective.sentence_head, cfg.model.init)
         self.collator = MaskingCollator(cfg.data, special)
+        with acc.main_process_first():
+            self.validation = EpochExamples(self.prepared.examples("validation", 0), cfg.data.seed, epoch=0)
+        if not len(self.validation):
+            logger.warning(
+                "no held-out examples (data.eval_fraction=%s): evaluation is skipped, and the model card says so",
+                cfg.data.eval_fraction,
+            )
         return self.objective
 
     def data_key(self) -> dict[str, str]:
@@ -176,7 +183,9 @@ class PretrainingStage:
         return fields
 
     def evaluate(self, model: torch.nn.Module, acc: Accelerator) -> dict[str, Any]:
-        return evaluate(model, self.prepared, self.cfg, self.collate, acc)
+        if not len(self.validation):
+            return {}  # no figures at all rather than a perplexity of 1.0 over nothing
+        return evaluate(model, self.validation, self.cfg, self.collate, acc)
 
     def save_best(self, model: torch.nn.Module, state: TrainState, acc: Accelerator) -> None:
         raise NotImplementedError("pretraining has no best-so-far metric")
@@ -208,7 +217,7 @@ class PretrainingStage:
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
-    prepared: PreparedData,
+    examples: EpochExamples,
     cfg: PretrainConfig,
     collate: Callable[[list[dict]], Batch],
     acc: Accelerator,
@@ -218,7 +227,6 @@ def evaluate(
     The validation examples of epoch 0 are masked by their own (seed, 0, index) generators, so every
     evaluation of a run (and of a resumed run) sees the very same masks. Dropout is off.
     """
-    examples = EpochExamples(prepared.examples("validation", 0), cfg.data.seed, epoch=0)
     mine = list(range(acc.process_index, len(examples), acc.num_processes))
     size = cfg.train.batch_size
     limit = cfg.train.eval_batches or len(mine)

@@ -177,3 +177,24 @@ def test_modernbert_window_vectors_give_the_models_own_logits(pooling):
     assert vectors.shape == (3, 32)
     expected = model(input_ids=input_ids, attention_mask=attention_mask).logits
     assert torch.allclose(logits, expected, atol=1e-6)
+
+
+def test_a_class_label_of_minus_one_is_a_missing_label_never_the_last_class():
+    import datasets
+
+    from berth.core.errors import BerthError
+    from berth.finetune.data import Split, check_labels, label_values
+
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])})
+
+    def split(labels):
+        rows = datasets.Dataset.from_dict({"text": ["a"] * len(labels), "label": labels}, features=features)
+        return Split("test", rows, "hub:test")
+
+    mixed = split([1, -1, 0])
+    assert label_values(mixed, "label") == ["pos", "", "neg"]  # not "pos" for -1
+    with pytest.raises(BerthError, match=r"^hub:test row 1: missing label in column 'label'$"):
+        check_labels(mixed, label_values(mixed, "label"), ["neg", "pos"], "label", training_labels=True)
+    unlabelled = split([-1, -1])
+    with pytest.raises(BerthError, match=r"^hub:test: no labels in column 'label' \(all missing or -1: an unlabelled"):
+        check_labels(unlabelled, label_values(unlabelled, "label"), ["neg", "pos"], "label", training_labels=True)

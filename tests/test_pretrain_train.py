@@ -425,3 +425,24 @@ def test_resume_refuses_a_corpus_changed_under_the_same_path(setup):
         handle.write("新的一段文字，训练数据变了。\n")
     with pytest.raises(BerthError, match=r"refusing to resume .*: the data under the same config changed \(corpus: "):
         pretrain(config(setup, run.name, f"corpus.sources=[{corpus}]", "train.resume=auto"))
+
+
+def test_no_held_out_documents_skip_evaluation_and_say_so(setup):
+    final = pretrain(config(setup, "no-eval", "data.eval_fraction=0", "train.max_steps=4"))
+    metrics = read_metrics(final.parent)
+    assert [m["step"] for m in metrics if "loss" in m] == [2, 4]
+    assert not [m for m in metrics if any(k.startswith("eval_") for k in m)]  # no perplexity 1.0 over nothing
+    card = (final / "README.md").read_text()
+    assert "None: no documents were held out (`data.eval_fraction` is 0, or the corpus is too small)." in card
+
+
+def test_nsp_on_a_corpus_that_cannot_give_random_pairs_is_refused(setup):
+    root = setup[0]
+    one = root / "one-document.txt"
+    one.write_text("".join(f"第{i}句话讲了一件事。" for i in range(300)) + "\n", encoding="utf-8")
+    with pytest.raises(BerthError, match=r"data.sentence_task=nsp: no random-continuation pair could be drawn"):
+        pretrain(config(setup, "one-doc", f"corpus.sources=[{one}]", "data.eval_fraction=0"))
+    final = pretrain(
+        config(setup, "one-doc-sop", f"corpus.sources=[{one}]", "data.eval_fraction=0", "data.sentence_task=sop")
+    )
+    assert (final / "model.safetensors").is_file()

@@ -90,7 +90,7 @@ class Stage(Protocol):
         """Log fields from the figures summed over processes and steps since the last log line."""
 
     def evaluate(self, model: torch.nn.Module, acc: Accelerator) -> dict[str, Any]:
-        """Validation figures (names without the eval_ prefix)."""
+        """Validation figures (names without the eval_ prefix); empty when there is nothing to evaluate on."""
 
     def save_best(self, model: torch.nn.Module, state: TrainState, acc: Accelerator) -> None:
         """Keep the weights that just gave the best validation figure (called on every process)."""
@@ -314,6 +314,8 @@ class Loop:
         self.maybe_log(force=True)  # weights from a non-finite loss are never evaluated or kept as the best
         self.state.evaluated_at = self.state.step
         metrics = self.stage.evaluate(self.model, self.accelerator)
+        if not metrics:
+            return  # the stage has nothing to evaluate on (it said so once)
         record = {"step": self.state.step, "time": round(time.perf_counter() - self.start_time, 3)}
         self.emit({**record, "epoch": self.state.epoch, **{f"eval_{k}": v for k, v in metrics.items()}})
         if self.stage.metric:
