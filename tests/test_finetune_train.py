@@ -274,10 +274,19 @@ def test_truncation_gives_one_window_per_text(tiny, tmp_path):
     assert json.loads((final / "config.json").read_text())["berth"]["long_text"] == "head_tail"
 
 
+def step_figures(run_dir):
+    """(loss, gradient norm before clipping) of every step: a constant scale error in the loss or the gradient
+    shows here, where AdamW's normalised, clipped update would hide it in the weights."""
+    return [f for m in read_metrics(run_dir) if "loss" in m for f in (m["loss"], m["grad_norm"])]
+
+
 def test_gradient_accumulation_gives_the_same_weights(tiny, tmp_path):
-    common = ["train.max_steps=3", "model.hidden_dropout=0", "model.attention_dropout=0", "model.classifier_dropout=0"]
+    common = ["train.max_steps=3", "train.log_every=1", "model.hidden_dropout=0", "model.attention_dropout=0"]
+    common.append("model.classifier_dropout=0")
     one = finetune(review_config(tiny, tmp_path / "one", *common))
     two = finetune(review_config(tiny, tmp_path / "two", *common, "train.batch_size=4", "train.grad_accum=2"))
+    assert len(step_figures(one.parent)) == 6
+    assert step_figures(two.parent) == pytest.approx(step_figures(one.parent), rel=1e-5)
     a, b = load_file(str(one / "model.safetensors")), load_file(str(two / "model.safetensors"))
     assert a.keys() == b.keys()
     for name in a:
@@ -292,6 +301,7 @@ def test_two_processes_reach_the_weights_and_metrics_of_one(tiny, tmp_path, aggr
         f"data.aggregation={aggregation}",
         "train.max_steps=3",
         "train.eval_every=3",
+        "train.log_every=1",
         "model.hidden_dropout=0",
         "model.attention_dropout=0",
         "model.classifier_dropout=0",
@@ -302,6 +312,8 @@ def test_two_processes_reach_the_weights_and_metrics_of_one(tiny, tmp_path, aggr
     result = launch_two_processes("finetune", ["configs/finetune/reviews_sentiment.yaml", *overrides])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "global batch 8" in result.stderr
+    assert len(step_figures(one.parent)) == 6
+    assert step_figures(tmp_path / "two") == pytest.approx(step_figures(one.parent), rel=1e-4)
     for weights in ("model.safetensors", "window_pooler.safetensors")[: 1 + (aggregation == "attention")]:
         a, b = load_file(str(one / weights)), load_file(str(tmp_path / "two" / "final" / weights))
         for name in a:

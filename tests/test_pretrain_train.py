@@ -133,16 +133,26 @@ def test_resume_refuses_a_changed_data_or_model_config(setup, finished):
         pretrain(config(setup, "e2e"))  # a fresh start would overwrite and prune them
 
 
+def step_figures(run_dir):
+    """(loss, gradient norm before clipping) of every step: a constant scale error in the loss or the gradient
+    shows here, where AdamW's normalised, clipped update would hide it in the weights."""
+    return [(m["loss"], m["grad_norm"]) for m in read_metrics(run_dir) if "loss" in m]
+
+
 def test_gradient_accumulation_gives_the_same_step(setup):
     common = (
         "model.hidden_dropout=0",
         "model.attention_dropout=0",
         "train.max_steps=3",
+        "train.log_every=1",
         "train.eval_every=100",
         "train.save_every=100",
     )
     one = pretrain(config(setup, "accum1", *common))
     two = pretrain(config(setup, "accum2", *common, "train.batch_size=4", "train.grad_accum=2"))
+    figures = [step_figures(run.parent) for run in (one, two)]
+    assert len(figures[0]) == 3
+    assert [f for step in figures[1] for f in step] == pytest.approx([f for step in figures[0] for f in step], rel=1e-5)
     assert_same_weights(weights(one.parent), weights(two.parent), atol=1e-5)
 
 
@@ -175,6 +185,7 @@ def test_two_processes_reach_the_weights_of_one(setup, architecture):
         "model.hidden_dropout=0",
         "model.attention_dropout=0",
         "train.max_steps=3",
+        "train.log_every=1",
         "train.eval_every=2",
         "train.save_every=100",
     ]
@@ -191,7 +202,9 @@ def test_two_processes_reach_the_weights_of_one(setup, architecture):
     evals = [[m["eval_mlm_loss"] for m in run if "eval_mlm_loss" in m] for run in metrics]
     losses = [[m["loss"] for m in run if "loss" in m] for run in metrics]
     assert evals[0] == pytest.approx(evals[1], rel=1e-5)
-    assert len(losses[0]) == 2 and losses[0] == pytest.approx(losses[1], rel=1e-5)  # the logged loss is global
+    assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], rel=1e-5)  # the logged loss is global
+    norms = [[m["grad_norm"] for m in run if "grad_norm" in m] for run in metrics]
+    assert norms[0] == pytest.approx(norms[1], rel=1e-5)  # the same gradient, not only the same clipped update
 
 
 def test_continued_pretraining_of_a_real_english_checkpoint(tmp_path):
