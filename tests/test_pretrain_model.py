@@ -111,7 +111,24 @@ def test_dropout_only_in_training():
     objective.eval()
     assert torch.equal(objective(**b)["mlm_loss"], objective(**b)["mlm_loss"])
     objective.train()
-    assert not torch.equal(objective(**b)["mlm_loss"], objective(**b)["mlm_loss"])
+    seen = []
+    hook = model.bert.embeddings.dropout.register_forward_hook(lambda module, args, out: seen.append(out))
+    objective(**b)
+    hook.remove()
+    zeros = (seen[0] == 0).float().mean().item()  # about 4,000 activations: 0.1 +- 0.005 (1 sd)
+    assert 0.08 < zeros < 0.12
+    objective.eval()
+    seen.clear()
+    hook = model.bert.embeddings.dropout.register_forward_hook(lambda module, args, out: seen.append(out))
+    objective(**b)
+    hook.remove()
+    assert (seen[0] == 0).sum() == 0
+    # with every rate at 0, training mode is evaluation mode: the only difference is dropout
+    torch.manual_seed(0)
+    plain = PretrainingObjective(
+        build_model(ModelConfig(size="tiny", hidden_dropout=0, attention_dropout=0), VOCAB, 0), VOCAB, True
+    )
+    assert torch.equal(plain.train()(**b)["mlm_loss"], plain.eval()(**b)["mlm_loss"])
 
 
 def test_continued_pretraining_from_a_real_checkpoint():
