@@ -48,10 +48,13 @@ from berth.pretrain.data import (
     check_tokenizer,
 )
 from berth.pretrain.masking import EpochExamples, MaskingCollator
+from berth.pretrain.sentences import sentence_ends
 
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation")
+# Longer documents are cut at sentence ends before tokenization (chunk_documents).
+MAX_DOCUMENT_CHARS = 100_000
 
 
 def digest(obj: Any) -> str:
@@ -88,6 +91,7 @@ def documents_key(corpus: CorpusConfig, data: DataConfig, tokenizer: PreTrainedT
             "word_segmenter": data.word_segmenter,
             "jieba": _package_version("jieba") if data.word_segmenter != "none" else None,
             "eval_fraction": data.eval_fraction,
+            "max_document_chars": MAX_DOCUMENT_CHARS,
         }
     )
 
@@ -152,6 +156,10 @@ def prepare_documents(corpus_cfg: CorpusConfig, data: DataConfig, tokenizer: Pre
         corpus = datasets.Dataset.from_generator(
             _stream_rows, gen_kwargs={"corpus_cfg": corpus_cfg}, features=corpus.features
         )
+    if "words" not in corpus.column_names:  # a corpus with its own segmentation keeps its documents as they are
+        corpus = corpus.map(
+            chunk_documents, batched=True, batch_size=64, remove_columns=corpus.column_names, desc="Chunking"
+        )
     encoded = corpus.map(
         DocumentEncoder(tokenizer, data.word_segmenter, data.eval_fraction),
         batched=True,
@@ -179,6 +187,28 @@ def prepare_documents(corpus_cfg: CorpusConfig, data: DataConfig, tokenizer: Pre
     tmp.rename(final)
     meta_path.write_text(json.dumps(stats, indent=2) + "\n")
     return PreparedData(root, datasets.load_from_disk(str(final)), data, special, tokenizer, stats)
+
+
+def chunk_documents(batch: dict[str, list[Any]]) -> dict[str, list[str]]:
+    """Texts longer than MAX_DOCUMENT_CHARS cut at sentence ends into documents of at most that length (a sentence
+    longer than the limit is cut where the limit falls), so one huge document -- a book on one line -- is tokenized
+    in pieces rather than whole, and NSP has other documents to draw random continuations from."""
+    out: list[str] = []
+    for text in batch["text"]:
+        if len(text) <= MAX_DOCUMENT_CHARS:
+            out.append(text)
+            continue
+        start = last = 0  # where the current piece starts; the last sentence end inside it
+        for end in sentence_ends(text):
+            if end - start > MAX_DOCUMENT_CHARS and last > start:
+                out.append(text[start:last])
+                start = last
+            while end - start > MAX_DOCUMENT_CHARS:  # one sentence longer than the limit
+                out.append(text[start : start + MAX_DOCUMENT_CHARS])
+                start += MAX_DOCUMENT_CHARS
+            last = end
+        out.append(text[start:])
+    return {"text": [t for t in out if t.strip()]}
 
 
 def _lengths(column: Any) -> np.ndarray:

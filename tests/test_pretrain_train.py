@@ -463,3 +463,20 @@ def test_nsp_on_a_corpus_that_cannot_give_random_pairs_is_refused(setup):
         config(setup, "one-doc-sop", f"corpus.sources=[{one}]", "data.eval_fraction=0", "data.sentence_task=sop")
     )
     assert (final / "model.safetensors").is_file()
+
+
+def test_one_huge_document_is_tokenized_in_chunks_at_sentence_ends(setup):
+    from berth.pretrain.prepare import MAX_DOCUMENT_CHARS, prepare
+
+    root = setup[0]
+    book = root / "book.txt"
+    sentences = [f"第{i}句话讲了第{i}件事。" for i in range(24000)]  # one line of about 300,000 characters
+    book.write_text("".join(sentences) + "\n", encoding="utf-8")
+    cfg = config(setup, "book", f"corpus.sources=[{book}]", "data.eval_fraction=0")
+    prepared = prepare(cfg, load_tokenizer(cfg.tokenizer.path))
+    documents = prepared.documents["train"]
+    assert len(documents) == -(-len(book.read_text().strip()) // MAX_DOCUMENT_CHARS)  # 3 pieces of at most 100,000
+    assert 0.4 < prepared.stats["train_epoch0"]["positive_share"] < 0.6  # NSP finds other documents to draw from
+    tokenizer = prepared.tokenizer
+    for ids in documents["input_ids"]:
+        assert tokenizer.decode(ids[-2:]).replace(" ", "").endswith("事。")  # every piece ends at a sentence end
