@@ -71,7 +71,7 @@ def fake_hub(monkeypatch, tmp_path):
         yield server
 
 
-def launch_two_processes(command: str, args: list[str]):
+def launch_two_processes(command: str, args: list[str], config: str = "configs/accelerate/cpu_ddp_2proc.yaml"):
     """`accelerate launch -m berth command args` on two CPU processes through the shipped config
     (plain `--cpu --num_processes 2` would run one). Returns the finished process."""
     import socket
@@ -86,7 +86,9 @@ def launch_two_processes(command: str, args: list[str]):
         "-m",
         "accelerate.commands.launch",
         "--config_file",
-        "configs/accelerate/cpu_ddp_2proc.yaml",
+        config,
+        "--num_processes",
+        "2",
         "--main_process_port",
         port,
         "-m",

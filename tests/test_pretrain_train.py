@@ -195,7 +195,7 @@ def test_two_processes_reach_the_weights_of_one(setup, architecture):
     args = ["configs/pretrain/mini_zh.yaml", *base, f"output_dir={two}", *common, "train.batch_size=4"]
     result = launch_two_processes("pretrain", args)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "8 = 4 per process x 2 processes" in result.stderr
+    assert "8 = 4 per process x 2 processes x 1 accumulation; DDP; precision" in result.stderr
     assert result.stderr.count(f"exported {two / 'final'}") == 1  # the main process says it, not every rank
     assert_same_weights(weights(one.parent), weights(two), atol=1e-5)
     metrics = [read_metrics(d) for d in (one.parent, two)]

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedDataParallelKwargs
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 
 from berth.core.errors import BerthError
 from berth.runtime.tracking import configure_wandb
@@ -45,15 +46,51 @@ def build_accelerator(precision: str, trackers: tuple[str, ...], project_dir: st
     if "tensorboard" in trackers and not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
         raise BerthError("train.trackers: tensorboard is not installed; pip install tensorboard")
     cpu = not torch.cuda.is_available()
+    check_engine_request(cpu)
     mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[resolve_precision(precision, cpu)]
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=find_unused)]
     # Accelerate keeps one global state per process; a second run in the same process (the demo pretrains
     # and then fine-tunes) may need another precision. The distributed set-up (PartialState) is kept.
     AcceleratorState._reset_state()
-    return Accelerator(
+    accelerator = Accelerator(
         mixed_precision=mixed,
         cpu=cpu,
         log_with=list(trackers) or None,
         project_dir=project_dir,
         kwargs_handlers=handlers,
     )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and accelerator.num_processes != launched:
+        raise BerthError(
+            f"the launcher started {launched} processes (WORLD_SIZE) but Accelerate set up {accelerator.num_processes}"
+            ", so each would train alone; on CPU launch with configs/accelerate/cpu_ddp_2proc.yaml"
+        )
+    return accelerator
+
+
+def check_engine_request(cpu: bool) -> None:
+    """Refuse, in one line, an engine the launch asks for that berth cannot honour here, rather than let it turn
+    into something else silently (FSDP without CUDA becomes plain DDP under Accelerate's CPU set-up)."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        raise BerthError(
+            "the launch asks for DeepSpeed, which berth's training loop does not support yet (DeepSpeed owns the "
+            "step, clipping and accumulation); launch with a DDP config (configs/accelerate/multi_gpu.yaml, or "
+            "cpu_ddp_2proc.yaml on CPU)"
+        )
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and cpu:
+        raise BerthError(
+            "the launch asks for FSDP, but Accelerate runs FSDP only on CUDA GPUs, and without one it would train "
+            "plain DDP; on CPU launch with configs/accelerate/cpu_ddp_2proc.yaml"
+        )
+
+
+def engine_name(accelerator: Accelerator) -> str:
+    """How the model is distributed, for the log line that reports the global batch."""
+    kind = accelerator.distributed_type
+    if kind == DistributedType.DEEPSPEED:
+        return f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
+    if kind == DistributedType.FSDP:
+        return "FSDP"
+    if kind == DistributedType.NO:
+        return "one process"
+    return "DDP"

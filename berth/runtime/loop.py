@@ -25,7 +25,7 @@ from berth.core.config import dump_config, save_config, to_dict
 from berth.core.errors import BerthError
 from berth.core.files import recover
 from berth.core.hub import check_push
-from berth.runtime.accel import build_accelerator
+from berth.runtime.accel import build_accelerator, engine_name
 from berth.runtime.checkpoint import checkpoint_dir, load_checkpoint, resolve_resume, save_checkpoint
 from berth.runtime.config import TrainConfig
 from berth.runtime.dropout import use_fast_dropout
@@ -210,11 +210,12 @@ class Loop:
                 ", ".join(f"{s}: {lr:.2e}" for s, lr in plan),
             )
             logger.info(
-                "global batch %d = %d per process x %d processes x %d accumulation; precision %s",
+                "global batch %d = %d per process x %d processes x %d accumulation; %s; precision %s",
                 self.global_batch,
                 t.batch_size,
                 acc.num_processes,
                 t.grad_accum,
+                engine_name(acc),
                 acc.mixed_precision,
             )
         if t.trackers:
