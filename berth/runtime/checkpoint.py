@@ -23,7 +23,7 @@ import logging
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -65,10 +65,10 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
 def rng_states() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """This process's RNG states: Python's and NumPy's as JSON, torch's as tensors."""
     version, internal, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    kind, keys, pos, has_gauss, cached = cast(tuple, np.random.get_state(legacy=True))
     plain = {
         "python": [version, list(internal), gauss],
-        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "numpy": [kind, np.asarray(keys).tolist(), int(pos), int(has_gauss), float(cached)],
     }
     tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
