@@ -65,9 +65,11 @@ def base(zh_tokenizer_dir, tmp_path_factory):
         "train.progress_bar=false",
     ]
     reference = root / "reference"
+    start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "berth", "-q", *args, f"output_dir={reference}"], capture_output=True)
+    seconds = time.perf_counter() - start  # how long a whole run takes here: kill times are drawn inside it
     assert done.returncode == 0, done.stderr.decode()[-2000:]
-    return root, args, load_file(str(reference / "final" / "model.safetensors"))
+    return root, args, load_file(str(reference / "final" / "model.safetensors")), seconds
 
 
 def killed_run(command: list[str], delay: float) -> int:
@@ -81,7 +83,7 @@ def killed_run(command: list[str], delay: float) -> int:
 
 @pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_weights(base):
-    root, args, reference = base
+    root, args, reference, seconds = base
     rng = random.Random(0)
     kinds = []
     for trial in range(TRIALS):
@@ -93,7 +95,7 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_weights(b
             kinds.append((f"{when} {step}", nth, code))
         else:  # at a random moment of the run, start-up included
             start = time.perf_counter()
-            code = killed_run([sys.executable, "-m", "berth", "-q", *run], rng.uniform(2.0, 25.0))
+            code = killed_run([sys.executable, "-m", "berth", "-q", *run], rng.uniform(1.0, 0.95 * seconds))
             kinds.append(("time", round(time.perf_counter() - start, 1), code))
         # resume until the run is over (a kill before the first checkpoint leaves nothing to resume)
         resume = "train.resume=auto" if (out / "checkpoints").is_dir() else "train.resume="
