@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+from berth.core.config import check_rates
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -56,10 +58,12 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a finite number > 0; got {self.lr}")
-        for name in ("warmup_ratio", "min_lr_ratio", "adam_beta1", "adam_beta2"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"{name} must be in [0, 1); got {value}")
+        check_rates(
+            warmup_ratio=self.warmup_ratio,
+            min_lr_ratio=self.min_lr_ratio,
+            adam_beta1=self.adam_beta1,
+            adam_beta2=self.adam_beta2,
+        )
         if not (math.isfinite(self.adam_eps) and self.adam_eps > 0):
             raise ValueError(f"adam_eps must be a finite number > 0; got {self.adam_eps}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
