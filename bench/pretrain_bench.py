@@ -1,6 +1,7 @@
 """berth's pretraining step against the Hugging Face recipe, interleaved in one run, counting real tokens.
 
     .venv/bin/python bench/pretrain_bench.py [--size mini] [--steps 30] [--batch-size 32] [--precision bf16]
+        (MFU is printed on GPUs whose peak berth knows, or with --override train.peak_tflops=N)
         [--baseline-attention sdpa|eager] [--override model.attention_dropout=0.1 ...]
 
 Baseline: what run_mlm.py does -- BertForMaskedLM, texts tokenized with special tokens, concatenated and cut
@@ -29,7 +30,7 @@ from transformers import BertForMaskedLM, DataCollatorForLanguageModeling
 
 from berth.core.config import load_config
 from berth.pretrain.config import PretrainConfig
-from berth.pretrain.train import PretrainingStage
+from berth.pretrain.train import PretrainingStage, peak_flops
 from berth.runtime.loop import Loop
 from berth.tokenizer.train import ensure_tokenizer
 
@@ -210,8 +211,11 @@ def main() -> None:
         f"{args.size}, seq {args.seq_len}, batch {args.batch_size}, {args.precision}, {device}, {args.steps} steps, "
         f"{attention}"
     )
+    peak = peak_flops(cfg)  # one device's dense bf16 peak, 0 when unknown (CPU, an unlisted GPU)
     for name in sides:
-        print(f"  {name:9s} {speed[name]:10.0f} real tokens/s   peak memory of a step {memory[name]:8.0f} MiB")
+        # the same model FLOPs per token on both sides (berth's masked-only head counted), so MFU ratio = speed ratio
+        mfu = f"   MFU {speed[name] * loop.stage.flops_per_token / peak:6.1%}" if peak else ""
+        print(f"  {name:9s} {speed[name]:10.0f} real tokens/s   peak memory of a step {memory[name]:8.0f} MiB{mfu}")
     quartiles = statistics.quantiles(ratios, n=4)
     print(
         f"  speed-up  {statistics.median(ratios):.2f}x (median of per-step ratios; quartiles "

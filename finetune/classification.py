@@ -155,6 +155,7 @@ class WindowClassifier(nn.Module):
 
     model: HFModel
     pooler: WindowPooler | None
+    forward_methods = ("documents",)  # used outside forward: a sharding engine must gather weights for it too
 
     def __init__(self, model: HFModel, attention: bool):
         super().__init__()

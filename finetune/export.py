@@ -50,30 +50,47 @@ def save_model_dir(
     tokenizer: PreTrainedTokenizerBase,
     settings: WindowSettings,
     target: Path,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write the model beside `target` and put it in place (`replace_dir`): a kill leaves one whole version."""
+    """Write the model beside `target` and put it in place (`replace_dir`): a kill leaves one whole version.
+    `weights` is the whole state dict of `model` where the module itself holds only a shard of it."""
     hf_model, pooler = _parts(model)
+    weights = weights if weights is not None else model.state_dict()
+    inner, pooled = split_weights(model, weights)
     tmp = temporary_sibling(target)
     setattr(hf_model.config, BERTH_KEY, asdict(settings))
-    hf_model.save_pretrained(tmp)
+    hf_model.save_pretrained(tmp, state_dict=inner)
     tokenizer.save_pretrained(tmp)
     write_vocab_txt(tokenizer.get_vocab(), tmp / "vocab.txt")
     if pooler is not None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in pooler.state_dict().items()}, str(tmp / POOLER_FILE))
+        save_file({k: v.detach().cpu().contiguous() for k, v in pooled.items()}, str(tmp / POOLER_FILE))
     replace_dir(tmp, target)
     return target
 
 
-def load_best(model: torch.nn.Module, directory: Path) -> None:
-    """Load the weights saved in `directory` into `model` (and its pooler)."""
+def split_weights(
+    model: torch.nn.Module, weights: dict[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The state dict of `model` as (the transformers model's, the window pooler's)."""
+    if isinstance(model, PreTrainedModel):
+        return weights, {}
+    inner = {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")}
+    return inner, {k.removeprefix("pooler."): v for k, v in weights.items() if k.startswith("pooler.")}
+
+
+def best_weights(model: torch.nn.Module, directory: Path) -> dict[str, torch.Tensor]:
+    """The weights saved in `directory`, keyed as `model`'s state dict (its pooler's included)."""
     hf_model, pooler = _parts(model)
     weights = load_file(str(directory / "model.safetensors"))
-    # Strict: a key missing from the file would leave the in-memory weights silently in place.
-    missing, unexpected = hf_model.load_state_dict(weights, strict=False)
+    # Every key checked: one missing from the file would leave the in-memory weight silently in place.
+    expected = set(hf_model.state_dict())
+    missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
     if missing or unexpected:
         raise RuntimeError(f"{directory}: weights do not match the model (missing {missing}, unexpected {unexpected})")
-    if pooler is not None:
-        pooler.load_state_dict(load_file(str(directory / POOLER_FILE)))
+    if hf_model is model:
+        return weights
+    pooled = load_file(str(directory / POOLER_FILE)) if pooler is not None else {}
+    return {**{f"model.{k}": v for k, v in weights.items()}, **{f"pooler.{k}": v for k, v in pooled.items()}}
 
 
 def _metric_rows(results: dict[str, Any]) -> str:

@@ -20,10 +20,11 @@ from berth.core.vocab import load_tokenizer, tokenizer_fingerprint
 from berth.finetune.batching import length_grouped_batches
 from berth.finetune.classification import ClassificationTask
 from berth.finetune.config import FinetuneConfig
-from berth.finetune.export import BEST, export_finetuned, load_best, save_model_dir
+from berth.finetune.export import BEST, best_weights, export_finetuned, save_model_dir
 from berth.finetune.modeling import check_init, check_vocab, dropout_overrides, load_model_config
 from berth.finetune.ner import NerTask
 from berth.finetune.task import Task
+from berth.runtime.engines import full_state_dict, load_full_state_dict
 from berth.runtime.loop import Batch, Loop, TrainState
 
 logger = logging.getLogger(__name__)
@@ -106,10 +107,10 @@ class FinetuneStage:
         return metrics
 
     def save_best(self, model: torch.nn.Module, state: TrainState, acc: Accelerator) -> None:
-        acc.wait_for_everyone()
+        weights = full_state_dict(acc, model)  # gathered on every process where the engine shards the model
         if acc.is_main_process:
             settings = self.task.export_settings(state.best_metrics.get("aggregation", ""))
-            save_model_dir(acc.unwrap_model(model), self.tokenizer, settings, self.out / BEST)
+            save_model_dir(acc.unwrap_model(model), self.tokenizer, settings, self.out / BEST, weights)
         acc.wait_for_everyone()
 
     def checkpoint_saved(self, model: torch.nn.Module, state: TrainState, acc: Accelerator) -> None:
@@ -118,7 +119,7 @@ class FinetuneStage:
     def finish(self, model: torch.nn.Module, state: TrainState, acc: Accelerator) -> Path:
         """Reload the best weights, evaluate them on test, and export to final/."""
         t = self.cfg.train
-        load_best(acc.unwrap_model(model), self.out / BEST)
+        load_full_state_dict(acc, model, best_weights(acc.unwrap_model(model), self.out / BEST))
         aggregation = state.best_metrics.get("aggregation") or None
         results: dict[str, Any] = {"best_step": state.best_step, "steps": state.step, "metric": t.metric}
         results["validation"] = state.best_metrics  # measured on these very weights when they were saved

@@ -17,6 +17,7 @@ from berth.core.layout import FINAL_DIR
 from berth.core.text import vocabulary_languages
 from berth.core.vocab import write_vocab_txt
 from berth.pretrain.model import SENTENCE_HEAD
+from berth.runtime.engines import full_state_dict
 from berth.runtime.tracking import read_metrics
 
 
@@ -78,10 +79,10 @@ def export_pretrained(
     Writes out/<name> (final/ by default), with berth's [CLS]-task head beside it when the model has none."""
     final = out / name
     # Gathered on every process (FSDP / DeepSpeed shard it), written by the main one.
-    state_dict = accelerator.get_state_dict(prepared)
+    state_dict = full_state_dict(accelerator, prepared)
     if accelerator.is_main_process:
         tmp = temporary_sibling(final)
-        inner = {k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")}
+        inner = untie({k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")}, model)
         model.save_pretrained(tmp, state_dict=inner)
         head = {
             k.removeprefix("sentence_head."): v.contiguous()
@@ -100,3 +101,11 @@ def export_pretrained(
         replace_dir(tmp, final)
     accelerator.wait_for_everyone()
     return final
+
+
+def untie(weights: dict[str, Any], model: PreTrainedModel) -> dict[str, Any]:
+    """Without the copies of tied matrices (the MLM output = the input embeddings): a gathered state dict (DeepSpeed)
+    holds them as separate tensors, and the export is then the same file whatever the engine."""
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    drop = {t for t, s in tied.items() if t in weights and s in weights and torch.equal(weights[t], weights[s])}
+    return {k: v for k, v in weights.items() if k not in drop}

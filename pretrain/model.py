@@ -244,6 +244,12 @@ class PretrainingObjective(nn.Module):
             out.update(self.sentence_outputs(self.model.cls.seq_relationship(pooled), next_sentence_label))
         return out
 
+    def external_parameters(self) -> list[tuple[nn.Module, list[nn.Parameter]]]:
+        """Weights read outside their own module's forward (the output matrix, cut in `vocab_logits`), with the
+        module whose forward uses them: ZeRO-3 must gather them there."""
+        decoder = self.model.decoder if is_modernbert(self.model) else self.model.cls.predictions.decoder
+        return [(self, [p for p in (decoder.weight, decoder.bias) if p is not None])]
+
     def vocab_logits(self, hidden: torch.Tensor, decoder: nn.Linear) -> torch.Tensor:
         """(N, H) -> (N, V) fp32 logits over the real vocabulary: the padding rows of the tied output matrix
         are left out of the matmul, never predicted and given no gradient. Cutting the weight rather than the

@@ -4,11 +4,13 @@ Cache layout under data.cache_dir:
 
     <documents key>/documents/{train,validation}   tokenized documents (DatasetDict.save_to_disk)
     <documents key>/documents.json                 what went in, and document statistics
-    <documents key>/examples-<examples key>/epoch-<N>-<split>.arrow   examples drawn for an epoch
+    <documents key>/examples-<examples key>/summary-epoch-<N>-<split>.arrow   a few integers per document group
 
 The documents key hashes the corpus (with file sizes and times), the tokenizer files, the segmenter and
 the evaluation share; the examples key adds what shapes examples (max_seq_len, the [CLS] task,
-short_seq_prob, seed). Masking is not part of either: it happens at collate time.
+short_seq_prob, seed). The examples themselves are never written: each epoch's are drawn as the loader reaches
+them (`berth.pretrain.stream`), so the cache stays the size of the tokenized corpus whatever the number of epochs.
+Masking is not part of either key: it happens at collate time.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -38,17 +39,16 @@ from berth.corpora.readers import HUB_PREFIX, load_corpus, resolve_files
 from berth.pretrain.config import DataConfig, PretrainConfig
 from berth.pretrain.data import (
     DOCUMENT_FEATURES,
-    EXAMPLE_FEATURES,
     FORMAT_VERSION,
     GROUP_SIZE,
     DocumentEncoder,
-    ExampleBuilder,
     SpecialIds,
     check_seq_len,
     check_tokenizer,
 )
 from berth.pretrain.masking import EpochExamples, MaskingCollator
 from berth.pretrain.sentences import sentence_ends
+from berth.pretrain.stream import EpochStream
 
 logger = logging.getLogger(__name__)
 
@@ -116,24 +116,17 @@ class PreparedData:
     def examples_dir(self) -> Path:
         return self.root / f"examples-{examples_key(self.data)}"
 
-    def examples(self, split: str = "train", epoch: int = 0) -> datasets.Dataset:
-        """The examples of `epoch` (drawn from seed and epoch; cached on disk once drawn)."""
-        docs = self.documents[split]
-        if len(docs) == 0:
-            return datasets.Dataset.from_dict({k: [] for k in EXAMPLE_FEATURES}, features=EXAMPLE_FEATURES)
-        self.examples_dir.mkdir(parents=True, exist_ok=True)
-        n_groups = math.ceil(len(docs) / GROUP_SIZE)
-        groups = datasets.Dataset.from_dict({"group": list(range(n_groups))})
-        return groups.map(
-            ExampleBuilder(docs, self.data, self.special, epoch),
-            batched=True,
-            batch_size=1,
-            remove_columns=["group"],
-            features=EXAMPLE_FEATURES,
-            num_proc=min(self.data.num_proc, n_groups) if n_groups > 1 else None,
-            cache_file_name=str(self.examples_dir / f"epoch-{epoch}-{split}.arrow"),
-            new_fingerprint=digest([self.root.name, examples_key(self.data), split, epoch]),
-            desc=f"Drawing {split} examples for epoch {epoch}",
+    def examples(self, split: str = "train", epoch: int = 0) -> EpochStream:
+        """The examples of `epoch` in training order, drawn from seed and epoch as they are read (only a summary of
+        a few integers per document group is cached)."""
+        return EpochStream(
+            self.documents[split],
+            self.data,
+            self.special,
+            epoch,
+            self.examples_dir / f"summary-epoch-{epoch}-{split}.arrow",
+            digest([self.root.name, examples_key(self.data), split, epoch, "summary"]),
+            f"Drawing {split} examples for epoch {epoch}",
         )
 
 
@@ -232,23 +225,6 @@ def document_stats(documents: datasets.DatasetDict, corpus_rows: int, seconds: f
     }
 
 
-def example_stats(examples: datasets.Dataset, max_seq_len: int) -> dict[str, Any]:
-    table = examples.with_format("arrow")
-    lengths = _lengths(table["input_ids"])
-    labels = np.asarray(table["next_sentence_label"].to_numpy(zero_copy_only=False))
-    with_label = labels[labels >= 0]
-    n = len(examples)
-    return {
-        "examples": n,
-        "tokens": int(lengths.sum()),
-        "mean_length": round(float(lengths.mean()), 1) if n else 0.0,
-        # padding if every example were padded to max_seq_len; collate-time padding to the batch's longest is less
-        "padding_fraction": round(1.0 - float(lengths.sum()) / max(n * max_seq_len, 1), 4),
-        "positive_share": round(float((with_label == 0).mean()), 4) if len(with_label) else None,
-        "truncated_examples": int(np.asarray(table["truncated"].to_numpy(zero_copy_only=False)).sum()),
-    }
-
-
 def check_sentence_task(task: str, positive_share: float | None) -> None:
     """NSP labels a pair "random" only when another document can give its B segment: a corpus that cannot (one
     document) would teach the [CLS] head one answer. Refuse that; warn when the classes are far from even."""
@@ -273,7 +249,7 @@ def prepare(cfg: PretrainConfig, tokenizer: PreTrainedTokenizerBase) -> Prepared
     start = time.perf_counter()
     prepared = prepare_documents(cfg.corpus, cfg.data, tokenizer)
     for split in SPLITS:
-        stats = example_stats(prepared.examples(split, epoch=0), cfg.data.max_seq_len)
+        stats = prepared.examples(split, epoch=0).stats(cfg.data.max_seq_len)
         prepared.stats[f"{split}_epoch0"] = stats
     check_sentence_task(cfg.data.sentence_task, prepared.stats["train_epoch0"]["positive_share"])
     prepared.stats["prepare_seconds"] = round(time.perf_counter() - start, 2)
@@ -310,7 +286,8 @@ def decode_example(tokenizer: PreTrainedTokenizerBase, input_ids: list[int]) -> 
 
 
 def dump_examples(prepared: PreparedData, n: int, stream: Any) -> None:
-    """Write n collated, masked training examples (epoch 0) as JSON lines: exactly what the model sees."""
+    """Write the first n collated, masked training examples of epoch 0, in training order, as JSON lines: exactly
+    what the model sees first."""
     examples = EpochExamples(prepared.examples("train", 0), prepared.data.seed, epoch=0)
     collator = MaskingCollator(prepared.data, prepared.special)
     for i in range(min(n, len(examples))):

@@ -10,7 +10,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from transformers import PreTrainedTokenizerBase
@@ -53,10 +52,6 @@ PEAK_TFLOPS = {
     "A10": 125.0,
     "4090": 165.0,
 }
-
-
-def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch, 1]).permutation(n)
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -138,19 +133,14 @@ class PretrainingStage:
         return examples // global_batch
 
     def epoch_steps(self, epoch: int, skip: int, global_batch: int, acc: Accelerator) -> Iterator[list[Batch]]:
-        """One optimizer step takes the next global batch of the epoch's shuffled order; micro-batch k of
-        process r is the r-th slice of the k-th block. The same examples make up a step whatever the process
-        count, and resuming jumps to the position without reading the examples before it."""
+        """One optimizer step takes the next global batch of the epoch's stream (shuffled as it is drawn);
+        micro-batch k of process r is the r-th slice of the k-th block. The same examples make up a step whatever
+        the process count, and resuming jumps to the position without drawing the examples before it."""
         examples = self.epoch_examples(epoch, acc)
         size, rank, procs = self.cfg.train.batch_size, acc.process_index, acc.num_processes
-        order = epoch_order(self.cfg.data.seed, epoch, len(examples))
         for start in range(skip * global_batch, len(examples) - global_batch + 1, global_batch):
-            block = order[start : start + global_batch]
-            parts = [
-                block[(k * procs + rank) * size : (k * procs + rank + 1) * size]
-                for k in range(self.cfg.train.grad_accum)
-            ]
-            yield [self.collate([examples[int(i)] for i in indices]) for indices in parts]
+            parts = [start + (k * procs + rank) * size for k in range(self.cfg.train.grad_accum)]
+            yield [self.collate([examples[i] for i in range(first, first + size)]) for first in parts]
 
     def collate(self, examples: list[dict]) -> Batch:
         batch = self.collator(examples)

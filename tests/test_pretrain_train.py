@@ -409,9 +409,9 @@ def test_a_damaged_newest_checkpoint_is_skipped_and_a_named_one_refused(setup, f
 def test_a_failed_checkpoint_write_stops_in_one_line_and_keeps_the_previous_one(setup, monkeypatch):
     import errno
 
-    from berth.runtime import checkpoint
+    from berth.runtime import checkpoint, engines
 
-    real = checkpoint.save_model
+    real = engines.save_model
     calls = []
 
     def full_disk(model, filename):
@@ -420,7 +420,7 @@ def test_a_failed_checkpoint_write_stops_in_one_line_and_keeps_the_previous_one(
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(model, filename)
 
-    monkeypatch.setattr(checkpoint, "save_model", full_disk)
+    monkeypatch.setattr(engines, "save_model", full_disk)
     run = setup[0] / "full-disk"
     with pytest.raises(BerthError) as caught:
         pretrain(config(setup, run.name))

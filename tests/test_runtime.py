@@ -160,20 +160,6 @@ def test_recover_puts_back_a_version_moved_aside_and_removes_temporary_ones(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "final"]
 
 
-def test_fsdp_launched_without_cuda_is_refused_not_turned_into_ddp(tmp_path):
-    from conftest import launch_two_processes
-
-    args = ["configs/pretrain/mini_zh.yaml", f"output_dir={tmp_path / 'run'}", "train.max_steps=2"]
-    result = launch_two_processes("pretrain", args, config="configs/accelerate/fsdp.yaml")
-    assert result.returncode != 0
-    errors = [line for line in result.stderr.splitlines() if line.startswith("berth: error:")]
-    assert errors and set(errors) == {
-        "berth: error: the launch asks for FSDP, but Accelerate runs FSDP only on CUDA GPUs, and without one it would "
-        "train plain DDP; on CPU launch with configs/accelerate/cpu_ddp_2proc.yaml"
-    }
-    assert not (tmp_path / "run").exists()
-
-
 def test_a_launch_of_several_processes_that_accelerate_sets_up_as_one_is_refused(monkeypatch, tmp_path):
     from berth.core.errors import BerthError
     from berth.runtime import accel

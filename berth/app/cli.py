@@ -190,6 +190,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.quiet)
     # Before datasets or transformers are imported: they read the offline switches at import time.
     configure_offline_mode()
+    from berth.runtime.accel import quiet_deepspeed  # after the offline switches: it imports accelerate
+
+    quiet_deepspeed()
     try:
         return args.func(args)
     except BerthError as exc:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedDataParallelKwargs, DistributedType
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
 from berth.core.errors import BerthError
+from berth.runtime.engines import requested_engine
 from berth.runtime.tracking import configure_wandb
 
 TRACKERS = ("wandb", "tensorboard")
@@ -37,6 +39,14 @@ def resolve_precision(precision: str, cpu: bool) -> str:
     return precision
 
 
+def quiet_deepspeed() -> None:
+    """DeepSpeed, once imported (Accelerate imports it wherever it is installed, to unwrap a model), prints its
+    guess of the device to stdout, which carries berth's results (predict's JSON lines). Naming its CPU accelerator
+    where there is no CUDA keeps it silent; it is the accelerator it would pick there anyway."""
+    if importlib.util.find_spec("deepspeed") is not None and not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def build_accelerator(precision: str, trackers: tuple[str, ...], project_dir: str, find_unused: bool) -> Accelerator:
     unknown = [t for t in trackers if t not in TRACKERS]
     if unknown:
@@ -45,10 +55,16 @@ def build_accelerator(precision: str, trackers: tuple[str, ...], project_dir: st
         configure_wandb()
     if "tensorboard" in trackers and not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
         raise BerthError("train.trackers: tensorboard is not installed; pip install tensorboard")
-    cpu = not torch.cuda.is_available()
-    check_engine_request(cpu)
-    mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[resolve_precision(precision, cpu)]
-    handlers = [DistributedDataParallelKwargs(find_unused_parameters=find_unused)]
+    quiet_deepspeed()
+    cuda = torch.cuda.is_available()
+    engine = check_engine_request(cuda)
+    mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[resolve_precision(precision, not cuda)]
+    handlers: list[Any] = [DistributedDataParallelKwargs(find_unused_parameters=find_unused)]
+    # Without CUDA, Accelerate's CPU set-up (gloo) gives every process its rank, but it takes DeepSpeed only
+    # with cpu=False; DeepSpeed on CPU then needs gloo named, or each process would think it is alone.
+    cpu = not cuda and engine != "deepspeed"
+    if not cuda and engine == "deepspeed":
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
     # Accelerate keeps one global state per process; a second run in the same process (the demo pretrains
     # and then fine-tunes) may need another precision. The distributed set-up (PartialState) is kept.
     AcceleratorState._reset_state()
@@ -68,29 +84,13 @@ def build_accelerator(precision: str, trackers: tuple[str, ...], project_dir: st
     return accelerator
 
 
-def check_engine_request(cpu: bool) -> None:
-    """Refuse, in one line, an engine the launch asks for that berth cannot honour here, rather than let it turn
-    into something else silently (FSDP without CUDA becomes plain DDP under Accelerate's CPU set-up)."""
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+def check_engine_request(cuda: bool) -> str:
+    """The engine the launch asks for (ddp, deepspeed, fsdp), refused in one line where berth cannot honour it
+    rather than let it turn into something else silently."""
+    engine = requested_engine()
+    if engine == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         raise BerthError(
-            "the launch asks for DeepSpeed, which berth's training loop does not support yet (DeepSpeed owns the "
-            "step, clipping and accumulation); launch with a DDP config (configs/accelerate/multi_gpu.yaml, or "
-            "cpu_ddp_2proc.yaml on CPU)"
+            "the launch asks for DeepSpeed, which is not installed; pip install 'berth[deepspeed]' (or launch "
+            "with a DDP config: configs/accelerate/multi_gpu.yaml, or cpu_ddp_2proc.yaml on CPU)"
         )
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and cpu:
-        raise BerthError(
-            "the launch asks for FSDP, but Accelerate runs FSDP only on CUDA GPUs, and without one it would train "
-            "plain DDP; on CPU launch with configs/accelerate/cpu_ddp_2proc.yaml"
-        )
-
-
-def engine_name(accelerator: Accelerator) -> str:
-    """How the model is distributed, for the log line that reports the global batch."""
-    kind = accelerator.distributed_type
-    if kind == DistributedType.DEEPSPEED:
-        return f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
-    if kind == DistributedType.FSDP:
-        return "FSDP"
-    if kind == DistributedType.NO:
-        return "one process"
-    return "DDP"
+    return engine

@@ -2,8 +2,9 @@
 
 A checkpoint directory `checkpoints/step-N/` holds:
 
-    model.safetensors       the weights (shared tensors once)
-    optimizer.pt            the optimizer state, read back with torch.load(weights_only=True)
+    model.safetensors       the whole weights (gathered from the shards under FSDP2)
+    optimizer.pt            the optimizer state (whole), read back with torch.load(weights_only=True)
+    deepspeed/              instead of the two above under DeepSpeed: its own files, one per process
     scheduler.json          the LR schedule's counters
     rng-<rank>.json         each process's Python and NumPy RNG states
     rng-<rank>.safetensors  each process's torch CPU (and CUDA) RNG states
@@ -11,7 +12,8 @@ A checkpoint directory `checkpoints/step-N/` holds:
     config.yaml             the resolved config of the run
     manifest.json           every file's size, written last
 
-Nothing is pickled, so `train.resume=<a directory someone sent you>` cannot run their code. A checkpoint is written
+Nothing berth writes is pickled, so `train.resume=<a directory someone sent you>` cannot run their code; only
+DeepSpeed's own files are read with pickle (by DeepSpeed), as DeepSpeed checkpoints always are. A checkpoint is written
 under a temporary name, flushed, and renamed into place (`berth.core.files`); before one is used, its manifest,
 JSON and YAML files and safetensors headers are checked, and `resume=auto` falls back to the newest whole one.
 """
@@ -30,19 +32,18 @@ import torch
 import yaml
 from accelerate import Accelerator
 from safetensors import safe_open
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, save_file
 
 from berth.core.errors import BerthError
 from berth.core.files import TMP_PREFIX, replace_dir
 from berth.core.layout import CONFIG_FILENAME
+from berth.runtime.engines import Engine
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "state.json"
 MANIFEST_FILE = "manifest.json"
-MODEL_FILE = "model.safetensors"
-OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.json"
 
 
@@ -92,6 +93,7 @@ def set_rng_states(plain: dict[str, Any], tensors: dict[str, torch.Tensor]) -> N
 
 def save_checkpoint(
     accelerator: Accelerator,
+    engine: Engine,
     output_dir: str | Path,
     step: int,
     objects: dict[str, Any],
@@ -99,7 +101,7 @@ def save_checkpoint(
     config_text: str,
     keep: int,
 ) -> Path:
-    """Write checkpoint step-N of `objects` (model, optimizer, scheduler as prepared by Accelerate) and the loop's
+    """Write checkpoint step-N of `objects` (model, optimizer, scheduler as prepared) and the loop's
     `state`; keep the newest `keep`. A failed write (a full disk) removes its partial directory and stops with one
     line; the checkpoints already there are untouched."""
     root = checkpoint_dir(output_dir)
@@ -114,15 +116,14 @@ def save_checkpoint(
         plain, tensors = rng_states()
         (tmp / f"rng-{rank}.json").write_text(json.dumps(plain))
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / f"rng-{rank}.safetensors"))
+        engine.save(objects["model"], objects["optimizer"], tmp)  # collective under the sharded engines
         if accelerator.is_main_process:
-            save_model(accelerator.unwrap_model(objects["model"]), str(tmp / MODEL_FILE))
-            torch.save(objects["optimizer"].state_dict(), tmp / OPTIMIZER_FILE)
             (tmp / SCHEDULER_FILE).write_text(json.dumps(objects["scheduler"].state_dict()))
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
             (tmp / CONFIG_FILENAME).write_text(config_text)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+            sizes = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
             (tmp / MANIFEST_FILE).write_text(json.dumps(sizes, indent=2) + "\n")
             replace_dir(tmp, final)  # flushed to disk, then renamed into place
             for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
@@ -171,6 +172,7 @@ def check_checkpoint(path: Path) -> str:
 
 def load_checkpoint(
     accelerator: Accelerator,
+    engine: Engine,
     path: str | Path,
     objects: dict[str, Any],
     current: dict[str, Any],
@@ -183,9 +185,7 @@ def load_checkpoint(
     differences = config_differences((path / CONFIG_FILENAME).read_text(), current, sections)
     if differences:
         raise BerthError(f"refusing to resume from {path}: the config changed: {'; '.join(differences)}")
-    load_model(accelerator.unwrap_model(objects["model"]), str(path / MODEL_FILE), strict=True)
-    optimizer = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
-    objects["optimizer"].load_state_dict(optimizer)
+    engine.load(objects["model"], objects["optimizer"], path)
     objects["scheduler"].load_state_dict(json.loads((path / SCHEDULER_FILE).read_text()))
     rank = accelerator.process_index
     rng = path / f"rng-{rank}.json"

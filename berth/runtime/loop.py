@@ -1,13 +1,13 @@
-"""The one training loop of every stage, on Accelerate: one process, DDP, or anything an Accelerate config describes.
+"""The one training loop of every stage, on Accelerate: one process, DDP, DeepSpeed ZeRO-2/3 or FSDP2.
 
 What differs between pretraining and fine-tuning (the data, the model, the loss terms, evaluation, the export)
-plugs in behind `Stage`; `Loop.run` reads top to bottom. Counters live in `TrainState`, saved as JSON with
+plugs in behind `Stage`; what differs between engines behind `berth.runtime.engines.Engine`; `Loop.run` reads
+top to bottom. Counters live in `TrainState`, saved as JSON with
 every checkpoint.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import resource
@@ -25,10 +25,11 @@ from berth.core.config import dump_config, save_config, to_dict
 from berth.core.errors import BerthError
 from berth.core.files import recover
 from berth.core.hub import check_push
-from berth.runtime.accel import build_accelerator, engine_name
+from berth.runtime.accel import build_accelerator
 from berth.runtime.checkpoint import checkpoint_dir, load_checkpoint, resolve_resume, save_checkpoint
 from berth.runtime.config import TrainConfig
 from berth.runtime.dropout import use_fast_dropout
+from berth.runtime.engines import Engine, build_engine
 from berth.runtime.optim import build_optimizer
 from berth.runtime.schedules import build_scheduler, planned_curve
 from berth.runtime.tracking import MetricsLog
@@ -141,9 +142,11 @@ class Loop:
     def build(self) -> None:
         t, acc = self.train, self.accelerator
         torch.manual_seed(t.seed)  # the same initial weights on every process
+        self.engine: Engine = build_engine(acc, t)
         self.inner = self.stage.build(acc)
         if acc.device.type == "cpu":
             use_fast_dropout(self.inner)  # PyTorch's CPU dropout mask (bernoulli_) is the slow part of a step
+        self.inner = self.engine.wrap(self.inner)  # FSDP2 shards here, before the optimizer sees the weights
         self.steps_per_epoch = self.stage.steps_per_epoch(self.global_batch, acc)
         self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
         self.warmup = t.warmup(self.total_steps)
@@ -153,8 +156,9 @@ class Loop:
             )
         betas = (t.adam_beta1, t.adam_beta2)
         optimizer = build_optimizer(self.inner, t.optimizer, t.lr, t.weight_decay, betas, t.adam_eps, acc.device.type)
-        self.scheduler = build_scheduler(optimizer, t.schedule, self.warmup, self.total_steps, t.min_lr_ratio)
-        self.model, self.optimizer = acc.prepare(self.inner, optimizer)
+        self.model, self.optimizer = self.engine.prepare(acc, self.inner, optimizer)
+        # on the prepared optimizer: ZeRO-3 regroups the parameters of the one it is given
+        self.scheduler = build_scheduler(self.optimizer, t.schedule, self.warmup, self.total_steps, t.min_lr_ratio)
         self.state.global_batch = self.global_batch
         self.state.data_key = self.stage.data_key()
 
@@ -167,7 +171,7 @@ class Loop:
         if checkpoint is None:
             return
         current, sections = to_dict(self.cfg), self.stage.resume_sections
-        saved = load_checkpoint(self.accelerator, checkpoint, self.saved_objects, current, sections)
+        saved = load_checkpoint(self.accelerator, self.engine, checkpoint, self.saved_objects, current, sections)
         state = TrainState(**saved)
         changed = [
             f"{name}: {state.data_key.get(name)} -> {key}"
@@ -215,7 +219,7 @@ class Loop:
                 t.batch_size,
                 acc.num_processes,
                 t.grad_accum,
-                engine_name(acc),
+                self.engine.name,
                 acc.mixed_precision,
             )
         if t.trackers:
@@ -231,22 +235,20 @@ class Loop:
     def train_step(self, micro_batches: list[Batch]) -> None:
         acc, device = self.accelerator, self.accelerator.device
         micro_batches = [{k: v.to(device) for k, v in b.items()} for b in micro_batches]
-        # Each loss term is divided by its number of targets over every process and micro-batch, so the step's
-        # gradient is the same whatever the split; DDP averages over processes, hence the factor num_processes.
+        # Each loss term is divided by its number of targets over every process and micro-batch before
+        # backward, so the step's gradient is the same whatever the split and no engine rescales after its step.
         local = torch.stack([self.stage.targets(b) for b in micro_batches]).sum(0)  # [T]
         totals = acc.reduce(local, reduction="sum").clamp(min=1)  # [T]
         self.model.train()
         for k, batch in enumerate(micro_batches):
-            sync = contextlib.nullcontext() if k == len(micro_batches) - 1 else acc.no_sync(self.model)
-            with sync:
+            last = k == len(micro_batches) - 1
+            with self.engine.micro_batch(self.model, last):  # gradients synchronised on the last one only
                 losses, figures = self.stage.forward(self.model, batch)  # [T], {name: scalar}
                 loss = (losses / totals).sum()
-                acc.backward(loss * acc.num_processes)
+                self.engine.backward(self.model, loss, last)
             self.accumulate(loss.detach(), figures, batch)
-        self.sums["grad_norm"] = acc.clip_grad_norm_(self.model.parameters(), self.train.max_grad_norm)
-        self.optimizer.step()
+        self.sums["grad_norm"] = self.engine.step(self.model, self.optimizer, self.train.max_grad_norm)
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
         self.state.epoch_step += 1
 
@@ -356,7 +358,9 @@ class Loop:
         self.maybe_log(force=True)  # never save a state whose loss went non-finite
         self.state.elapsed = time.perf_counter() - self.start_time
         state, config = asdict(self.state), dump_config(self.cfg)
-        save_checkpoint(self.accelerator, self.out, step, self.saved_objects, state, config, t.keep_checkpoints)
+        save_checkpoint(
+            self.accelerator, self.engine, self.out, step, self.saved_objects, state, config, t.keep_checkpoints
+        )
         self.stage.checkpoint_saved(self.model, self.state, self.accelerator)
 
     def done(self) -> bool:

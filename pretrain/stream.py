@@ -1,0 +1,151 @@
+"""The examples of an epoch, drawn from the tokenized documents as the loader reaches them, never written out.
+
+An epoch is a stream: the document groups (GROUP_SIZE documents each) in an order drawn from (seed, epoch); taken
+CHUNK_GROUPS groups at a time, each group's examples drawn by `ExampleBuilder` (seeded by seed, epoch and document,
+as always), and the examples of a chunk shuffled together by (seed, epoch, chunk). Only a per-group summary is
+stored for each epoch (how many examples, tokens, truncations and labels: a few integers a group), so the
+prepared data stays the size of the tokenized corpus whatever the number of epochs, and a resumed run jumps to
+its chunk without drawing the ones before it.
+
+The same seed gives the same stream on every process and for any `num_proc`, so a step holds the same examples
+whatever the number of processes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, overload
+
+import datasets
+import numpy as np
+
+from berth.pretrain.config import DataConfig
+from berth.pretrain.data import GROUP_SIZE, ExampleBuilder, SpecialIds
+
+# Groups whose examples are shuffled together: 8 x 256 documents, some 10^4 examples of the Chinese corpus in
+# memory at a time. Fixed, so the stream does not depend on anything but the seed.
+CHUNK_GROUPS = 8
+
+SUMMARY_FEATURES = datasets.Features(
+    {
+        "examples": datasets.Value("int64"),
+        "tokens": datasets.Value("int64"),
+        "truncated": datasets.Value("int64"),
+        "positives": datasets.Value("int64"),  # next_sentence_label 0: true continuation / in order
+        "labelled": datasets.Value("int64"),
+    }
+)
+
+
+class GroupSummary:
+    """Batched `datasets.map` function over group numbers: what each group's examples amount to."""
+
+    def __init__(self, builder: ExampleBuilder):
+        self.builder = builder
+
+    def __call__(self, batch: dict[str, list[int]]) -> dict[str, list[int]]:
+        out: dict[str, list[int]] = {name: [] for name in SUMMARY_FEATURES}
+        for group in batch["group"]:
+            examples = self.builder.group_examples(group)
+            labels = [e["next_sentence_label"] for e in examples]
+            out["examples"].append(len(examples))
+            out["tokens"].append(sum(len(e["input_ids"]) for e in examples))
+            out["truncated"].append(sum(bool(e["truncated"]) for e in examples))
+            out["positives"].append(sum(label == 0 for label in labels))
+            out["labelled"].append(sum(label >= 0 for label in labels))
+        return out
+
+
+class EpochStream:
+    """The examples of one epoch of a split, in training order: `len`, indexing (int or slice) and iteration.
+
+    Indexing in order is cheap (one chunk drawn at a time, kept until the next is asked for); jumping back and
+    forth between chunks draws them again.
+    """
+
+    def __init__(
+        self,
+        documents: datasets.Dataset,
+        data: DataConfig,
+        special: SpecialIds,
+        epoch: int,
+        summary_file: Path,
+        fingerprint: str,
+        desc: str,
+    ):
+        self.data, self.epoch = data, epoch
+        self.builder = ExampleBuilder(documents, data, special, epoch) if len(documents) else None
+        n_groups = math.ceil(len(documents) / GROUP_SIZE)
+        self.group_order = np.random.default_rng([data.seed, epoch, 2]).permutation(n_groups)
+        self.summary = self._summarise(n_groups, summary_file, fingerprint, desc)
+        per_group = np.asarray(self.summary["examples"], dtype=np.int64)
+        chunks = [self.group_order[i : i + CHUNK_GROUPS] for i in range(0, n_groups, CHUNK_GROUPS)]
+        self.chunk_groups = chunks
+        sizes = np.array([per_group[c].sum() for c in chunks], dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)])  # [chunks + 1]
+        self._cached: tuple[int, list[dict[str, Any]]] | None = None
+
+    def _summarise(self, n_groups: int, path: Path, fingerprint: str, desc: str) -> datasets.Dataset:
+        if self.builder is None:
+            return datasets.Dataset.from_dict({k: [] for k in SUMMARY_FEATURES}, features=SUMMARY_FEATURES)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        groups = datasets.Dataset.from_dict({"group": list(range(n_groups))})
+        return groups.map(
+            GroupSummary(self.builder),
+            batched=True,
+            batch_size=1,
+            remove_columns=["group"],
+            features=SUMMARY_FEATURES,
+            num_proc=min(self.data.num_proc, n_groups) if n_groups > 1 else None,
+            cache_file_name=str(path),
+            new_fingerprint=fingerprint,
+            desc=desc,
+        )
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def chunk(self, index: int) -> list[dict[str, Any]]:
+        """The examples of chunk `index`, shuffled together."""
+        if self._cached is not None and self._cached[0] == index:
+            return self._cached[1]
+        assert self.builder is not None
+        examples = [e for g in self.chunk_groups[index] for e in self.builder.group_examples(int(g))]
+        order = np.random.default_rng([self.data.seed, self.epoch, 3, index]).permutation(len(examples))
+        shuffled = [examples[i] for i in order]
+        self._cached = (index, shuffled)
+        return shuffled
+
+    @overload
+    def __getitem__(self, index: int) -> dict[str, Any]: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[dict[str, Any]]: ...
+
+    def __getitem__(self, index: int | slice) -> dict[str, Any] | list[dict[str, Any]]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if not 0 <= index < len(self):
+            raise IndexError(f"example {index} of an epoch of {len(self)}")
+        chunk = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        return self.chunk(chunk)[index - int(self.offsets[chunk])]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for chunk in range(len(self.chunk_groups)):
+            yield from self.chunk(chunk)
+
+    def stats(self, max_seq_len: int) -> dict[str, Any]:
+        """Examples, tokens, mean length, padding if padded to max_seq_len, positive share, truncations."""
+        totals = {name: int(np.asarray(self.summary[name], dtype=np.int64).sum()) for name in SUMMARY_FEATURES}
+        n = totals["examples"]
+        return {
+            "examples": n,
+            "tokens": totals["tokens"],
+            "mean_length": round(totals["tokens"] / n, 1) if n else 0.0,
+            # padding if every example were padded to max_seq_len; collate-time padding to the batch's longest is less
+            "padding_fraction": round(1.0 - totals["tokens"] / max(n * max_seq_len, 1), 4),
+            "positive_share": round(totals["positives"] / totals["labelled"], 4) if totals["labelled"] else None,
+            "truncated_examples": totals["truncated"],
+        }

@@ -1,0 +1,220 @@
+"""The engines users scale out with, launched for real on this CPU through the shipped Accelerate configs:
+DeepSpeed ZeRO-2 and ZeRO-3 (DeepSpeed's CPU accelerator over gloo) and FSDP2 (PyTorch's fully_shard over gloo),
+2 processes each, against a 1-process run with the same global batch."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import launch_two_processes
+from safetensors.torch import load_file
+from test_finetune_train import _flat_overrides, review_config, step_figures, tiny  # noqa: F401
+from test_pretrain_train import assert_same_weights, config, setup, weights  # noqa: F401
+from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification
+
+from berth.core.errors import BerthError
+from berth.finetune.train import finetune
+from berth.pretrain.model import PretrainingObjective, build_model
+from berth.pretrain.train import pretrain
+from berth.runtime import accel
+from berth.runtime.engines import shard_units, untied
+from berth.runtime.tracking import read_metrics
+
+NO_DROPOUT = ["model.hidden_dropout=0", "model.attention_dropout=0"]
+# torch's fp32 norm over the whole gradient and DeepSpeed's fp64 one differ by about 1e-4 relative here (the fp64
+# sum of the same gradients agrees with DeepSpeed's); a loss or gradient scale error is a factor, far outside.
+NORM_REL = 5e-4
+
+
+# -- which modules FSDP2 shards ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("architecture", "layer", "count"), [("bert", "BertLayer", 2), ("modernbert", "ModernBertEncoderLayer", 2)]
+)
+def test_fsdp_groups_are_the_models_own_layer_classes(architecture, layer, count):
+    from berth.pretrain.config import ModelConfig
+
+    model = build_model(ModelConfig(architecture=architecture, size="tiny"), 100, 0, 2, 3, "cpu")
+    units = shard_units(PretrainingObjective(model, 100, True))
+    assert [type(u).__name__ for u in units] == [layer] * count
+    # the embeddings are a layer class too (_no_split_modules), but hold the matrix tied to the MLM output: root
+    embeddings = model.base_model.embeddings
+    assert type(embeddings).__name__ in model._no_split_modules and embeddings not in units
+
+
+def test_tied_tensors_are_written_as_separate_copies():
+    shared = torch.arange(6.0).reshape(2, 3)
+    out = untied({"a": shared, "b": shared, "c": torch.ones(2)})
+    assert out["a"].data_ptr() != out["b"].data_ptr() and torch.equal(out["a"], out["b"])
+    assert out["c"].data_ptr() != out["a"].data_ptr()
+
+
+def test_a_deepspeed_launch_without_deepspeed_installed_is_one_line(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    real = accel.importlib.util.find_spec
+    monkeypatch.setattr(accel.importlib.util, "find_spec", lambda name: None if name == "deepspeed" else real(name))
+    with pytest.raises(BerthError, match=r"^the launch asks for DeepSpeed, which is not installed; pip install"):
+        accel.check_engine_request(cuda=False)
+
+
+# -- pretraining under each engine -------------------------------------------------------------------------------
+
+COMMON = [*NO_DROPOUT, "train.max_steps=3", "train.log_every=1", "train.eval_every=2", "train.save_every=2"]
+_references: dict = {}
+
+
+def reference(setup, architecture):  # noqa: F811
+    """One process, global batch 8 in one micro-batch."""
+    if architecture not in _references:
+        cfg = config(setup, f"engines-one-{architecture}", f"model.architecture={architecture}", *COMMON)
+        _references[architecture] = pretrain(cfg).parent
+    return _references[architecture]
+
+
+def figures(run_dir, name):
+    return [m[name] for m in read_metrics(run_dir) if name in m]
+
+
+@pytest.mark.parametrize(
+    ("launch", "architecture", "engine"),
+    [
+        ("deepspeed_zero2", "bert", "DeepSpeed ZeRO-2"),
+        ("deepspeed_zero3", "bert", "DeepSpeed ZeRO-3"),
+        ("deepspeed_zero3", "modernbert", "DeepSpeed ZeRO-3"),
+        ("fsdp", "bert", "FSDP2"),
+        ("fsdp", "modernbert", "FSDP2"),
+    ],
+)
+def test_engine_pretrains_like_one_process_resumes_exactly_and_exports(setup, launch, architecture, engine):  # noqa: F811
+    one = reference(setup, architecture)
+    root, base = setup
+    run = root / f"engines-{launch}-{architecture}"
+    # 2 per micro-batch x 2 processes x 2 accumulation = the reference's 8
+    args = ["configs/pretrain/mini_zh.yaml", *base, f"output_dir={run}", f"model.architecture={architecture}"]
+    args += [*COMMON, "train.batch_size=2", "train.grad_accum=2"]
+    accelerate_config = f"configs/accelerate/{launch}.yaml"
+    result = launch_two_processes("pretrain", args, config=accelerate_config)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"global batch 8 = 2 per process x 2 processes x 2 accumulation; {engine}; precision" in result.stderr
+    assert result.stderr.count(f"exported {run / 'final'}") == 1
+
+    assert_same_weights(weights(one), weights(run), atol=1e-5)
+    assert len(figures(one, "loss")) == 3
+    assert figures(run, "loss") == pytest.approx(figures(one, "loss"), rel=1e-5)  # the logged loss is global
+    assert figures(run, "grad_norm") == pytest.approx(figures(one, "grad_norm"), rel=NORM_REL)
+    assert figures(run, "eval_mlm_loss") == pytest.approx(figures(one, "eval_mlm_loss"), rel=1e-5)
+    _, info = AutoModelForMaskedLM.from_pretrained(run / "final", output_loading_info=True)
+    assert not (info["missing_keys"] or info["mismatched_keys"]), info  # unexpected: BERT's NSP head, not MLM
+
+    # Resume from step 2 of the same launch: the end must be the uninterrupted run's, bit for bit.
+    finished = weights(run)
+    shutil.rmtree(run / "final")
+    shutil.rmtree(run / "checkpoints" / "step-00000003")
+    result = launch_two_processes("pretrain", [*args, "train.resume=auto"], config=accelerate_config)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stderr and "step-00000002 at step 2" in result.stderr
+    assert_same_weights(finished, weights(run))
+
+
+# -- fine-tuning under each engine -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("launch", "aggregation"), [("deepspeed_zero2", "auto"), ("deepspeed_zero3", "attention"), ("fsdp", "attention")]
+)
+def test_engine_finetunes_like_one_process(tiny, tmp_path, launch, aggregation):  # noqa: F811
+    """Classification with windows; attention pooling calls the model outside forward (its pooler and classifier),
+    which the sharding engines must gather for too."""
+    common = [f"data.aggregation={aggregation}", "train.max_steps=3", "train.eval_every=3", "train.log_every=1"]
+    common += [*NO_DROPOUT, "model.classifier_dropout=0"]
+    one = finetune(review_config(tiny, tmp_path / "one", *common))
+    cfg = review_config(tiny, tmp_path / "two", *common, "train.batch_size=2", "train.grad_accum=2")
+    overrides = [f"{k}={v}" for k, v in _flat_overrides(cfg)]
+    result = launch_two_processes(
+        "finetune", ["configs/finetune/reviews_sentiment.yaml", *overrides], config=f"configs/accelerate/{launch}.yaml"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "global batch 8 = 2 per process x 2 processes x 2 accumulation" in result.stderr
+    ours, theirs = step_figures(tmp_path / "two"), step_figures(one.parent)
+    assert len(theirs) == 6
+    assert ours[0::2] == pytest.approx(theirs[0::2], rel=1e-4)  # losses
+    assert ours[1::2] == pytest.approx(theirs[1::2], rel=NORM_REL)  # gradient norms
+    final = tmp_path / "two" / "final"
+    for name in ("model.safetensors", "window_pooler.safetensors")[: 1 + (aggregation == "attention")]:
+        a, b = load_file(str(one / name)), load_file(str(final / name))
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+    results = [json.loads((d / "eval_results.json").read_text()) for d in (one.parent, tmp_path / "two")]
+    assert results[0]["validation"]["loss"] == pytest.approx(results[1]["validation"]["loss"], rel=1e-4)
+    assert results[0]["test"]["accuracy"] == results[1]["test"]["accuracy"]
+    AutoModelForSequenceClassification.from_pretrained(final)
+
+
+# -- several machines --------------------------------------------------------------------------------------------
+
+
+def test_two_machines_simulated_on_one_host_pretrain_together(setup, fake_hub, monkeypatch, tmp_path):  # noqa: F811
+    """Two `accelerate launch --num_machines 2` (machine ranks 0 and 1, one process each) over 127.0.0.1: they
+    train as one 2-process run; only the global main process prepares data first, writes the run, the export and
+    the upload."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import HUB_TOKEN
+
+    monkeypatch.setenv("HF_TOKEN", HUB_TOKEN)
+    one = reference(setup, "bert")
+    _, base = setup
+    run = tmp_path / "two-machines"
+    args = ["configs/pretrain/mini_zh.yaml", *base, f"output_dir={run}", *COMMON, "train.batch_size=4"]
+    args += [f"data.cache_dir={tmp_path / 'cache'}", "hub.push=true", "hub.repo_id=carol/two-machines"]
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = str(free.getsockname()[1])
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        "configs/accelerate/cpu_ddp_2proc.yaml",
+    ]
+    launch += ["--num_machines", "2", "--num_processes", "2", "--main_process_ip", "127.0.0.1"]
+    launch += ["--main_process_port", port]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    machines = [
+        subprocess.Popen(
+            [*launch, "--machine_rank", str(rank), "-m", "berth", "pretrain", *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    logs = [machine.communicate(timeout=600)[1] for machine in machines]
+    assert [m.returncode for m in machines] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+    assert "global batch 8 = 4 per process x 2 processes x 1 accumulation; DDP" in logs[0]
+    assert "global batch" not in logs[1] and "exported" not in logs[1]  # the second machine's process is not main
+    assert logs[0].count(f"exported {run / 'final'}") == 1
+    assert "reusing tokenized documents" in logs[1]  # prepared once, by the main process, before the other reads it
+    assert_same_weights(weights(one), weights(run), atol=1e-5)
+    assert figures(run, "loss") == pytest.approx(figures(one, "loss"), rel=1e-5)
+    finals = [c for c in fake_hub.commits if c["revision"] == "main"]
+    assert len(finals) == 1 and finals[0]["repo"] == "carol/two-machines"
+
+
+def test_an_installed_deepspeed_prints_nothing_on_stdout():
+    """Accelerate imports DeepSpeed wherever it is installed (to unwrap any model), and DeepSpeed then prints its
+    device guess to stdout, where `berth predict` writes its JSON lines."""
+    import subprocess
+    import sys
+
+    code = "from berth.runtime.accel import quiet_deepspeed; quiet_deepspeed(); import deepspeed"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout == ""

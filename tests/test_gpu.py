@@ -1,0 +1,98 @@
+"""CUDA checks, skipped without a CUDA device (`bench/gpu_check.sh` runs them with the GPU benchmark).
+
+They cover what the CPU suite cannot: a bf16 step with fused AdamW, packed block-diagonal masks and sdpa on CUDA
+kernels (BERT and ModernBERT), and MFU computed from a measured step.
+"""
+
+import math
+
+import pytest
+import torch
+from test_pretrain_model import SLIDING, batch, inputs, modernbert
+from test_pretrain_train import config, setup  # noqa: F401
+
+from berth.pretrain.config import ModelConfig
+from berth.pretrain.masking import pack_batch
+from berth.pretrain.model import PretrainingObjective, build_model
+from berth.pretrain.train import PretrainingStage, peak_tflops_of, pretrain
+from berth.runtime.loop import Loop
+from berth.runtime.tracking import read_metrics
+
+pytestmark = pytest.mark.gpu
+VOCAB = 300
+
+
+@pytest.fixture(autouse=True)
+def _exact_matmuls():
+    """TF32 would make fp32 comparisons loose; the checks below compare in true fp32."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def on_cuda(tensors):
+    return {k: v.cuda() for k, v in tensors.items()}
+
+
+@pytest.mark.parametrize("architecture", ["bert", "modernbert", "sliding"])
+def test_packed_batches_give_the_unpacked_losses_on_cuda(architecture):
+    if architecture == "bert":
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(size="tiny", attn_implementation="sdpa"), VOCAB, 0)
+    else:
+        model = modernbert("sdpa", **(SLIDING if architecture == "sliding" else {}))
+    torch.manual_seed(1)
+    objective = PretrainingObjective(model, VOCAB, sentence_task=True).cuda().eval()
+    unpacked = batch(seed=5, n=12)
+    packed = pack_batch(unpacked, capacity=96, pad_id=0)
+    extra = {k: packed[k] for k in ("position_ids", "sequence_ids", "cls_positions")}
+    with torch.no_grad():
+        a = objective(**on_cuda(inputs(unpacked)))
+        b = objective(**on_cuda(inputs(packed)), **on_cuda(extra))
+    for key in ("mlm_loss", "nsp_loss"):
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-4)
+    assert torch.equal(a["mlm_count"], b["mlm_count"])
+
+
+@pytest.mark.parametrize("architecture", ["bert", "modernbert"])
+def test_sdpa_and_eager_agree_on_cuda(architecture):
+    outs = []
+    for impl in ("sdpa", "eager"):
+        if architecture == "bert":
+            torch.manual_seed(0)
+            model = build_model(ModelConfig(size="tiny", attn_implementation=impl), VOCAB, 0)
+        else:
+            model = modernbert(impl)
+        objective = PretrainingObjective(model, VOCAB, True).cuda().eval()
+        with torch.no_grad():
+            outs.append(objective(**on_cuda(inputs(batch(seed=3)))))
+    for key in ("mlm_loss", "nsp_loss"):
+        torch.testing.assert_close(outs[0][key], outs[1][key], rtol=1e-4, atol=1e-4)
+
+
+def test_a_bf16_step_with_fused_adamw_trains(setup):  # noqa: F811
+    cfg = config(setup, "gpu-bf16", "train.precision=bf16", "train.max_steps=20", "model.architecture=modernbert")
+    loop = Loop(cfg, PretrainingStage(cfg))
+    loop.build()
+    assert loop.accelerator.device.type == "cuda" and loop.accelerator.mixed_precision == "bf16"
+    inner = loop.optimizer.optimizer  # Accelerate's wrapper around the torch optimizer
+    assert isinstance(inner, torch.optim.AdamW) and inner.defaults["fused"]
+    losses = []
+    for step, micro_batches in enumerate(loop.epoch_steps()):
+        loop.train_step(micro_batches)
+        losses.append(float(loop.sums["loss"]))
+        loop.sums = {}
+        if step == 19:
+            break
+    assert all(math.isfinite(x) for x in losses)
+    assert sum(losses[-5:]) < sum(losses[:5])  # it learns (lr 1e-3 on a tiny model)
+
+
+def test_mfu_is_reported_from_the_measured_step(setup):  # noqa: F811
+    peak = peak_tflops_of(torch.cuda.get_device_name())
+    overrides = ["train.precision=bf16", "train.max_steps=20", "train.log_every=5", "train.eval_every=0"]
+    overrides += ["model.size=mini"] + ([] if peak else ["train.peak_tflops=100"])
+    final = pretrain(config(setup, "gpu-mfu", *overrides))
+    mfu = [m["mfu"] for m in read_metrics(final.parent) if "mfu" in m]
+    assert len(mfu) == 4 and all(0 < x < 1 for x in mfu)
