@@ -27,6 +27,7 @@ from berth.finetune.data import (
 )
 from berth.finetune.metrics import load_metric
 from berth.finetune.modeling import build_pretrained, encoder_inputs
+from berth.finetune.robustness import POSITIONS, build_documents, distractor_paragraphs
 from berth.finetune.windows import WindowSettings, truncate, window_spans
 from berth.finetune.yardstick import tfidf_yardstick
 
@@ -130,9 +131,24 @@ class WindowPooler(nn.Module):
         return pooled.index_add(0, doc, weights[:, None] * vectors)
 
 
+# Aggregations computed from the window logits alone (no trained layer), in the order evaluations report them.
+WINDOW_AGGREGATIONS = ("mean", "max", "prob_mean", "confidence", "margin")
+
+
 def aggregate(window_logits: torch.Tensor, doc: torch.Tensor, num_docs: int, how: str) -> torch.Tensor:
-    """Per-document logits [D, C] from window logits [W, C]: their mean or their elementwise max."""
+    """Per-document scores [D, C] from window logits [W, C] (window w belongs to document doc[w]); their argmax is
+    the prediction and their softmax the document's probabilities.
+
+    mean        the mean of the logits: every window votes with its raw confidence
+    max         the elementwise max of the logits: any window's strongest evidence for each class
+    prob_mean   log of the mean of the window probabilities
+    confidence  log of the mean of the window probabilities, each window weighted by how decided it is (its top
+                probability above chance, 1/C): windows without the task's signal, if scored flat, barely count
+    margin      the log-probabilities of the most decided window (the largest gap between its two most likely
+                classes): one clear verdict outweighs any number of lukewarm windows
+    """
     classes = window_logits.shape[-1]
+    rows = doc[:, None].expand(-1, classes)
     if how == "mean":
         total = torch.zeros(num_docs, classes, dtype=window_logits.dtype).index_add(0, doc, window_logits)
         count = torch.zeros(num_docs, dtype=window_logits.dtype).index_add(
@@ -141,7 +157,28 @@ def aggregate(window_logits: torch.Tensor, doc: torch.Tensor, num_docs: int, how
         return total / count[:, None]
     if how == "max":
         start = torch.full((num_docs, classes), float("-inf"), dtype=window_logits.dtype)
-        return start.scatter_reduce(0, doc[:, None].expand(-1, classes), window_logits, "amax")
+        return start.scatter_reduce(0, rows, window_logits, "amax")
+    log_probs = torch.log_softmax(window_logits.double(), dim=-1)  # [W, C]
+    probs = log_probs.exp()
+    if how in ("prob_mean", "confidence"):
+        if how == "prob_mean":
+            weights = torch.ones(len(doc), dtype=probs.dtype)
+        else:
+            weights = probs.max(dim=-1).values - 1.0 / classes  # [W], 0 for a flat window
+            # a document whose windows are all flat: every window counts the same
+            decided = torch.zeros(num_docs, dtype=probs.dtype).index_add(0, doc, weights)
+            weights = torch.where(decided[doc] > 0, weights, torch.ones_like(weights))
+        total = torch.zeros(num_docs, classes, dtype=probs.dtype).index_add(0, doc, probs * weights[:, None])
+        return (total / total.sum(-1, keepdim=True)).log().to(window_logits.dtype)
+    if how == "margin":
+        top2 = log_probs.topk(min(2, classes), dim=-1).values  # [W, 2]
+        margin = top2[:, 0] - top2[:, -1]  # [W]
+        best = torch.full((num_docs,), float("-inf"), dtype=margin.dtype).scatter_reduce(0, doc, margin, "amax")
+        # the first window of each document that reaches its best margin
+        index = torch.arange(len(doc))
+        candidates = torch.where(margin == best[doc], index, torch.full_like(index, len(doc)))
+        chosen = torch.full((num_docs,), len(doc), dtype=index.dtype).scatter_reduce(0, doc, candidates, "amin")
+        return log_probs[chosen].to(window_logits.dtype)
     raise ValueError(f"unknown aggregation {how!r}")
 
 
@@ -320,7 +357,7 @@ class ClassificationTask:
         self, model: WindowClassifier, encoded: Encoded, acc: Any, batch_size: int
     ) -> dict[str, torch.Tensor]:
         """Document logits [D, C] by every aggregation this model supports."""
-        hows = ("mean", "max", "attention") if self.attention else ("mean", "max")
+        hows = (*WINDOW_AGGREGATIONS, "attention") if self.attention else WINDOW_AGGREGATIONS
         return document_logits(model, encoded, self.tokenizer.pad_token_id, acc, batch_size, hows)
 
     def evaluate(
@@ -357,11 +394,58 @@ class ClassificationTask:
         t, data, extras = self.cfg.train, self.cfg.data, {}
         if t.compare_truncation and data.long_text == "windows" and not data.text_pair_column:
             extras["test_truncated"] = self.evaluate_truncated(model, "test", acc, batch_size)
+        if data.robustness_docs and data.long_text == "windows" and not data.text_pair_column and "test" in self.texts:
+            robustness = self.evaluate_robustness(model, acc, batch_size)
+            if robustness:
+                extras["robustness"] = robustness
         if t.yardstick and acc.is_main_process:
             labels = {name: encoded.doc_labels for name, encoded in self.splits.items()}
             long_docs = {name: self.long_documents(name) for name in self.splits}
             extras["yardstick"] = tfidf_yardstick(self.texts, labels, long_docs, t.seed)
         return extras
+
+    def evaluate_robustness(self, model: WindowClassifier, acc: Any, batch_size: int) -> dict[str, Any]:
+        """Accuracy by aggregation on test texts hidden at the start, middle and end of unrelated text 3-8 windows
+        long, beside the same texts alone (`berth.finetune.robustness`); empty without distractor paragraphs."""
+        data = self.cfg.data
+        paragraphs, source = distractor_paragraphs(data.distractors, self.tokenizer)
+        if not paragraphs:
+            return {}
+        test = self.splits["test"]
+        docs = build_documents(
+            self.texts["test"],
+            test.doc_labels,
+            paragraphs,
+            self.tokenizer,
+            self.settings,
+            data.robustness_docs,
+            self.cfg.train.seed,
+        )
+        if not docs.alone:
+            return {}
+        pad = self.tokenizer.pad_token_id
+        hows = (*WINDOW_AGGREGATIONS, "attention") if self.attention else WINDOW_AGGREGATIONS
+        encoded = encode_texts(self.tokenizer, docs.texts, self.settings, labels=docs.labels)
+        hidden = document_logits(model, encoded, pad, acc, batch_size, hows)
+        alone = encode_texts(self.tokenizer, docs.alone, self.settings, labels=docs.alone_labels)
+        alone_logits = document_logits(model, alone, pad, acc, batch_size, hows)
+        labels, positions = torch.tensor(docs.labels), np.array(docs.positions)
+        windows = [len(ws) for ws in encoded.doc_windows]
+
+        def accuracy(logits: torch.Tensor, gold: torch.Tensor) -> float:
+            return float((logits.argmax(-1) == gold).float().mean())
+
+        accuracy_at = {
+            position: {how: accuracy(hidden[how][positions == position], labels[positions == position]) for how in hows}
+            for position in POSITIONS
+        }
+        return {
+            "source": source,
+            "texts": len(docs.alone),
+            "windows": {"min": min(windows), "mean": round(sum(windows) / len(windows), 2), "max": max(windows)},
+            "accuracy": accuracy_at,
+            "alone": {how: accuracy(alone_logits[how], torch.tensor(docs.alone_labels)) for how in hows},
+        }
 
     def long_documents(self, split: str) -> list[int]:
         """The documents of the split longer than one window (content tokens beyond max_seq_len - 2)."""

@@ -57,16 +57,23 @@ class TaskData:
     # Tokens between the starts of consecutive windows (Google's doc_stride); windows overlap by
     # max_seq_len - 2 - stride tokens. The last window is aligned to the end of the text.
     stride: int = 64
-    # How window outputs become a document's: mean of logits, max of logits, attention pooling over the
-    # windows' [CLS] vectors (a small learned layer, trained with documents as units), or auto: mean or max,
-    # whichever scores better on validation.
-    aggregation: Literal["auto", "mean", "max", "attention"] = "auto"
+    # How window outputs become a document's: mean of logits, max of logits, mean of probabilities (prob_mean),
+    # mean of probabilities weighted by each window's confidence (confidence), the most decided window (margin),
+    # attention pooling over the windows' [CLS] vectors (a small learned layer, trained with documents as units),
+    # or auto: mean or max, whichever scores better on validation. docs/finetuning.md says when each is right.
+    aggregation: Literal["auto", "mean", "max", "prob_mean", "confidence", "margin", "attention"] = "auto"
     # head_tail: the share of the kept tokens taken from the head (Sun et al. 2019 found about 1/4 best).
     head_fraction: float = 0.25
     # Attention pooling trains on documents; each contributes at most this many windows per step (0: all).
     max_train_windows: int = 8
     # Keep N rows of each split, drawn by a seeded shuffle (0: all): a quick smoke run on a large dataset.
     max_examples: int = 0
+    # Long-document robustness, evaluation only (classification with windows): up to this many test texts, each
+    # hidden at the start, the middle and the end of unrelated paragraphs 3-8 windows long (0: off).
+    robustness_docs: int = 200
+    # The unrelated paragraphs: auto (People's Daily, for a tokenizer that covers Chinese), a UTF-8 file with one
+    # paragraph a line, or empty (no robustness evaluation).
+    distractors: str = "auto"
 
     def __post_init__(self) -> None:
         if self.max_seq_len < 8:
@@ -77,8 +84,8 @@ class TaskData:
             )
         if not 0.0 <= self.head_fraction <= 1.0:
             raise ValueError(f"head_fraction must be in [0, 1]; got {self.head_fraction}")
-        if self.max_train_windows < 0 or self.max_examples < 0:
-            raise ValueError("max_train_windows and max_examples must be >= 0")
+        if self.max_train_windows < 0 or self.max_examples < 0 or self.robustness_docs < 0:
+            raise ValueError("max_train_windows, max_examples and robustness_docs must be >= 0")
         if any(not (math.isfinite(w) and w >= 0) for w in self.class_weights) or (
             self.class_weights and not any(self.class_weights)
         ):

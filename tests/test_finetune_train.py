@@ -728,3 +728,31 @@ def test_a_non_finite_loss_stops_before_its_weights_are_evaluated_or_kept(tiny, 
     assert evaluated and max(evaluated) < bad  # no evaluation of the weights that came from a non-finite loss
     for tensor in load_file(str(tmp_path / "run" / "best" / "model.safetensors")).values():
         assert torch.isfinite(tensor).all()
+
+
+def test_robustness_is_reported_and_predict_agrees_on_its_documents(review_run, tiny, tmp_path):
+    """The test reviews hidden among People's Daily paragraphs: every position and aggregation is reported, and
+    `berth predict` on the same documents (rebuilt from the same seed) gives the reported accuracy."""
+    from berth.finetune.classification import WINDOW_AGGREGATIONS
+    from berth.finetune.robustness import POSITIONS, build_documents, distractor_paragraphs
+
+    results = json.loads((review_run / "eval_results.json").read_text())
+    robustness = results["robustness"]
+    assert robustness["source"] == "peoples_daily" and 0 < robustness["texts"] <= 24
+    assert robustness["windows"]["min"] >= 3 and robustness["windows"]["max"] <= 8
+    assert set(robustness["accuracy"]) == set(POSITIONS)
+    for table in (*robustness["accuracy"].values(), robustness["alone"]):
+        assert set(table) == set(WINDOW_AGGREGATIONS) and all(0.0 <= v <= 1.0 for v in table.values())
+
+    tokenizer = load_tokenizer(review_run / "final")
+    reviews, names = texts_of(tiny / "reviews_test.jsonl", "review"), texts_of(tiny / "reviews_test.jsonl", "sentiment")
+    index = {"neg": 0, "pos": 1}
+    paragraphs, _ = distractor_paragraphs("auto", tokenizer)
+    settings = WindowSettings(max_seq_len=32, stride=16)
+    docs = build_documents(reviews, [index[n] for n in names], paragraphs, tokenizer, settings, 200, seed=0)
+    predicted = run_predict(review_run / "final", docs.texts, tmp_path)
+    chosen = results["test"]["aggregation"]
+    for position in POSITIONS:
+        rows = [d for d, p in enumerate(docs.positions) if p == position]
+        right = sum(index[predicted[d]["label"]] == docs.labels[d] for d in rows) / len(rows)
+        assert robustness["accuracy"][position][chosen] == pytest.approx(right, abs=1e-9)

@@ -1,5 +1,7 @@
 """Exact values for the pieces of fine-tuning: windows, truncation, max context, BIO spans, aggregation, metrics."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -82,6 +84,62 @@ def test_aggregate_mean_and_max_per_document():
     doc = torch.tensor([0, 0, 1, 0])
     assert torch.equal(aggregate(logits, doc, 2, "mean"), torch.tensor([[1.0, -1.0 / 3], [0.0, 5.0]]))
     assert torch.equal(aggregate(logits, doc, 2, "max"), torch.tensor([[3.0, 1.0], [0.0, 5.0]]))
+
+
+# Windows with hand-picked probabilities: [3/4, 1/4], [1/2, 1/2] (flat), [1/10, 9/10] for document 0;
+# [4/5, 1/5] for document 1, its only window.
+HAND_LOGITS = torch.tensor([[math.log(3), 0.0], [0.0, 0.0], [0.0, math.log(9)], [math.log(4), 0.0]])
+HAND_DOC = torch.tensor([0, 0, 0, 1])
+
+
+def probabilities(scores):
+    return torch.softmax(scores.double(), dim=-1)
+
+
+def test_aggregate_prob_mean_is_the_mean_of_window_probabilities():
+    got = probabilities(aggregate(HAND_LOGITS, HAND_DOC, 2, "prob_mean"))
+    expected = torch.tensor([[(0.75 + 0.5 + 0.1) / 3, (0.25 + 0.5 + 0.9) / 3], [0.8, 0.2]], dtype=torch.double)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)  # [0.45, 0.55]
+
+
+def test_aggregate_confidence_weights_windows_by_their_top_probability_above_chance():
+    # weights 0.25, 0 (flat), 0.4: (0.25 [0.75, 0.25] + 0.4 [0.1, 0.9]) / 0.65 = [0.35, 0.65]
+    got = probabilities(aggregate(HAND_LOGITS, HAND_DOC, 2, "confidence"))
+    torch.testing.assert_close(got, torch.tensor([[0.35, 0.65], [0.8, 0.2]], dtype=torch.double), rtol=0, atol=1e-6)
+    flat = torch.zeros(3, 2)  # every window flat: each counts the same, and the document is flat too
+    torch.testing.assert_close(
+        probabilities(aggregate(flat, torch.zeros(3, dtype=torch.long), 1, "confidence")),
+        torch.full((1, 2), 0.5, dtype=torch.double),
+        rtol=0,
+        atol=1e-6,
+    )
+
+
+def test_aggregate_margin_takes_the_most_decided_window():
+    # margins ln 3, 0, ln 9: the third window decides document 0
+    got = probabilities(aggregate(HAND_LOGITS, HAND_DOC, 2, "margin"))
+    torch.testing.assert_close(got, torch.tensor([[0.1, 0.9], [0.8, 0.2]], dtype=torch.double), rtol=0, atol=1e-6)
+    tie = torch.tensor([[2.0, 0.0], [0.0, 2.0]])  # equal margins: the first window
+    assert aggregate(tie, torch.tensor([0, 0]), 1, "margin").argmax().item() == 0
+
+
+def test_a_late_verdict_among_lukewarm_windows():
+    """The case sliding windows exist for: four neutral windows scored 'positive' at 0.85 and one clear negative
+    verdict at the end. The mean of logits or of probabilities sides with the many; the most decided window does
+    not. (The max of raw logits depends on their scale, which a softmax does not fix: it is not asserted here.)"""
+    lukewarm, verdict = [math.log(0.85 / 0.15), 0.0], [0.0, math.log(0.96 / 0.04)]
+    logits = torch.tensor([lukewarm] * 4 + [verdict])  # class 0 positive, class 1 negative
+    doc = torch.zeros(5, dtype=torch.long)
+    assert [aggregate(logits, doc, 1, how).argmax().item() for how in ("mean", "prob_mean")] == [0, 0]
+    assert aggregate(logits, doc, 1, "margin").argmax().item() == 1
+    # weights 0.35 x 4 and 0.46: (1.4 x 0.15 + 0.46 x 0.96) / 1.86 = 0.35 negative: confidence still sides with the
+    # many when the lukewarm windows are this sure of themselves
+    torch.testing.assert_close(
+        probabilities(aggregate(logits, doc, 1, "confidence"))[0, 1].item(),
+        (1.4 * 0.15 + 0.46 * 0.96) / 1.86,
+        rtol=0,
+        atol=1e-6,
+    )
 
 
 def test_window_pooler_is_a_softmax_over_each_documents_windows():
@@ -198,3 +256,54 @@ def test_a_class_label_of_minus_one_is_a_missing_label_never_the_last_class():
     unlabelled = split([-1, -1])
     with pytest.raises(BerthError, match=r"^hub:test: no labels in column 'label' \(all missing or -1: an unlabelled"):
         check_labels(unlabelled, label_values(unlabelled, "label"), ["neg", "pos"], "label", training_labels=True)
+
+
+def test_robustness_documents_hide_each_text_at_every_position_in_3_to_8_windows(zh_tokenizer_dir):
+    from berth.core.vocab import load_tokenizer
+    from berth.corpora.embedded import reviews_sentiment
+    from berth.finetune.classification import encode_texts
+    from berth.finetune.robustness import POSITIONS, build_documents, distractor_paragraphs
+    from berth.finetune.windows import WindowSettings
+
+    tokenizer = load_tokenizer(zh_tokenizer_dir[2])
+    test = reviews_sentiment()["test"]
+    texts, labels = test["text"][:60], test["label"][:60]
+    settings = WindowSettings(max_seq_len=64, stride=32)
+    paragraphs, source = distractor_paragraphs("auto", tokenizer)
+    assert source == "peoples_daily" and len(paragraphs) > 10_000
+    docs = build_documents(texts, labels, paragraphs, tokenizer, settings, 12, seed=0)
+    again = build_documents(texts, labels, paragraphs, tokenizer, settings, 12, seed=0)
+    assert docs.texts == again.texts  # seeded
+    assert len(docs.alone) == 12 and len(docs.texts) == 36
+    assert docs.positions == list(POSITIONS) * 12
+    for d, document in enumerate(docs.texts):
+        own = docs.alone[d // 3]
+        assert own == texts[docs.source[d]] and docs.labels[d] == labels[docs.source[d]]
+        assert document.count(own) == 1
+        at = document.index(own) / (len(document) - len(own))  # 0 at the start, 1 at the end
+        expected = {"start": (0.0, 0.0), "middle": (0.25, 0.75), "end": (1.0, 1.0)}[docs.positions[d]]
+        assert expected[0] <= at <= expected[1], (docs.positions[d], at)
+    windows = [len(ws) for ws in encode_texts(tokenizer, docs.texts, settings).doc_windows]
+    assert min(windows) >= 3 and max(windows) <= 8
+    assert len(set(windows)) >= 3  # the lengths vary
+    # a text as long as a window is not hidden: it is left out
+    assert all(len(tokenizer(t, add_special_tokens=False)["input_ids"]) < 62 for t in docs.alone)
+
+
+def test_distractors_from_a_file_and_the_errors_of_a_bad_one(tmp_path, zh_tokenizer_dir):
+    from berth.core.errors import BerthError
+    from berth.core.vocab import load_tokenizer
+    from berth.finetune.robustness import distractor_paragraphs
+
+    tokenizer = load_tokenizer(zh_tokenizer_dir[2])
+    good = tmp_path / "news.txt"
+    good.write_text("短行\n" + "这是一段足够长的无关新闻文字，用来隐藏评论的结论。\n" * 3, encoding="utf-8")
+    paragraphs, source = distractor_paragraphs(str(good), tokenizer)
+    assert len(paragraphs) == 3 and source == str(good)  # the short line is left out
+    assert distractor_paragraphs("", tokenizer) == ([], "")
+    with pytest.raises(BerthError, match=r"^data.distractors=.*missing.txt: no such file"):
+        distractor_paragraphs(str(tmp_path / "missing.txt"), tokenizer)
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"\xff\xfe" * 20)
+    with pytest.raises(BerthError, match=r"^data.distractors=.*bad.txt: not UTF-8 text"):
+        distractor_paragraphs(str(bad), tokenizer)

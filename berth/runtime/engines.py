@@ -92,7 +92,9 @@ def build_engine(acc: Accelerator, train: TrainConfig) -> Engine:
     if acc.distributed_type == DistributedType.DEEPSPEED:
         return DeepSpeed(acc, train)
     if requested_engine() == "fsdp":
-        return FullyShard(acc)
+        if acc.num_processes > 1:
+            return FullyShard(acc)
+        logger.warning("the launch asks for FSDP with one process: there is nothing to shard over; training unsharded")
     return Replicated(acc)
 
 

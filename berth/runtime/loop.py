@@ -2,8 +2,7 @@
 
 What differs between pretraining and fine-tuning (the data, the model, the loss terms, evaluation, the export)
 plugs in behind `Stage`; what differs between engines behind `berth.runtime.engines.Engine`; `Loop.run` reads
-top to bottom. Counters live in `TrainState`, saved as JSON with
-every checkpoint.
+top to bottom. Counters live in `TrainState`, saved as JSON with every checkpoint.
 """
 
 from __future__ import annotations
@@ -189,13 +188,14 @@ class Loop:
             )
         self.state = state
         self.checkpointed_at = state.step
-        logger.info(
-            "resumed from %s at step %d (epoch %d, step %d of it)",
-            checkpoint,
-            state.step,
-            state.epoch,
-            state.epoch_step,
-        )
+        if self.accelerator.is_main_process:
+            logger.info(
+                "resumed from %s at step %d (epoch %d, step %d of it)",
+                checkpoint,
+                state.step,
+                state.epoch,
+                state.epoch_step,
+            )
 
     def start_logging(self) -> None:
         t, acc = self.train, self.accelerator

@@ -1,0 +1,125 @@
+"""Long documents whose verdict comes late: real test texts hidden in unrelated real text, for evaluation only.
+
+Natural long reviews mostly say what they think early, so windows and head truncation score alike on them. The
+case sliding windows exist for is a verdict anywhere in a long text. Each document here is one test text placed at
+the start, in the middle or at the end of paragraphs from another source (People's Daily by default, or
+`data.distractors` = a file of one paragraph a line), filled to between 3 and 8 windows. The same texts are also
+scored alone, so the loss from the surrounding text shows directly. Everything is drawn from a seed, so every
+run and every aggregation sees the same documents; nothing here is trained on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+from berth.core.errors import BerthError
+from berth.core.text import vocabulary_languages
+from berth.corpora.embedded import peoples_daily
+from berth.finetune.windows import WindowSettings
+
+POSITIONS = ("start", "middle", "end")
+WINDOWS = (3, 8)  # the documents' lengths, in windows, drawn uniformly between these two
+MIN_PARAGRAPH_CHARS = 20  # headlines and bylines are no paragraphs to hide a verdict among
+
+
+@dataclass
+class RobustnessSet:
+    """The documents (the text of `source[d]` at `positions[d]`), their labels, and the texts alone."""
+
+    texts: list[str] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    positions: list[str] = field(default_factory=list)
+    source: list[int] = field(default_factory=list)  # index of the test text in the split
+    alone: list[str] = field(default_factory=list)  # the test texts used, in order
+    alone_labels: list[int] = field(default_factory=list)
+
+
+def distractor_paragraphs(setting: str, tokenizer: PreTrainedTokenizerBase) -> tuple[list[str], str]:
+    """(paragraphs, their source's name); no paragraphs when the setting is empty, or auto with a tokenizer
+    that does not cover Chinese (the embedded People's Daily)."""
+    if not setting:
+        return [], ""
+    if setting == "auto":
+        if "zh" not in vocabulary_languages(tokenizer.get_vocab()):
+            return [], ""
+        texts = peoples_daily(unit="paragraph")["text"]
+        return [t for t in texts if len(t) >= MIN_PARAGRAPH_CHARS], "peoples_daily"
+    path = Path(setting)
+    if not path.is_file():
+        raise BerthError(f"data.distractors={setting}: no such file (one paragraph a line, or auto, or empty)")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise BerthError(f"data.distractors={setting}: not UTF-8 text (byte {exc.start})") from None
+    paragraphs = [line.strip() for line in lines if len(line.strip()) >= MIN_PARAGRAPH_CHARS]
+    if not paragraphs:
+        raise BerthError(f"data.distractors={setting}: no paragraph of {MIN_PARAGRAPH_CHARS} characters or more")
+    return paragraphs, str(path)
+
+
+def build_documents(
+    texts: list[str],
+    labels: list[int],
+    paragraphs: list[str],
+    tokenizer: PreTrainedTokenizerBase,
+    settings: WindowSettings,
+    count: int,
+    seed: int,
+) -> RobustnessSet:
+    """Up to `count` test texts (a seeded draw among those shorter than the shortest document), each hidden at
+    every position among consecutive distractor paragraphs from a seeded start, to a length of 3-8 windows."""
+    rng = np.random.default_rng([seed, 15])
+    room = settings.max_seq_len - 2  # content tokens of one window
+    sizes: dict[int, int] = {}
+
+    def tokens(i: int) -> int:
+        if i not in sizes:
+            sizes[i] = len(tokenizer(paragraphs[i], add_special_tokens=False)["input_ids"])
+        return sizes[i]
+
+    out = RobustnessSet()
+    for index in rng.permutation(len(texts)).tolist():
+        if len(out.alone) == count:
+            break
+        windows = int(rng.integers(WINDOWS[0], WINDOWS[1] + 1))
+        # n windows cover room + (n - 2) x stride + 1 to room + (n - 1) x stride tokens: aim inside, half a stride
+        # from the edge, so the few tokens the joins may add or take leave n windows
+        target = room + (windows - 1) * settings.stride - int(rng.integers(0, max(settings.stride // 2, 1)))
+        own = len(tokenizer(texts[index], add_special_tokens=False)["input_ids"])
+        if own >= room:
+            continue  # a text of a window or more would not be hidden: it is the document
+        filler, total, at = [], own, int(rng.integers(len(paragraphs)))
+        while total < target:
+            paragraph = paragraphs[at % len(paragraphs)]
+            size = tokens(at % len(paragraphs))
+            if total + size > target:  # the last paragraph cut at the token that reaches the length
+                spans = tokenizer(paragraph, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+                paragraph, size = paragraph[: spans[target - total - 1][1]], target - total
+            filler.append(paragraph)
+            total += size
+            at += 1
+        before, after = halves("\n".join(filler))
+        placed = {
+            "start": [texts[index], before + after],
+            "middle": [before, texts[index], after],
+            "end": [before + after, texts[index]],
+        }
+        for position in POSITIONS:
+            out.texts.append("\n".join(part for part in placed[position] if part))
+            out.labels.append(labels[index])
+            out.positions.append(position)
+            out.source.append(index)
+        out.alone.append(texts[index])
+        out.alone_labels.append(labels[index])
+    return out
+
+
+def halves(text: str) -> tuple[str, str]:
+    """`text` cut in two at the paragraph or sentence end nearest its middle (at the middle when it has none)."""
+    ends = [i + 1 for i, char in enumerate(text) if char in "\n。！？!?"]
+    cut = min(ends, key=lambda i: abs(i - len(text) / 2)) if ends else len(text) // 2
+    return text[:cut].rstrip("\n"), text[cut:].lstrip("\n")
