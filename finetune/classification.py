@@ -131,6 +131,52 @@ class WindowPooler(nn.Module):
         return pooled.index_add(0, doc, weights[:, None] * vectors)
 
 
+class HierarchicalPooler(nn.Module):
+    """The third classic way to read a long text, after truncation and windows: a small transformer encoder over a
+    document's window vectors, with a learned [CLS] of its own in front and learned window positions, whose output
+    at that [CLS] is the document's vector. Post-LN blocks with GELU, like BERT's; padding windows are masked."""
+
+    def __init__(self, hidden_size: int, layers: int = 1, max_windows: int = 64, dropout: float = 0.1):
+        super().__init__()
+        self.cls = nn.Parameter(torch.zeros(hidden_size))
+        self.positions = nn.Embedding(max_windows + 1, hidden_size)  # 0: the [CLS]; later windows share the last
+        nn.init.normal_(self.cls, std=0.02)
+        nn.init.normal_(self.positions.weight, std=0.02)
+        block = nn.TransformerEncoderLayer(
+            hidden_size,
+            nhead=max(1, hidden_size // 64),
+            dim_feedforward=4 * hidden_size,
+            dropout=dropout,
+            activation="gelu",
+            batch_first=True,
+        )
+        self.encoder = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
+
+    @staticmethod
+    def layers_in(weights: dict[str, torch.Tensor]) -> int:
+        """How many encoder layers a saved pooler has (its file names them)."""
+        return len({key.split(".")[2] for key in weights if key.startswith("encoder.layers.")})
+
+    def forward(self, vectors: torch.Tensor, doc: torch.Tensor, num_docs: int) -> torch.Tensor:
+        # vectors [W, H], doc [W] (windows of a document in order) -> [D, H]
+        counts = torch.zeros(num_docs, dtype=torch.long, device=doc.device).index_add(0, doc, torch.ones_like(doc))
+        longest = int(counts.max()) if num_docs else 0
+        # [W] each window's 1-based place in its document, in the order the windows come
+        order = torch.argsort(doc, stable=True)
+        starts = torch.cumsum(counts, 0) - counts  # [D]
+        slot = torch.empty_like(doc)
+        slot[order] = torch.arange(len(doc), device=doc.device) - starts[doc[order]] + 1
+        rows = torch.zeros(num_docs, longest + 1, vectors.shape[-1], dtype=vectors.dtype, device=vectors.device)
+        rows[:, 0] = self.cls.to(vectors.dtype)
+        rows[doc, slot] = vectors
+        places = torch.arange(longest + 1, device=doc.device).clamp(max=self.positions.num_embeddings - 1)
+        rows = rows + self.positions(places).to(vectors.dtype)[None]  # [D, 1 + Wmax, H]
+        padding = torch.arange(longest + 1, device=doc.device)[None] > counts[:, None]  # [D, 1 + Wmax]
+        return self.encoder(rows, src_key_padding_mask=padding)[:, 0]  # [D, H]
+
+
+POOLERS = {"attention": WindowPooler, "hierarchical": HierarchicalPooler}  # aggregations with a trained layer
+
 # Aggregations computed from the window logits alone (no trained layer), in the order evaluations report them.
 WINDOW_AGGREGATIONS = ("mean", "max", "prob_mean", "confidence", "margin")
 
@@ -183,7 +229,7 @@ def aggregate(window_logits: torch.Tensor, doc: torch.Tensor, num_docs: int, how
 
 
 class WindowClassifier(nn.Module):
-    """A transformers sequence classifier, plus the attention pooler when documents are pooled that way.
+    """A transformers sequence classifier, plus the pooler (attention or hierarchical) when documents are pooled.
 
     For BERT (a pooler, `dropout` and `classifier`) and ModernBERT (`head`, `drop` and `classifier`) the
     window vectors the classifier reads are returned beside the logits, so attention pooling can feed a
@@ -191,19 +237,23 @@ class WindowClassifier(nn.Module):
     """
 
     model: HFModel
-    pooler: WindowPooler | None
     forward_methods = ("documents",)  # used outside forward: a sharding engine must gather weights for it too
 
-    def __init__(self, model: HFModel, attention: bool):
+    def __init__(self, model: HFModel, pooling: str = "", pooler_layers: int = 1):
         super().__init__()
         self.model = model
         self.kind = vector_kind(model)
-        if attention and self.kind is None:
+        self.pooling = pooling  # "", attention or hierarchical
+        if pooling and self.kind is None:
             raise BerthError(
-                "data.aggregation=attention needs a BERT (with a pooler) or ModernBERT classifier; "
+                f"data.aggregation={pooling} needs a BERT (with a pooler) or ModernBERT classifier; "
                 f"{type(model).__name__} gives logits only"
             )
-        self.pooler = WindowPooler(model.config.hidden_size) if attention else None
+        self.pooler: nn.Module | None = None
+        if pooling == "attention":
+            self.pooler = WindowPooler(model.config.hidden_size)
+        elif pooling == "hierarchical":
+            self.pooler = HierarchicalPooler(model.config.hidden_size, pooler_layers)
 
     def forward(
         self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -231,8 +281,8 @@ class WindowClassifier(nn.Module):
         return self.model.classifier(drop(vectors))
 
     def documents(self, vectors: torch.Tensor, doc: torch.Tensor, num_docs: int) -> torch.Tensor:
-        """Document logits [D, C] from window vectors [W, H] by attention pooling."""
-        assert self.pooler is not None, "built without attention pooling"
+        """Document logits [D, C] from window vectors [W, H] (windows of a document in order) by the pooler."""
+        assert self.pooler is not None, "built without a pooler"
         return self.classify(self.pooler(vectors, doc, num_docs))
 
 
@@ -255,7 +305,8 @@ class ClassificationTask:
         data = cfg.data
         self.cfg, self.tokenizer = cfg, tokenizer
         self.settings = WindowSettings.from_data("classification", data)
-        self.attention = data.aggregation == "attention" and data.long_text == "windows"
+        # attention or hierarchical: a trained pooler over whole documents; "" otherwise
+        self.pooling = data.aggregation if data.aggregation in POOLERS and data.long_text == "windows" else ""
         splits = load_splits(data)
         columns = [data.text_column, data.label_column] + ([data.text_pair_column] if data.text_pair_column else [])
         for split in splits.values():
@@ -295,7 +346,7 @@ class ClassificationTask:
         config.id2label = dict(enumerate(self.labels))
         config.label2id = {name: i for i, name in enumerate(self.labels)}
         model = build_pretrained(AutoModelForSequenceClassification, init, config, from_scratch)
-        return WindowClassifier(model, self.attention)
+        return WindowClassifier(model, self.pooling, self.cfg.data.pooler_layers)
 
     def fingerprint(self) -> str:
         return content_digest(
@@ -313,7 +364,7 @@ class ClassificationTask:
         for attention pooling (at most max_train_windows of their windows, drawn per epoch). Returns the
         window indices of each unit and its length for grouping."""
         train = self.splits["train"]
-        if not self.attention:
+        if not self.pooling:
             units = [[w] for w in range(len(train.window_ids))]
         else:
             rng = np.random.default_rng([self.cfg.train.seed, epoch, 3])
@@ -343,7 +394,7 @@ class ClassificationTask:
     def loss(self, model: WindowClassifier, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Summed cross-entropy over the batch's units (the loop normalises over all processes)."""
         logits, vectors = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
-        if self.attention:
+        if self.pooling:
             inner = cast(WindowClassifier, model.module if hasattr(model, "module") else model)  # DDP wraps it
             logits = inner.documents(vectors, batch["unit"], len(batch["labels"]))
         weight = (
@@ -357,7 +408,7 @@ class ClassificationTask:
         self, model: WindowClassifier, encoded: Encoded, acc: Any, batch_size: int
     ) -> dict[str, torch.Tensor]:
         """Document logits [D, C] by every aggregation this model supports."""
-        hows = (*WINDOW_AGGREGATIONS, "attention") if self.attention else WINDOW_AGGREGATIONS
+        hows = (*WINDOW_AGGREGATIONS, self.pooling) if self.pooling else WINDOW_AGGREGATIONS
         return document_logits(model, encoded, self.tokenizer.pad_token_id, acc, batch_size, hows)
 
     def evaluate(
@@ -424,7 +475,7 @@ class ClassificationTask:
         if not docs.alone:
             return {}
         pad = self.tokenizer.pad_token_id
-        hows = (*WINDOW_AGGREGATIONS, "attention") if self.attention else WINDOW_AGGREGATIONS
+        hows = (*WINDOW_AGGREGATIONS, self.pooling) if self.pooling else WINDOW_AGGREGATIONS
         encoded = encode_texts(self.tokenizer, docs.texts, self.settings, labels=docs.labels)
         hidden = document_logits(model, encoded, pad, acc, batch_size, hows)
         alone = encode_texts(self.tokenizer, docs.alone, self.settings, labels=docs.alone_labels)
@@ -504,23 +555,24 @@ def document_logits(
     """Run every window (this process's share, in batches of similar length) and aggregate per document:
     {aggregation: [D, C]} for each of `hows`. Dropout is off."""
     lengths = [len(ids) for ids in encoded.window_ids]
+    pooled = [how for how in hows if how in POOLERS]  # the model's own pooler, from the window vectors
     found: list[tuple[int, tuple[torch.Tensor, torch.Tensor | None]]] = []
     model.eval()
     for rows in eval_order(lengths, batch_size, acc.process_index, acc.num_processes):
         batch = encoder_batch([encoded.window_ids[w] for w in rows], [encoded.window_types[w] for w in rows], pad_id)
         logits, vectors = model(**{k: v.to(acc.device) for k, v in batch.items()})  # [B, C], [B, H] or None
         logits = logits.float().cpu()
-        vectors = vectors.float().cpu() if "attention" in hows else None
+        vectors = vectors.float().cpu() if pooled else None
         found.extend((w, (logits[i], None if vectors is None else vectors[i])) for i, w in enumerate(rows))
     ordered = gather_in_order(acc, found, len(lengths))
     logits = torch.stack([row_logits for row_logits, _ in ordered])  # [W, C]
     doc = torch.tensor(encoded.window_doc)
     num_docs = len(encoded.doc_windows)
-    out = {how: aggregate(logits, doc, num_docs, how) for how in hows if how != "attention"}
-    if "attention" in hows:
+    out = {how: aggregate(logits, doc, num_docs, how) for how in hows if how not in POOLERS}
+    for how in pooled:
         vectors = torch.stack([row_vector for _, row_vector in ordered]).to(acc.device)  # [W, H]
         inner = acc.unwrap_model(model)
         with torch.autocast(acc.device.type, enabled=False):
-            out["attention"] = inner.documents(vectors, doc.to(acc.device), num_docs).float().cpu()
+            out[how] = inner.documents(vectors, doc.to(acc.device), num_docs).float().cpu()
     model.train()
     return out

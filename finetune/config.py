@@ -60,8 +60,14 @@ class TaskData:
     # How window outputs become a document's: mean of logits, max of logits, mean of probabilities (prob_mean),
     # mean of probabilities weighted by each window's confidence (confidence), the most decided window (margin),
     # attention pooling over the windows' [CLS] vectors (a small learned layer, trained with documents as units),
+    # hierarchical (a small transformer over them, with its own [CLS], trained the same way),
     # or auto: mean or max, whichever scores better on validation. docs/finetuning.md says when each is right.
-    aggregation: Literal["auto", "mean", "max", "prob_mean", "confidence", "margin", "attention"] = "auto"
+    aggregation: Literal["auto", "mean", "max", "prob_mean", "confidence", "margin", "attention", "hierarchical"] = (
+        "auto"
+    )
+    # hierarchical: a small transformer encoder over the windows' [CLS] vectors, trained with documents as units;
+    # its number of layers.
+    pooler_layers: int = 1
     # head_tail: the share of the kept tokens taken from the head (Sun et al. 2019 found about 1/4 best).
     head_fraction: float = 0.25
     # Attention pooling trains on documents; each contributes at most this many windows per step (0: all).
@@ -84,6 +90,8 @@ class TaskData:
             )
         if not 0.0 <= self.head_fraction <= 1.0:
             raise ValueError(f"head_fraction must be in [0, 1]; got {self.head_fraction}")
+        if not 1 <= self.pooler_layers <= 4:
+            raise ValueError(f"pooler_layers must be between 1 and 4; got {self.pooler_layers}")
         if self.max_train_windows < 0 or self.max_examples < 0 or self.robustness_docs < 0:
             raise ValueError("max_train_windows, max_examples and robustness_docs must be >= 0")
         if any(not (math.isfinite(w) and w >= 0) for w in self.class_weights) or (

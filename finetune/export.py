@@ -3,7 +3,7 @@
 Both are Hugging Face format (config.json with id2label, model.safetensors, tokenizer files), so
 AutoModelForSequenceClassification / AutoModelForTokenClassification and pipelines load them. config.json also
 carries berth's settings (task, window length, stride, aggregation) for `berth predict`, and
-window_pooler.safetensors holds the attention-pooling layer when the model was trained with one.
+window_pooler.safetensors holds the pooling layer (attention or hierarchical) when the model was trained with one.
 """
 
 from __future__ import annotations

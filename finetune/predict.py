@@ -19,7 +19,7 @@ from transformers.utils import logging as hf_logging
 from berth.core.errors import BerthError
 from berth.core.vocab import load_tokenizer
 from berth.finetune.bio import bio_spans
-from berth.finetune.classification import WindowClassifier, document_logits, encode_texts
+from berth.finetune.classification import POOLERS, HierarchicalPooler, WindowClassifier, document_logits, encode_texts
 from berth.finetune.export import POOLER_FILE
 from berth.finetune.modeling import berth_settings, check_vocab, is_model_dir
 from berth.finetune.ner import NerEncoded, add_windows, paragraph_from_word_ids, token_predictions, window_logits
@@ -116,11 +116,11 @@ class Predictor:
         self.labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
         self.accelerator = Accelerator(cpu=device == "cpu" or not torch.cuda.is_available())
         if self.task == "classification":
-            attention = self.settings.aggregation == "attention"
-            model = WindowClassifier(model, attention)
-            if attention:
-                assert model.pooler is not None  # built for attention
-                model.pooler.load_state_dict(load_file(str(path / POOLER_FILE)))
+            pooling = self.settings.aggregation if self.settings.aggregation in POOLERS else ""
+            weights = load_file(str(path / POOLER_FILE)) if pooling else {}
+            model = WindowClassifier(model, pooling, HierarchicalPooler.layers_in(weights) or 1)
+            if model.pooler is not None:
+                model.pooler.load_state_dict(weights)
         self.model = model.to(self.accelerator.device).eval()
 
     @property

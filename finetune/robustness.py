@@ -4,8 +4,9 @@ Natural long reviews mostly say what they think early, so windows and head trunc
 case sliding windows exist for is a verdict anywhere in a long text. Each document here is one test text placed at
 the start, in the middle or at the end of paragraphs from another source (People's Daily by default, or
 `data.distractors` = a file of one paragraph a line), filled to between 3 and 8 windows. The same texts are also
-scored alone, so the loss from the surrounding text shows directly. Everything is drawn from a seed, so every
-run and every aggregation sees the same documents; nothing here is trained on.
+scored alone, so the loss from the surrounding text shows directly. People's Daily paragraphs come from its test
+share (`berth.corpora.embedded.split_of`), which the demo's pretraining never reads. Everything is drawn from a
+seed, so every run and every aggregation sees the same documents; nothing here is trained on.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def distractor_paragraphs(setting: str, tokenizer: PreTrainedTokenizerBase) -> t
     if setting == "auto":
         if "zh" not in vocabulary_languages(tokenizer.get_vocab()):
             return [], ""
-        texts = peoples_daily(unit="paragraph")["text"]
+        # the test share of its paragraphs: the demo pretrains on the train share, so these were never read
+        texts = peoples_daily(unit="paragraph", split="test")["text"]
         return [t for t in texts if len(t) >= MIN_PARAGRAPH_CHARS], "peoples_daily"
     path = Path(setting)
     if not path.is_file():
@@ -78,7 +80,7 @@ def build_documents(
 
     def tokens(i: int) -> int:
         if i not in sizes:
-            sizes[i] = len(tokenizer(paragraphs[i], add_special_tokens=False)["input_ids"])
+            sizes[i] = len(tokenizer(paragraphs[i], add_special_tokens=False, verbose=False)["input_ids"])
         return sizes[i]
 
     out = RobustnessSet()
@@ -89,7 +91,7 @@ def build_documents(
         # n windows cover room + (n - 2) x stride + 1 to room + (n - 1) x stride tokens: aim inside, half a stride
         # from the edge, so the few tokens the joins may add or take leave n windows
         target = room + (windows - 1) * settings.stride - int(rng.integers(0, max(settings.stride // 2, 1)))
-        own = len(tokenizer(texts[index], add_special_tokens=False)["input_ids"])
+        own = len(tokenizer(texts[index], add_special_tokens=False, verbose=False)["input_ids"])
         if own >= room:
             continue  # a text of a window or more would not be hidden: it is the document
         filler, total, at = [], own, int(rng.integers(len(paragraphs)))
@@ -97,7 +99,9 @@ def build_documents(
             paragraph = paragraphs[at % len(paragraphs)]
             size = tokens(at % len(paragraphs))
             if total + size > target:  # the last paragraph cut at the token that reaches the length
-                spans = tokenizer(paragraph, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+                spans = tokenizer(paragraph, add_special_tokens=False, return_offsets_mapping=True, verbose=False)[
+                    "offset_mapping"
+                ]
                 paragraph, size = paragraph[: spans[target - total - 1][1]], target - total
             filler.append(paragraph)
             total += size

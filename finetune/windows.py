@@ -19,7 +19,8 @@ class WindowSettings:
     stride: int = 64  # tokens between window starts
     long_text: str = "windows"  # windows | head | tail | head_tail (classification)
     head_fraction: float = 0.25  # head_tail: the share of the room taken from the head
-    # How window logits become a document's: mean | max | attention; "auto" only while training, until validation
+    # How window outputs become a document's: mean | max | prob_mean | confidence | margin | attention |
+    # hierarchical; "auto" only while training, until validation
     # chooses (ClassificationTask.choose_aggregation, the one place it is resolved).
     aggregation: str = "mean"
     text_pair: bool = False  # the model classifies text pairs (predict then needs both texts)

@@ -25,7 +25,7 @@ from berth.core.errors import BerthError
 from berth.core.text import has_cjk
 from berth.core.vocab import load_tokenizer
 from berth.corpora.embedded import peoples_daily_ner, reviews_sentiment
-from berth.finetune.classification import encode_texts, pair_cuts
+from berth.finetune.classification import WINDOW_AGGREGATIONS, HierarchicalPooler, encode_texts, pair_cuts
 from berth.finetune.config import FinetuneConfig
 from berth.finetune.predict import predict_file
 from berth.finetune.train import FinetuneStage, finetune
@@ -268,6 +268,30 @@ def test_attention_pooling_is_trained_saved_and_used_by_predict(tiny, tmp_path):
     predicted = run_predict(final, texts, tmp_path)
     expected = [json.loads(line) for line in (final.parent / "test_predictions.jsonl").read_text().splitlines()]
     assert [p["score"] for p in predicted] == pytest.approx([e["score"] for e in expected], abs=1e-5)
+
+
+def test_hierarchical_pooling_is_trained_saved_and_predict_reads_3000_characters_by_every_aggregation(tiny, tmp_path):
+    final = finetune(review_config(tiny, tmp_path / "run", "data.aggregation=hierarchical", "data.pooler_layers=2"))
+    pooler = load_file(str(final / "window_pooler.safetensors"))
+    assert pooler["cls"].shape == (32,) and HierarchicalPooler.layers_in(pooler) == 2
+    results = json.loads((final.parent / "eval_results.json").read_text())
+    assert results["test"]["aggregation"] == "hierarchical"
+    assert set(results["robustness"]["alone"]) == {*WINDOW_AGGREGATIONS, "hierarchical"}
+    texts = texts_of(tiny / "reviews_test.jsonl", "review")
+    predicted = run_predict(final, texts, tmp_path)
+    expected = [json.loads(line) for line in (final.parent / "test_predictions.jsonl").read_text().splitlines()]
+    assert [p["score"] for p in predicted] == pytest.approx([e["score"] for e in expected], abs=1e-5)
+
+    long_text = "".join(texts)[:3000]
+    assert len(long_text) == 3000
+    for how in (*WINDOW_AGGREGATIONS, "hierarchical"):  # the window aggregations need no weights of their own
+        export = tmp_path / f"export-{how}"
+        shutil.copytree(final, export)
+        config = json.loads((export / "config.json").read_text())
+        config["berth"]["aggregation"] = how
+        (export / "config.json").write_text(json.dumps(config))
+        [row] = run_predict(export, [long_text], tmp_path)
+        assert row["label"] in ("neg", "pos") and 0.5 <= row["score"] <= 1.0, how
 
 
 def test_pair_cuts_slide_over_the_longer_text_with_the_shorter_in_every_window():

@@ -8,7 +8,7 @@ import torch
 
 from berth.finetune.batching import eval_order, length_grouped_batches, pad_rows
 from berth.finetune.bio import bio_spans
-from berth.finetune.classification import WindowPooler, aggregate
+from berth.finetune.classification import HierarchicalPooler, WindowPooler, aggregate
 from berth.finetune.metrics import load_metric
 from berth.finetune.ner import Paragraph, token_predictions
 from berth.finetune.windows import max_context_owner, truncate, window_spans
@@ -231,7 +231,7 @@ def test_modernbert_window_vectors_give_the_models_own_logits(pooling):
     input_ids = torch.randint(5, 64, (3, 12))
     attention_mask = torch.ones_like(input_ids)
     attention_mask[1, 7:] = 0
-    logits, vectors = WindowClassifier(model, attention=True)(input_ids, torch.zeros_like(input_ids), attention_mask)
+    logits, vectors = WindowClassifier(model, "attention")(input_ids, torch.zeros_like(input_ids), attention_mask)
     assert vectors.shape == (3, 32)
     expected = model(input_ids=input_ids, attention_mask=attention_mask).logits
     assert torch.allclose(logits, expected, atol=1e-6)
@@ -270,7 +270,7 @@ def test_robustness_documents_hide_each_text_at_every_position_in_3_to_8_windows
     texts, labels = test["text"][:60], test["label"][:60]
     settings = WindowSettings(max_seq_len=64, stride=32)
     paragraphs, source = distractor_paragraphs("auto", tokenizer)
-    assert source == "peoples_daily" and len(paragraphs) > 10_000
+    assert source == "peoples_daily" and 1000 < len(paragraphs) < 2000  # People's Daily's test share
     docs = build_documents(texts, labels, paragraphs, tokenizer, settings, 12, seed=0)
     again = build_documents(texts, labels, paragraphs, tokenizer, settings, 12, seed=0)
     assert docs.texts == again.texts  # seeded
@@ -307,3 +307,36 @@ def test_distractors_from_a_file_and_the_errors_of_a_bad_one(tmp_path, zh_tokeni
     bad.write_bytes(b"\xff\xfe" * 20)
     with pytest.raises(BerthError, match=r"^data.distractors=.*bad.txt: not UTF-8 text"):
         distractor_paragraphs(str(bad), tokenizer)
+
+
+def test_hierarchical_pooler_equals_a_transformer_block_computed_by_hand_per_document():
+    """A post-LN block over [CLS] + each document's windows (+ window positions), computed here with matmuls for
+    each document alone: equal to the pooler's batched, padded result, so the padding mask holds."""
+    torch.manual_seed(0)
+    hidden = 8
+    pooler = HierarchicalPooler(hidden, layers=1, max_windows=4, dropout=0.0).eval()
+    vectors = torch.randn(5, hidden)
+    doc = torch.tensor([0, 1, 0, 1, 0])  # interleaved: document 0 is windows 0, 2, 4 in that order
+    got = pooler(vectors, doc, 2)
+
+    block = pooler.encoder.layers[0]
+    attention = block.self_attn
+
+    def layer_norm(x, norm):
+        centred = x - x.mean(-1, keepdim=True)
+        return centred / torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight + norm.bias
+
+    def by_hand(windows):
+        x = torch.cat([pooler.cls[None], windows]) + pooler.positions.weight[: len(windows) + 1]  # [1 + n, H]
+        q, k, v = (x @ attention.in_proj_weight.T + attention.in_proj_bias).split(hidden, -1)  # one head (H < 64)
+        mixed = torch.softmax(q @ k.T / math.sqrt(hidden), -1) @ v
+        x = layer_norm(x + mixed @ attention.out_proj.weight.T + attention.out_proj.bias, block.norm1)
+        inner = x @ block.linear1.weight.T + block.linear1.bias
+        inner = 0.5 * inner * (1 + torch.erf(inner / math.sqrt(2)))  # GELU
+        x = layer_norm(x + inner @ block.linear2.weight.T + block.linear2.bias, block.norm2)
+        return x[0]
+
+    with torch.no_grad():
+        expected = torch.stack([by_hand(vectors[[0, 2, 4]]), by_hand(vectors[[1, 3]])])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert HierarchicalPooler.layers_in(pooler.state_dict()) == 1

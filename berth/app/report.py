@@ -152,6 +152,64 @@ def plot_long_texts(run: Path, target: Path) -> None:
     plt.close(fig)
 
 
+AGGREGATION_NAMES = {
+    "mean": "mean of logits",
+    "max": "max of logits",
+    "prob_mean": "mean of probabilities",
+    "confidence": "confidence-weighted probabilities",
+    "margin": "most decided window",
+    "attention": "attention pooling",
+    "hierarchical": "hierarchical transformer",
+}
+PLACES = ("alone", "start", "middle", "end")
+
+
+def robustness_rows(run: Path) -> list[tuple[str, list[float | None]]]:
+    """(aggregation, accuracy of the test reviews alone and hidden at the start, middle, end of unrelated text)."""
+    found = results(run).get("robustness", {})
+    if not found:
+        return []
+    table = {"alone": found["alone"], **found["accuracy"]}
+    return [(how, [table[place].get(how) for place in PLACES]) for how in found["alone"]]
+
+
+def plot_robustness(run: Path, target: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for how, values in robustness_rows(run):
+        ax.plot(range(len(PLACES)), values, marker="o", label=AGGREGATION_NAMES.get(how, how))
+    ax.axhline(0.5, color="gray", linestyle=":", linewidth=1)  # chance for two balanced classes
+    ax.set_xticks(range(len(PLACES)), ["review alone", "at the start", "in the middle", "at the end"])
+    ax.set(ylim=(0, 1.05), ylabel="accuracy", title="A review hidden in 3-8 windows of People's Daily")
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(target, dpi=110)
+    plt.close(fig)
+
+
+def robustness_section(run: Path) -> str:
+    rows = robustness_rows(run)
+    if not rows:
+        return ""
+    found = results(run)["robustness"]
+    chosen = results(run).get("test", {}).get("aggregation", "")
+    marked = {how: AGGREGATION_NAMES.get(how, how) + (" (exported)" if how == chosen else "") for how, _ in rows}
+    lines = "\n".join(f"| {marked[how]} | " + " | ".join(_pct(v) for v in values) + " |" for how, values in rows)
+    windows = found["windows"]
+    return f"""### Long documents whose verdict comes late
+
+{found["texts"]} test reviews, each hidden at the start, in the middle and at the end of unrelated People's Daily
+paragraphs ({windows["min"]}-{windows["max"]} windows, {windows["mean"]} on average), beside the same reviews
+alone; the same fine-tuned model, each way of combining its windows:
+
+| aggregation | alone | start | middle | end |
+|---|---|---|---|---|
+{lines}
+
+![robustness](plots/robustness.png)
+"""
+
+
 def plot_pretrained_vs_scratch(runs: DemoRuns, target: Path) -> None:
     plt = _plt()
     pairs = [
@@ -230,6 +288,8 @@ def write_report(out: Path, runs: DemoRuns, commands: list[str], minutes: float,
     plot_confusion(runs.sentiment, plots / "confusion_matrix.png")
     plot_long_texts(runs.sentiment, plots / "long_reviews.png")
     plot_pretrained_vs_scratch(runs, plots / "pretrained_vs_scratch.png")
+    if robustness_rows(runs.sentiment):
+        plot_robustness(runs.sentiment, plots / "robustness.png")
     curve = "\n".join(f"| {step} | {_pct(acc)} |" for step, acc in eval_curve(runs.pretrain, "eval_mlm_accuracy"))
     long_rows = "\n".join(f"| {name} | {_pct(value)} |" for name, value in long_text_rows(runs.sentiment))
     ner = results(runs.ner).get("test", {})
@@ -278,6 +338,7 @@ or the max of the windows' logits) or truncated to one window:
 
 ![long reviews](plots/long_reviews.png) ![confusion matrix](plots/confusion_matrix.png)
 
+{robustness_section(runs.sentiment)}
 ### NER per entity type (test, pretrained)
 
 | type | precision | recall | F1 | entities |

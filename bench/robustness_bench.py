@@ -1,0 +1,61 @@
+"""Long-document robustness of a fine-tuned classifier, by every aggregation that needs no trained layer.
+
+    .venv/bin/python bench/robustness_bench.py runs/demo/sentiment [--texts 200] [--distractors auto]
+
+Reads the run's resolved config.yaml and its final/ export, hides up to --texts test texts at the start, middle
+and end of unrelated paragraphs 3-8 windows long (`berth.finetune.robustness`, the evaluation `berth finetune`
+runs at the end), and prints accuracy per position and aggregation, beside the texts alone and the natural test
+split (all texts, and those longer than one window). No training: the same weights, only the way windows combine.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from transformers import AutoModelForSequenceClassification
+
+from berth.core.config import load_config
+from berth.core.vocab import load_tokenizer
+from berth.finetune.classification import WINDOW_AGGREGATIONS, ClassificationTask, WindowClassifier
+from berth.finetune.config import FinetuneConfig
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--texts", type=int, default=200)
+    parser.add_argument("--distractors", default="auto")
+    parser.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args()
+    final = args.run / "final"
+    overrides = [
+        f"model.init={final}",
+        f"data.robustness_docs={args.texts}",
+        f"data.distractors={args.distractors}",
+        "data.aggregation=mean",  # no pooler: the window aggregations only
+    ]
+    cfg = load_config(FinetuneConfig, str(args.run / "config.yaml"), overrides)
+    task = ClassificationTask(cfg, load_tokenizer(final))
+    model = WindowClassifier(AutoModelForSequenceClassification.from_pretrained(final)).eval()
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    model = model.to(acc.device)
+    found = task.evaluate_robustness(model, acc, args.batch_size)
+    natural, _ = task.evaluate(model, "test", acc, args.batch_size, "mean")
+    windows = found["windows"]
+    print(
+        f"{args.run}: {found['texts']} test texts hidden in {found['source']} paragraphs, "
+        f"{windows['min']}-{windows['max']} windows (mean {windows['mean']}); natural test split: "
+        f"{len(task.splits['test'].doc_labels)} texts, {natural['long_count']} longer than one window"
+    )
+    print(f"{'aggregation':12s} {'alone':>7s} {'start':>7s} {'middle':>7s} {'end':>7s} {'test':>7s} {'long':>7s}")
+    for how in WINDOW_AGGREGATIONS:
+        row = [found["alone"][how], *(found["accuracy"][p][how] for p in ("start", "middle", "end"))]
+        row += [natural[f"accuracy_{how}"], natural[f"long_accuracy_{how}"]]
+        print(f"{how:12s} " + " ".join(f"{100 * v:6.1f}%" for v in row))
+
+
+if __name__ == "__main__":
+    main()
