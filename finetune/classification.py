@@ -27,11 +27,13 @@ from berth.finetune.data import (
 )
 from berth.finetune.metrics import load_metric
 from berth.finetune.modeling import build_pretrained, encoder_inputs
-from berth.finetune.robustness import POSITIONS, build_documents, distractor_paragraphs
+from berth.finetune.robustness import POSITIONS, build_documents, distractor_paragraphs, outlier_paragraphs
 from berth.finetune.windows import WindowSettings, truncate, window_spans
 from berth.finetune.yardstick import tfidf_yardstick
 
 logger = logging.getLogger(__name__)
+
+UNIFORM = -2  # the label of an outlier window: trained towards the uniform distribution (-1 is a missing label)
 
 
 @dataclass
@@ -295,6 +297,14 @@ def vector_kind(model: HFModel) -> str | None:
     return None
 
 
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Summed cross-entropy of units' logits [U, C] against their labels [U]; a UNIFORM unit (an outlier window)
+    against the uniform distribution, i.e. its mean negative log-probability over the classes."""
+    log_probs = torch.log_softmax(logits.float(), dim=-1)  # [U, C]
+    task = nn.functional.nll_loss(log_probs, labels.clamp(min=0), weight=weight, reduction="none")  # [U]
+    return torch.where(labels == UNIFORM, -log_probs.mean(dim=-1), task).sum()
+
+
 class ClassificationTask:
     """Data, model, loss and metrics of text (pair) classification; the fine-tuning loop drives it."""
 
@@ -319,6 +329,7 @@ class ClassificationTask:
             )
         self.texts: dict[str, list[str]] = {}  # per split, for the TF-IDF yardstick
         self.splits = {name: self._encode(split) for name, split in splits.items()}
+        self.outliers = self._outlier_windows()
         train = self.splits["train"]
         logger.info(
             "classification: %d labels (%s); train %d texts in %d windows, validation %d texts",
@@ -328,6 +339,27 @@ class ClassificationTask:
             len(train.window_ids),
             len(self.splits["validation"].doc_labels),
         )
+
+    def _outlier_windows(self) -> Encoded:
+        """Windows of unrelated text for outlier exposure (Hendrycks et al. 2019): trained towards a flat
+        distribution, so that text without the task's signal stops voting. Empty unless data.outlier_exposure."""
+        data = self.cfg.data
+        if not data.outlier_exposure:
+            return Encoded()
+        if self.pooling or data.long_text != "windows":
+            raise BerthError(
+                "data.outlier_exposure trains single windows towards a flat distribution; it needs data.long_text="
+                f"windows and a window aggregation, not {data.aggregation if self.pooling else data.long_text}"
+            )
+        paragraphs, source = outlier_paragraphs(data.outlier_text, self.tokenizer)
+        if not paragraphs:
+            raise BerthError(
+                "data.outlier_exposure: no unrelated text (data.outlier_text=auto takes People's Daily only for a "
+                "tokenizer that covers Chinese; name a file with one paragraph a line)"
+            )
+        encoded = encode_texts(self.tokenizer, paragraphs, self.settings, labels=[UNIFORM] * len(paragraphs))
+        logger.info("outlier exposure: %d windows of %s", len(encoded.window_ids), source)
+        return encoded
 
     def _encode(self, split: Split) -> Encoded:
         data = self.cfg.data
@@ -349,9 +381,8 @@ class ClassificationTask:
         return WindowClassifier(model, self.pooling, self.cfg.data.pooler_layers)
 
     def fingerprint(self) -> str:
-        return content_digest(
-            [(name, e.window_ids, e.window_types, e.doc_labels) for name, e in sorted(self.splits.items())]
-        )
+        splits = sorted({**self.splits, "outliers": self.outliers}.items())
+        return content_digest([(name, e.window_ids, e.window_types, e.doc_labels) for name, e in splits])
 
     def export_settings(self, aggregation: str) -> WindowSettings:
         """What the export carries: these settings with the aggregation validation chose in place of auto."""
@@ -366,6 +397,12 @@ class ClassificationTask:
         train = self.splits["train"]
         if not self.pooling:
             units = [[w] for w in range(len(train.window_ids))]
+            if self.outliers.window_ids:
+                # this epoch's unrelated windows, numbered after the training windows
+                count = round(self.cfg.data.outlier_exposure * len(units))
+                pool = len(self.outliers.window_ids)
+                drawn = np.random.default_rng([self.cfg.train.seed, epoch, 4]).choice(pool, count, replace=count > pool)
+                units += [[len(train.window_ids) + int(w)] for w in drawn]
         else:
             rng = np.random.default_rng([self.cfg.train.seed, epoch, 3])
             cap = self.cfg.data.max_train_windows
@@ -373,18 +410,22 @@ class ClassificationTask:
                 sorted(rng.choice(ws, cap, replace=False).tolist()) if cap and len(ws) > cap else ws
                 for ws in train.doc_windows
             ]
-        return units, [sum(len(train.window_ids[w]) for w in unit) for unit in units]
+        return units, [sum(len(self.window(w)[0]) for w in unit) for unit in units]
+
+    def window(self, w: int, split: str = "train") -> tuple[list[int], list[int], int]:
+        """Window w of the split: (ids, token types, label); numbers past the split's windows are outlier windows,
+        whose label is UNIFORM."""
+        own = self.splits[split]
+        encoded, index = (own, w) if w < len(own.window_ids) else (self.outliers, w - len(own.window_ids))
+        return encoded.window_ids[index], encoded.window_types[index], encoded.doc_labels[encoded.window_doc[index]]
 
     def collate(self, units: list[list[int]], split: str = "train") -> dict[str, torch.Tensor]:
-        encoded = self.splits[split]
-        windows = [w for unit in units for w in unit]
+        windows = [self.window(w, split) for unit in units for w in unit]
         batch = encoder_batch(
-            [encoded.window_ids[w] for w in windows],
-            [encoded.window_types[w] for w in windows],
-            self.tokenizer.pad_token_id,
+            [ids for ids, _, _ in windows], [types for _, types, _ in windows], self.tokenizer.pad_token_id
         )
         batch["unit"] = torch.tensor([u for u, unit in enumerate(units) for _ in unit])  # [W]
-        batch["labels"] = torch.tensor([encoded.doc_labels[encoded.window_doc[unit[0]]] for unit in units])  # [U]
+        batch["labels"] = torch.tensor([self.window(unit[0], split)[2] for unit in units])  # [U]; UNIFORM: outlier
         return batch
 
     def targets(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -400,7 +441,7 @@ class ClassificationTask:
         weight = (
             torch.tensor(self.cfg.data.class_weights, device=logits.device) if self.cfg.data.class_weights else None
         )
-        return nn.functional.cross_entropy(logits.float(), batch["labels"], weight=weight, reduction="sum")
+        return classification_loss(logits, batch["labels"], weight)
 
     # -- evaluation ----------------------------------------------------------------------------------------
 

@@ -80,6 +80,12 @@ class TaskData:
     # The unrelated paragraphs: auto (People's Daily, for a tokenizer that covers Chinese), a UTF-8 file with one
     # paragraph a line, or empty (no robustness evaluation).
     distractors: str = "auto"
+    # Outlier exposure: windows of unrelated text trained towards a flat distribution, this many per training
+    # window each epoch (0: off), so that text without the task's signal stops voting among the windows.
+    outlier_exposure: float = 0.0
+    # Where they come from: auto (People's Daily's train share, for a tokenizer that covers Chinese; never the
+    # test share the robustness evaluation uses), or a UTF-8 file with one paragraph a line.
+    outlier_text: str = "auto"
 
     def __post_init__(self) -> None:
         if self.max_seq_len < 8:
@@ -90,6 +96,8 @@ class TaskData:
             )
         if not 0.0 <= self.head_fraction <= 1.0:
             raise ValueError(f"head_fraction must be in [0, 1]; got {self.head_fraction}")
+        if not (math.isfinite(self.outlier_exposure) and 0.0 <= self.outlier_exposure <= 10.0):
+            raise ValueError(f"outlier_exposure must be in [0, 10]; got {self.outlier_exposure}")
         if not 1 <= self.pooler_layers <= 4:
             raise ValueError(f"pooler_layers must be between 1 and 4; got {self.pooler_layers}")
         if self.max_train_windows < 0 or self.max_examples < 0 or self.robustness_docs < 0:

@@ -50,16 +50,31 @@ def distractor_paragraphs(setting: str, tokenizer: PreTrainedTokenizerBase) -> t
         # the test share of its paragraphs: the demo pretrains on the train share, so these were never read
         texts = peoples_daily(unit="paragraph", split="test")["text"]
         return [t for t in texts if len(t) >= MIN_PARAGRAPH_CHARS], "peoples_daily"
+    return read_paragraphs(setting, "data.distractors")
+
+
+def outlier_paragraphs(setting: str, tokenizer: PreTrainedTokenizerBase) -> tuple[list[str], str]:
+    """Unrelated text to train on (outlier exposure): auto takes People's Daily's train share, never the test share
+    the robustness evaluation hides texts in; or a UTF-8 file, one paragraph a line."""
+    if setting == "auto":
+        if "zh" not in vocabulary_languages(tokenizer.get_vocab()):
+            return [], ""
+        texts = peoples_daily(unit="paragraph", split="train")["text"]
+        return [t for t in texts if len(t) >= MIN_PARAGRAPH_CHARS], "peoples_daily (train share)"
+    return read_paragraphs(setting, "data.outlier_text")
+
+
+def read_paragraphs(setting: str, key: str) -> tuple[list[str], str]:
     path = Path(setting)
     if not path.is_file():
-        raise BerthError(f"data.distractors={setting}: no such file (one paragraph a line, or auto, or empty)")
+        raise BerthError(f"{key}={setting}: no such file (one paragraph a line, or auto)")
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as exc:
-        raise BerthError(f"data.distractors={setting}: not UTF-8 text (byte {exc.start})") from None
+        raise BerthError(f"{key}={setting}: not UTF-8 text (byte {exc.start})") from None
     paragraphs = [line.strip() for line in lines if len(line.strip()) >= MIN_PARAGRAPH_CHARS]
     if not paragraphs:
-        raise BerthError(f"data.distractors={setting}: no paragraph of {MIN_PARAGRAPH_CHARS} characters or more")
+        raise BerthError(f"{key}={setting}: no paragraph of {MIN_PARAGRAPH_CHARS} characters or more")
     return paragraphs, str(path)
 
 

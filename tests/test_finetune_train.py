@@ -780,3 +780,25 @@ def test_robustness_is_reported_and_predict_agrees_on_its_documents(review_run, 
         rows = [d for d, p in enumerate(docs.positions) if p == position]
         right = sum(index[predicted[d]["label"]] == docs.labels[d] for d in rows) / len(rows)
         assert robustness["accuracy"][position][chosen] == pytest.approx(right, abs=1e-9)
+
+
+def test_outlier_exposure_draws_unrelated_windows_each_epoch_and_trains_them_flat(tiny, tmp_path):
+    from berth.finetune.classification import UNIFORM, ClassificationTask
+
+    tokenizer = load_tokenizer(tiny / "ckpt")
+    task = ClassificationTask(review_config(tiny, tmp_path / "oe", "data.outlier_exposure=0.5"), tokenizer)
+    windows = len(task.splits["train"].window_ids)
+    units, lengths = task.train_units(0)
+    assert len(units) == windows + round(0.5 * windows) and len(lengths) == len(units)
+    outliers = [u for u in units if u[0] >= windows]
+    batch = task.collate(outliers[:4])
+    assert batch["labels"].tolist() == [UNIFORM] * 4
+    assert task.train_units(1)[0][windows:] != outliers  # drawn anew each epoch
+    plain = ClassificationTask(review_config(tiny, tmp_path / "plain"), tokenizer)
+    assert plain.fingerprint() != task.fingerprint()  # a resume notices the change
+    final = finetune(review_config(tiny, tmp_path / "oe", "data.outlier_exposure=0.5", "train.max_steps=3"))
+    assert (final / "model.safetensors").is_file()
+    with pytest.raises(BerthError, match=r"^data.outlier_exposure trains single windows .* not attention$"):
+        ClassificationTask(
+            review_config(tiny, tmp_path / "x", "data.outlier_exposure=1", "data.aggregation=attention"), tokenizer
+        )

@@ -340,3 +340,19 @@ def test_hierarchical_pooler_equals_a_transformer_block_computed_by_hand_per_doc
         expected = torch.stack([by_hand(vectors[[0, 2, 4]]), by_hand(vectors[[1, 3]])])
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert HierarchicalPooler.layers_in(pooler.state_dict()) == 1
+
+
+def test_outlier_windows_are_trained_towards_the_uniform_distribution():
+    from berth.finetune.classification import UNIFORM, classification_loss
+
+    logits = torch.tensor([[2.0, 0.0], [math.log(3), 0.0], [0.0, 0.0]])
+    labels = torch.tensor([1, UNIFORM, UNIFORM])
+    # unit 0: -log(1 / (1 + e^2)); unit 1: probabilities 3/4, 1/4: -(log 3/4 + log 1/4) / 2; unit 2: flat, log 2
+    expected = math.log(1 + math.exp(2)) - (math.log(0.75) + math.log(0.25)) / 2 + math.log(2)
+    assert classification_loss(logits, labels).item() == pytest.approx(expected, rel=1e-6)
+    # a flat outlier window is at its minimum: its gradient is zero
+    flat = torch.zeros(1, 3, requires_grad=True)
+    classification_loss(flat, torch.tensor([UNIFORM])).backward()
+    torch.testing.assert_close(flat.grad, torch.zeros(1, 3), rtol=0, atol=1e-7)
+    weighted = classification_loss(logits[:1], labels[:1], torch.tensor([1.0, 3.0]))
+    assert weighted.item() == pytest.approx(3 * math.log(1 + math.exp(2)), rel=1e-6)
