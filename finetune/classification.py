@@ -329,7 +329,17 @@ class ClassificationTask:
             )
         self.texts: dict[str, list[str]] = {}  # per split, for the TF-IDF yardstick
         self.splits = {name: self._encode(split) for name, split in splits.items()}
-        self.outliers = self._outlier_windows()
+        if data.hidden_training and not self.pooling:
+            raise BerthError(
+                "data.hidden_training trains a pooler on whole documents; it needs data.aggregation=attention or "
+                f"hierarchical with data.long_text=windows, not {data.aggregation} / {data.long_text}"
+            )
+        if data.outlier_exposure and self.pooling:
+            raise BerthError(
+                "data.outlier_exposure trains single windows towards a flat distribution; it needs a window "
+                f"aggregation, not {data.aggregation} (use data.hidden_training for the pooled ones)"
+            )
+        self.extra = self._hidden_documents() if self.pooling else self._outlier_windows()
         train = self.splits["train"]
         logger.info(
             "classification: %d labels (%s); train %d texts in %d windows, validation %d texts",
@@ -346,11 +356,8 @@ class ClassificationTask:
         data = self.cfg.data
         if not data.outlier_exposure:
             return Encoded()
-        if self.pooling or data.long_text != "windows":
-            raise BerthError(
-                "data.outlier_exposure trains single windows towards a flat distribution; it needs data.long_text="
-                f"windows and a window aggregation, not {data.aggregation if self.pooling else data.long_text}"
-            )
+        if data.long_text != "windows":
+            raise BerthError(f"data.outlier_exposure needs data.long_text=windows, not {data.long_text}")
         paragraphs, source = outlier_paragraphs(data.outlier_text, self.tokenizer)
         if not paragraphs:
             raise BerthError(
@@ -359,6 +366,32 @@ class ClassificationTask:
             )
         encoded = encode_texts(self.tokenizer, paragraphs, self.settings, labels=[UNIFORM] * len(paragraphs))
         logger.info("outlier exposure: %d windows of %s", len(encoded.window_ids), source)
+        return encoded
+
+    def _hidden_documents(self) -> Encoded:
+        """For the pooled aggregations (multiple-instance learning): training texts hidden among unrelated paragraphs
+        at a random position, 3-8 windows long, as extra training documents with the text's label, so the pooler
+        learns to find the verdict among windows that have none. Empty unless data.hidden_training."""
+        data = self.cfg.data
+        if not data.hidden_training:
+            return Encoded()
+        paragraphs, source = outlier_paragraphs(data.outlier_text, self.tokenizer)
+        if not paragraphs:
+            raise BerthError(
+                "data.hidden_training: no unrelated text (data.outlier_text=auto takes People's Daily only for a "
+                "tokenizer that covers Chinese; name a file with one paragraph a line)"
+            )
+        train = self.splits["train"]
+        count = round(data.hidden_training * len(train.doc_labels))
+        docs = build_documents(
+            self.texts["train"], train.doc_labels, paragraphs, self.tokenizer, self.settings, count, self.cfg.train.seed
+        )
+        # build_documents places each text at every position: keep one position per text, drawn
+        rng = np.random.default_rng([self.cfg.train.seed, 5])
+        keep = [3 * i + int(rng.integers(3)) for i in range(len(docs.alone))]
+        texts, labels = [docs.texts[i] for i in keep], [docs.labels[i] for i in keep]
+        encoded = encode_texts(self.tokenizer, texts, self.settings, labels=labels)
+        logger.info("hidden training documents: %d texts among %s paragraphs", len(texts), source)
         return encoded
 
     def _encode(self, split: Split) -> Encoded:
@@ -381,7 +414,7 @@ class ClassificationTask:
         return WindowClassifier(model, self.pooling, self.cfg.data.pooler_layers)
 
     def fingerprint(self) -> str:
-        splits = sorted({**self.splits, "outliers": self.outliers}.items())
+        splits = sorted({**self.splits, "extra": self.extra}.items())
         return content_digest([(name, e.window_ids, e.window_types, e.doc_labels) for name, e in splits])
 
     def export_settings(self, aggregation: str) -> WindowSettings:
@@ -397,26 +430,30 @@ class ClassificationTask:
         train = self.splits["train"]
         if not self.pooling:
             units = [[w] for w in range(len(train.window_ids))]
-            if self.outliers.window_ids:
+            if self.extra.window_ids:
                 # this epoch's unrelated windows, numbered after the training windows
                 count = round(self.cfg.data.outlier_exposure * len(units))
-                pool = len(self.outliers.window_ids)
+                pool = len(self.extra.window_ids)
                 drawn = np.random.default_rng([self.cfg.train.seed, epoch, 4]).choice(pool, count, replace=count > pool)
                 units += [[len(train.window_ids) + int(w)] for w in drawn]
         else:
             rng = np.random.default_rng([self.cfg.train.seed, epoch, 3])
             cap = self.cfg.data.max_train_windows
+            # the training documents, then those hidden among unrelated text (numbered after the training windows)
+            documents = [
+                *train.doc_windows,
+                *([len(train.window_ids) + w for w in ws] for ws in self.extra.doc_windows),
+            ]
             units = [
-                sorted(rng.choice(ws, cap, replace=False).tolist()) if cap and len(ws) > cap else ws
-                for ws in train.doc_windows
+                sorted(rng.choice(ws, cap, replace=False).tolist()) if cap and len(ws) > cap else ws for ws in documents
             ]
         return units, [sum(len(self.window(w)[0]) for w in unit) for unit in units]
 
     def window(self, w: int, split: str = "train") -> tuple[list[int], list[int], int]:
-        """Window w of the split: (ids, token types, label); numbers past the split's windows are outlier windows,
-        whose label is UNIFORM."""
+        """Window w of the split: (ids, token types, label); numbers past the split's windows are the extra training
+        text's (outlier windows, labelled UNIFORM, or hidden documents)."""
         own = self.splits[split]
-        encoded, index = (own, w) if w < len(own.window_ids) else (self.outliers, w - len(own.window_ids))
+        encoded, index = (own, w) if w < len(own.window_ids) else (self.extra, w - len(own.window_ids))
         return encoded.window_ids[index], encoded.window_types[index], encoded.doc_labels[encoded.window_doc[index]]
 
     def collate(self, units: list[list[int]], split: str = "train") -> dict[str, torch.Tensor]:

@@ -83,8 +83,11 @@ class TaskData:
     # Outlier exposure: windows of unrelated text trained towards a flat distribution, this many per training
     # window each epoch (0: off), so that text without the task's signal stops voting among the windows.
     outlier_exposure: float = 0.0
-    # Where they come from: auto (People's Daily's train share, for a tokenizer that covers Chinese; never the
-    # test share the robustness evaluation uses), or a UTF-8 file with one paragraph a line.
+    # Attention and hierarchical pooling (multiple-instance learning): this many extra training documents per
+    # training text, each a training text hidden at a random position among unrelated paragraphs, 3-8 windows long.
+    hidden_training: float = 0.0
+    # Where the unrelated text of both comes from: auto (People's Daily's train share, for a tokenizer that covers
+    # Chinese; never the test share the robustness evaluation uses), or a UTF-8 file with one paragraph a line.
     outlier_text: str = "auto"
 
     def __post_init__(self) -> None:
@@ -96,8 +99,10 @@ class TaskData:
             )
         if not 0.0 <= self.head_fraction <= 1.0:
             raise ValueError(f"head_fraction must be in [0, 1]; got {self.head_fraction}")
-        if not (math.isfinite(self.outlier_exposure) and 0.0 <= self.outlier_exposure <= 10.0):
-            raise ValueError(f"outlier_exposure must be in [0, 10]; got {self.outlier_exposure}")
+        for key in ("outlier_exposure", "hidden_training"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and 0.0 <= value <= 10.0):
+                raise ValueError(f"{key} must be in [0, 10]; got {value}")
         if not 1 <= self.pooler_layers <= 4:
             raise ValueError(f"pooler_layers must be between 1 and 4; got {self.pooler_layers}")
         if self.max_train_windows < 0 or self.max_examples < 0 or self.robustness_docs < 0:

@@ -798,7 +798,30 @@ def test_outlier_exposure_draws_unrelated_windows_each_epoch_and_trains_them_fla
     assert plain.fingerprint() != task.fingerprint()  # a resume notices the change
     final = finetune(review_config(tiny, tmp_path / "oe", "data.outlier_exposure=0.5", "train.max_steps=3"))
     assert (final / "model.safetensors").is_file()
-    with pytest.raises(BerthError, match=r"^data.outlier_exposure trains single windows .* not attention$"):
+    with pytest.raises(
+        BerthError, match=r"^data.outlier_exposure trains single windows .* not attention \(use data.hidden_training"
+    ):
         ClassificationTask(
             review_config(tiny, tmp_path / "x", "data.outlier_exposure=1", "data.aggregation=attention"), tokenizer
         )
+
+
+def test_hidden_training_adds_documents_with_a_text_among_unrelated_paragraphs(tiny, tmp_path):
+    from berth.finetune.classification import ClassificationTask
+
+    tokenizer = load_tokenizer(tiny / "ckpt")
+    cfg = review_config(tiny, tmp_path / "mil", "data.aggregation=hierarchical", "data.hidden_training=0.5")
+    task = ClassificationTask(cfg, tokenizer)
+    train = task.splits["train"]
+    hidden = task.extra
+    assert 0 < len(hidden.doc_labels) <= round(0.5 * len(train.doc_labels))
+    assert all(3 <= len(ws) <= 8 for ws in hidden.doc_windows)
+    units, _ = task.train_units(0)
+    assert len(units) == len(train.doc_labels) + len(hidden.doc_labels)
+    batch = task.collate(units[-3:])
+    expected = [hidden.doc_labels[hidden.window_doc[units[k][0] - len(train.window_ids)]] for k in (-3, -2, -1)]
+    assert batch["labels"].tolist() == expected and min(expected) >= 0  # the hidden text's own label
+    plain = review_config(tiny, tmp_path / "plain", "data.aggregation=hierarchical")
+    assert ClassificationTask(plain, tokenizer).extra.doc_labels == []
+    with pytest.raises(BerthError, match=r"^data.hidden_training trains a pooler .* not auto / windows$"):
+        ClassificationTask(review_config(tiny, tmp_path / "x", "data.hidden_training=1"), tokenizer)
