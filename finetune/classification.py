@@ -424,9 +424,10 @@ class ClassificationTask:
     # -- training ------------------------------------------------------------------------------------------
 
     def train_units(self, epoch: int) -> tuple[list[list[int]], list[int]]:
-        """Units of a training batch: single windows (each with its document's label), or whole documents
-        for attention pooling (at most max_train_windows of their windows, drawn per epoch). Returns the
-        window indices of each unit and its length for grouping."""
+        """Units of a training batch: single windows (each with its document's label; with outlier exposure, this
+        epoch's draw of unrelated windows after them), or whole documents for the pooled aggregations (at most
+        max_train_windows of their windows, drawn per epoch; with hidden-text training, the hidden documents after
+        them). Returns the window indices of each unit and its length for grouping."""
         train = self.splits["train"]
         if not self.pooling:
             units = [[w] for w in range(len(train.window_ids))]
