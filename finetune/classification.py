@@ -226,7 +226,9 @@ def aggregate(window_logits: torch.Tensor, doc: torch.Tensor, num_docs: int, how
         index = torch.arange(len(doc))
         candidates = torch.where(margin == best[doc], index, torch.full_like(index, len(doc)))
         chosen = torch.full((num_docs,), len(doc), dtype=index.dtype).scatter_reduce(0, doc, candidates, "amin")
-        return log_probs[chosen].to(window_logits.dtype)
+        # no window reaches it when the margins are NaN (a diverged model): its first window, NaN as the others
+        first = torch.full((num_docs,), len(doc), dtype=index.dtype).scatter_reduce(0, doc, index, "amin")
+        return log_probs[torch.where(chosen < len(doc), chosen, first)].to(window_logits.dtype)
     raise ValueError(f"unknown aggregation {how!r}")
 
 

@@ -138,7 +138,8 @@ def build_documents(
 
 
 def halves(text: str) -> tuple[str, str]:
-    """`text` cut in two at the paragraph or sentence end nearest its middle (at the middle when it has none)."""
-    ends = [i + 1 for i, char in enumerate(text) if char in "\n。！？!?"]
+    """`text` cut in two at the paragraph, sentence or clause end nearest its middle (at the middle when it has
+    none): the hidden text sits between whole clauses."""
+    ends = [i + 1 for i, char in enumerate(text) if char in "\n。！？；，!?;,"]
     cut = min(ends, key=lambda i: abs(i - len(text) / 2)) if ends else len(text) // 2
     return text[:cut].rstrip("\n"), text[cut:].lstrip("\n")

@@ -121,6 +121,8 @@ def test_aggregate_margin_takes_the_most_decided_window():
     torch.testing.assert_close(got, torch.tensor([[0.1, 0.9], [0.8, 0.2]], dtype=torch.double), rtol=0, atol=1e-6)
     tie = torch.tensor([[2.0, 0.0], [0.0, 2.0]])  # equal margins: the first window
     assert aggregate(tie, torch.tensor([0, 0]), 1, "margin").argmax().item() == 0
+    diverged = torch.full((3, 2), float("nan"))  # NaN margins: NaN scores, which the run's finite check catches
+    assert aggregate(diverged, torch.tensor([0, 0, 1]), 2, "margin").isnan().all()
 
 
 def test_a_late_verdict_among_lukewarm_windows():
