@@ -17,10 +17,11 @@ TRIALS = 20
 # Run inside the child: the process kills itself at the n-th call of one step of a checkpoint save, before or
 # after that step.
 KILL_INSIDE = """
-import os, signal, sys
-from berth.runtime import checkpoint
-name, when, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-real, calls = getattr(checkpoint, name), []
+import importlib, os, signal, sys
+where, when, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+module, name = where.rsplit(".", 1)
+target = importlib.import_module(module)
+real, calls = getattr(target, name), []
 def dying(*args, **kwargs):
     calls.append(1)
     if len(calls) == n and when == "before":
@@ -29,13 +30,17 @@ def dying(*args, **kwargs):
     if len(calls) == n:
         os.kill(os.getpid(), signal.SIGKILL)
     return out
-setattr(checkpoint, name, dying)
+setattr(target, name, dying)
 from berth.app.cli import main
 sys.exit(main(sys.argv[4:]))
 """
 # Moments inside a save: before the weights are written (RNG files only), once every file is written but before
 # the rename into place, after the rename but before older checkpoints are pruned.
-SAVE_STEPS = (("save_model", "before"), ("replace_dir", "before"), ("replace_dir", "after"))
+SAVE_STEPS = (
+    ("berth.runtime.engines.save_model", "before"),
+    ("berth.runtime.checkpoint.replace_dir", "before"),
+    ("berth.runtime.checkpoint.replace_dir", "after"),
+)
 
 
 @pytest.fixture(scope="module")
