@@ -45,11 +45,9 @@ def distractor_paragraphs(setting: str, tokenizer: PreTrainedTokenizerBase) -> t
     if not setting:
         return [], ""
     if setting == "auto":
-        if "zh" not in vocabulary_languages(tokenizer.get_vocab()):
-            return [], ""
         # the test share of its paragraphs: the demo pretrains on the train share, so these were never read
-        texts = peoples_daily(unit="paragraph", split="test")["text"]
-        return [t for t in texts if len(t) >= MIN_PARAGRAPH_CHARS], "peoples_daily"
+        paragraphs = peoples_daily_paragraphs(tokenizer, "test")
+        return paragraphs, "peoples_daily" if paragraphs else ""
     return read_paragraphs(setting, "data.distractors")
 
 
@@ -57,11 +55,17 @@ def outlier_paragraphs(setting: str, tokenizer: PreTrainedTokenizerBase) -> tupl
     """Unrelated text to train on (outlier exposure): auto takes People's Daily's train share, never the test share
     the robustness evaluation hides texts in; or a UTF-8 file, one paragraph a line."""
     if setting == "auto":
-        if "zh" not in vocabulary_languages(tokenizer.get_vocab()):
-            return [], ""
-        texts = peoples_daily(unit="paragraph", split="train")["text"]
-        return [t for t in texts if len(t) >= MIN_PARAGRAPH_CHARS], "peoples_daily (train share)"
+        paragraphs = peoples_daily_paragraphs(tokenizer, "train")
+        return paragraphs, "peoples_daily (train share)" if paragraphs else ""
     return read_paragraphs(setting, "data.outlier_text")
+
+
+def peoples_daily_paragraphs(tokenizer: PreTrainedTokenizerBase, split: str) -> list[str]:
+    """People's Daily paragraphs of one share, headlines left out; none for a tokenizer that does not cover Chinese."""
+    if "zh" not in vocabulary_languages(tokenizer.get_vocab()):
+        return []
+    texts = peoples_daily(unit="paragraph", split=split)["text"]
+    return [t for t in texts if len(t) >= MIN_PARAGRAPH_CHARS]
 
 
 def read_paragraphs(setting: str, key: str) -> tuple[list[str], str]:

@@ -71,16 +71,21 @@ def fake_hub(monkeypatch, tmp_path):
         yield server
 
 
-def launch_two_processes(command: str, args: list[str], config: str = "configs/accelerate/cpu_ddp_2proc.yaml"):
-    """`accelerate launch -m berth command args` on two CPU processes through the shipped config
-    (plain `--cpu --num_processes 2` would run one). Returns the finished process."""
+def free_port() -> str:
+    """A TCP port on loopback that nothing listens on now, for a launch's rendezvous."""
     import socket
-    import subprocess
-    import sys
 
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
-        port = str(free.getsockname()[1])
+        return str(free.getsockname()[1])
+
+
+def launch_two_processes(command: str, args: list[str], config: str = "configs/accelerate/cpu_ddp_2proc.yaml"):
+    """`accelerate launch -m berth command args` on two CPU processes through the shipped config
+    (plain `--cpu --num_processes 2` would run one). Returns the finished process."""
+    import subprocess
+    import sys
+
     command = [
         sys.executable,
         "-m",
@@ -90,7 +95,7 @@ def launch_two_processes(command: str, args: list[str], config: str = "configs/a
         "--num_processes",
         "2",
         "--main_process_port",
-        port,
+        free_port(),
         "-m",
         "berth",
         command,

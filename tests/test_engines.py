@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import launch_two_processes
+from conftest import free_port, launch_two_processes
 from safetensors.torch import load_file
 from test_finetune_train import _flat_overrides, review_config, step_figures, tiny  # noqa: F401
 from test_pretrain_train import assert_same_weights, config, setup, weights  # noqa: F401
@@ -161,7 +161,6 @@ def test_two_machines_simulated_on_one_host_pretrain_together(setup, fake_hub, m
     train as one 2-process run; only the global main process prepares data first, writes the run, the export and
     the upload."""
     import os
-    import socket
     import subprocess
     import sys
 
@@ -173,9 +172,7 @@ def test_two_machines_simulated_on_one_host_pretrain_together(setup, fake_hub, m
     run = tmp_path / "two-machines"
     args = ["configs/pretrain/mini_zh.yaml", *base, f"output_dir={run}", *COMMON, "train.batch_size=4"]
     args += [f"data.cache_dir={tmp_path / 'cache'}", "hub.push=true", "hub.repo_id=carol/two-machines"]
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = str(free.getsockname()[1])
+    port = free_port()
     launch = [
         sys.executable,
         "-m",
