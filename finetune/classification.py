@@ -27,13 +27,20 @@ from berth.finetune.data import (
 )
 from berth.finetune.metrics import load_metric
 from berth.finetune.modeling import build_pretrained, encoder_inputs
-from berth.finetune.robustness import POSITIONS, build_documents, distractor_paragraphs, outlier_paragraphs
+from berth.finetune.robustness import (
+    POSITIONS,
+    RobustnessSet,
+    build_documents,
+    distractor_paragraphs,
+    outlier_paragraphs,
+)
 from berth.finetune.windows import WindowSettings, truncate, window_spans
 from berth.finetune.yardstick import tfidf_yardstick
 
 logger = logging.getLogger(__name__)
 
 UNIFORM = -2  # the label of an outlier window: trained towards the uniform distribution (-1 is a missing label)
+NEUTRAL_PER_DOCUMENT = 1  # hidden-text training with window aggregations: windows without the text kept per document
 
 
 @dataclass
@@ -52,6 +59,17 @@ class Encoded:
         self.window_ids.append(ids)
         self.window_types.append(types)
         self.window_doc.append(doc)
+
+    def extend(self, other: Encoded) -> Encoded:
+        """This split with `other`'s documents after its own (renumbered); returns self."""
+        windows, docs = len(self.window_ids), len(self.doc_labels)
+        self.window_ids += other.window_ids
+        self.window_types += other.window_types
+        self.window_doc += [docs + d for d in other.window_doc]
+        self.doc_windows += [[windows + w for w in ws] for ws in other.doc_windows]
+        self.doc_tokens += other.doc_tokens
+        self.doc_labels += other.doc_labels
+        return self
 
 
 def encode_texts(
@@ -331,17 +349,22 @@ class ClassificationTask:
             )
         self.texts: dict[str, list[str]] = {}  # per split, for the TF-IDF yardstick
         self.splits = {name: self._encode(split) for name, split in splits.items()}
-        if data.hidden_training and not self.pooling:
+        if (data.outlier_exposure or data.hidden_training) and (data.long_text != "windows" or data.text_pair_column):
+            key = "data.outlier_exposure" if data.outlier_exposure else "data.hidden_training"
             raise BerthError(
-                "data.hidden_training trains a pooler on whole documents; it needs data.aggregation=attention or "
-                f"hierarchical with data.long_text=windows, not {data.aggregation} / {data.long_text}"
+                f"{key} trains on single texts among unrelated text; it needs data.long_text=windows (not "
+                f"{data.long_text}) and no data.text_pair_column"
             )
         if data.outlier_exposure and self.pooling:
             raise BerthError(
                 "data.outlier_exposure trains single windows towards a flat distribution; it needs a window "
                 f"aggregation, not {data.aggregation} (use data.hidden_training for the pooled ones)"
             )
-        self.extra = self._hidden_documents() if self.pooling else self._outlier_windows()
+        # the extra training text, numbered after the training windows: outlier windows (the first
+        # self.outlier_windows, drawn anew each epoch), then the windows or documents of hidden-text training
+        outliers = self._outlier_windows()
+        self.outlier_windows = len(outliers.window_ids)
+        self.extra = outliers.extend(self._hidden_documents() if self.pooling else self._hidden_windows())
         train = self.splits["train"]
         logger.info(
             "classification: %d labels (%s); train %d texts in %d windows, validation %d texts",
@@ -352,49 +375,90 @@ class ClassificationTask:
             len(self.splits["validation"].doc_labels),
         )
 
+    def _unrelated_paragraphs(self, key: str) -> tuple[list[str], str]:
+        paragraphs, source = outlier_paragraphs(self.cfg.data.outlier_text, self.tokenizer)
+        if not paragraphs:
+            raise BerthError(
+                f"{key}: no unrelated text (data.outlier_text=auto takes People's Daily only for a tokenizer that "
+                "covers Chinese; name a file with one paragraph a line)"
+            )
+        return paragraphs, source
+
     def _outlier_windows(self) -> Encoded:
         """Windows of unrelated text for outlier exposure (Hendrycks et al. 2019): trained towards a flat
         distribution, so that text without the task's signal stops voting. Empty unless data.outlier_exposure."""
-        data = self.cfg.data
-        if not data.outlier_exposure:
+        if not self.cfg.data.outlier_exposure:
             return Encoded()
-        if data.long_text != "windows":
-            raise BerthError(f"data.outlier_exposure needs data.long_text=windows, not {data.long_text}")
-        paragraphs, source = outlier_paragraphs(data.outlier_text, self.tokenizer)
-        if not paragraphs:
-            raise BerthError(
-                "data.outlier_exposure: no unrelated text (data.outlier_text=auto takes People's Daily only for a "
-                "tokenizer that covers Chinese; name a file with one paragraph a line)"
-            )
+        paragraphs, source = self._unrelated_paragraphs("data.outlier_exposure")
         encoded = encode_texts(self.tokenizer, paragraphs, self.settings, labels=[UNIFORM] * len(paragraphs))
         logger.info("outlier exposure: %d windows of %s", len(encoded.window_ids), source)
         return encoded
 
-    def _hidden_documents(self) -> Encoded:
-        """For the pooled aggregations (multiple-instance learning): training texts hidden among unrelated paragraphs
-        at a random position, 3-8 windows long, as extra training documents with the text's label, so the pooler
-        learns to find the verdict among windows that have none. Empty unless data.hidden_training."""
-        data = self.cfg.data
-        if not data.hidden_training:
-            return Encoded()
-        paragraphs, source = outlier_paragraphs(data.outlier_text, self.tokenizer)
-        if not paragraphs:
-            raise BerthError(
-                "data.hidden_training: no unrelated text (data.outlier_text=auto takes People's Daily only for a "
-                "tokenizer that covers Chinese; name a file with one paragraph a line)"
-            )
-        train = self.splits["train"]
-        count = round(data.hidden_training * len(train.doc_labels))
+    def _hidden_set(self) -> RobustnessSet:
+        """data.hidden_training x the training texts, each hidden at one drawn position among unrelated paragraphs
+        (3-8 windows; never the test share of People's Daily the robustness evaluation hides texts in)."""
+        paragraphs, source = self._unrelated_paragraphs("data.hidden_training")
+        labels = self.splits["train"].doc_labels
+        count = round(self.cfg.data.hidden_training * len(labels))
+        seed = self.cfg.train.seed
         docs = build_documents(
-            self.texts["train"], train.doc_labels, paragraphs, self.tokenizer, self.settings, count, self.cfg.train.seed
+            self.texts["train"], labels, paragraphs, self.tokenizer, self.settings, count, seed, every_position=False
         )
-        # build_documents places each text at every position: keep one position per text, drawn
-        rng = np.random.default_rng([self.cfg.train.seed, 5])
-        keep = [3 * i + int(rng.integers(3)) for i in range(len(docs.alone))]
-        texts, labels = [docs.texts[i] for i in keep], [docs.labels[i] for i in keep]
-        encoded = encode_texts(self.tokenizer, texts, self.settings, labels=labels)
-        logger.info("hidden training documents: %d texts among %s paragraphs", len(texts), source)
-        return encoded
+        logger.info("hidden-text training: %d training texts among %s paragraphs", len(docs.texts), source)
+        return docs
+
+    def _hidden_documents(self) -> Encoded:
+        """For the pooled aggregations (multiple-instance learning): the hidden documents as extra training
+        documents with their text's label, so the pooler learns to find the verdict among windows that have none.
+        Empty unless data.hidden_training."""
+        if not self.cfg.data.hidden_training:
+            return Encoded()
+        docs = self._hidden_set()
+        return encode_texts(self.tokenizer, docs.texts, self.settings, labels=docs.labels)
+
+    def _hidden_windows(self) -> Encoded:
+        """For the window aggregations: the hidden documents cut into windows, each labelled by what it holds --
+        the text's label when it holds at least half of the text, UNIFORM when it holds none of it (at most
+        NEUTRAL_PER_DOCUMENT of those per document, drawn), left out in between. A window then learns to speak
+        for the verdict it contains, whatever surrounds it, and to stay flat when it contains none, so the one
+        window with the verdict decides the document. Empty unless data.hidden_training."""
+        if not self.cfg.data.hidden_training:
+            return Encoded()
+        docs = self._hidden_set()
+        tokenizer, settings = self.tokenizer, self.settings
+        room = settings.max_seq_len - 2
+        rng = np.random.default_rng([self.cfg.train.seed, 6])
+        pieces = tokenizer(docs.texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        out = Encoded()
+        for d, (ids, offsets) in enumerate(zip(pieces["input_ids"], pieces["offset_mapping"], strict=True)):
+            first, last = docs.spans[d]
+            inside = np.array([first <= a and b <= last for a, b in offsets])  # [T]: a token of the hidden text
+            verdict, neutral = [], []
+            for start, end in window_spans(len(ids), room, settings.stride):
+                held = int(inside[start:end].sum())
+                if held and 2 * held >= int(inside.sum()):
+                    verdict.append((start, end))
+                elif not held:
+                    neutral.append((start, end))
+            if len(neutral) > NEUTRAL_PER_DOCUMENT:
+                picked = rng.choice(len(neutral), NEUTRAL_PER_DOCUMENT, replace=False)
+                neutral = [neutral[i] for i in sorted(picked.tolist())]
+            for (start, end), label in [*((v, docs.labels[d]) for v in verdict), *((n, UNIFORM) for n in neutral)]:
+                cut = ids[start:end]
+                out.doc_windows.append([])
+                out.doc_tokens.append(len(cut))
+                out.doc_labels.append(label)
+                out.add(
+                    len(out.doc_labels) - 1,
+                    [tokenizer.cls_token_id, *cut, tokenizer.sep_token_id],
+                    [0] * (len(cut) + 2),
+                )
+        logger.info(
+            "hidden-text training: %d windows holding the text, %d without it (trained flat)",
+            sum(label != UNIFORM for label in out.doc_labels),
+            sum(label == UNIFORM for label in out.doc_labels),
+        )
+        return out
 
     def _encode(self, split: Split) -> Encoded:
         data = self.cfg.data
@@ -432,13 +496,16 @@ class ClassificationTask:
         them). Returns the window indices of each unit and its length for grouping."""
         train = self.splits["train"]
         if not self.pooling:
-            units = [[w] for w in range(len(train.window_ids))]
-            if self.extra.window_ids:
+            base = len(train.window_ids)
+            units = [[w] for w in range(base)]
+            if self.outlier_windows:
                 # this epoch's unrelated windows, numbered after the training windows
                 count = round(self.cfg.data.outlier_exposure * len(units))
-                pool = len(self.extra.window_ids)
+                pool = self.outlier_windows
                 drawn = np.random.default_rng([self.cfg.train.seed, epoch, 4]).choice(pool, count, replace=count > pool)
-                units += [[len(train.window_ids) + int(w)] for w in drawn]
+                units += [[base + int(w)] for w in drawn]
+            # the windows of hidden-text training, every epoch
+            units += [[base + w] for w in range(self.outlier_windows, len(self.extra.window_ids))]
         else:
             rng = np.random.default_rng([self.cfg.train.seed, epoch, 3])
             cap = self.cfg.data.max_train_windows
@@ -573,6 +640,7 @@ class ClassificationTask:
         }
         return {
             "source": source,
+            "hidden_training": data.hidden_training,  # what the model was trained with, for the report
             "texts": len(docs.alone),
             "windows": {"min": min(windows), "mean": round(sum(windows) / len(windows), 2), "max": max(windows)},
             "accuracy": accuracy_at,

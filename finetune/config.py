@@ -83,8 +83,10 @@ class TaskData:
     # Outlier exposure: windows of unrelated text trained towards a flat distribution, this many per training
     # window each epoch (0: off), so that text without the task's signal stops voting among the windows.
     outlier_exposure: float = 0.0
-    # Attention and hierarchical pooling (multiple-instance learning): this many extra training documents per
-    # training text, each a training text hidden at a random position among unrelated paragraphs, 3-8 windows long.
+    # Hidden-text training: this many extra training documents per training text, each a training text (shorter
+    # than a window) hidden at a drawn position among unrelated paragraphs, 3-8 windows long. Window aggregations
+    # train the document's windows one by one, each on what it holds (the text's label, or a flat target when it
+    # holds none of the text); attention and hierarchical train the whole document (multiple-instance learning).
     hidden_training: float = 0.0
     # Where the unrelated text of both comes from: auto (People's Daily's train share, for a tokenizer that covers
     # Chinese; never the test share the robustness evaluation uses), or a UTF-8 file with one paragraph a line.

@@ -35,6 +35,7 @@ class RobustnessSet:
     labels: list[int] = field(default_factory=list)
     positions: list[str] = field(default_factory=list)
     source: list[int] = field(default_factory=list)  # index of the test text in the split
+    spans: list[tuple[int, int]] = field(default_factory=list)  # [start, end) characters of the text in texts[d]
     alone: list[str] = field(default_factory=list)  # the test texts used, in order
     alone_labels: list[int] = field(default_factory=list)
 
@@ -90,10 +91,14 @@ def build_documents(
     settings: WindowSettings,
     count: int,
     seed: int,
+    every_position: bool = True,
 ) -> RobustnessSet:
     """Up to `count` test texts (a seeded draw among those shorter than the shortest document), each hidden at
-    every position among consecutive distractor paragraphs from a seeded start, to a length of 3-8 windows."""
+    every position among consecutive distractor paragraphs from a seeded start, to a length of 3-8 windows;
+    with every_position=False (training documents), at one position drawn per text."""
     rng = np.random.default_rng([seed, 15])
+    # its own stream, so that the documents of every_position=True stay the same draw
+    placement = np.random.default_rng([seed, 16])
     room = settings.max_seq_len - 2  # content tokens of one window
     sizes: dict[int, int] = {}
 
@@ -131,8 +136,12 @@ def build_documents(
             "middle": [before, texts[index], after],
             "end": [before + after, texts[index]],
         }
-        for position in POSITIONS:
+        for position in POSITIONS if every_position else [POSITIONS[int(placement.integers(len(POSITIONS)))]]:
+            at_text = {"start": 0, "middle": 1, "end": len(placed[position]) - 1}[position]
+            preceding = [part for part in placed[position][:at_text] if part]
+            start = sum(len(part) + 1 for part in preceding)  # each followed by its "\n"
             out.texts.append("\n".join(part for part in placed[position] if part))
+            out.spans.append((start, start + len(texts[index])))
             out.labels.append(labels[index])
             out.positions.append(position)
             out.source.append(index)

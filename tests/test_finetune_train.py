@@ -94,6 +94,9 @@ def review_config(tiny, out, *overrides):
             "data.label_column=sentiment",
             "data.max_seq_len=32",
             "data.stride=16",
+            # the plain path (auto: mean or max); the shipped hidden-text training and margin have own tests
+            "data.aggregation=auto",
+            "data.hidden_training=0",
             *SMALL,
             *overrides,
         ],
@@ -387,9 +390,11 @@ def test_gradient_accumulation_gives_the_same_weights(tiny, tmp_path):
 @pytest.mark.parametrize("aggregation", ["auto", "attention"])
 def test_two_processes_reach_the_weights_and_metrics_of_one(tiny, tmp_path, aggregation):
     """DDP through the shipped CPU config: same weights, same validation figures (evaluation is sharded and
-    gathered back in order), the same test predictions; with attention pooling, its layer too."""
+    gathered back in order), the same test predictions; with attention pooling, its layer too. Both with
+    hidden-text training (windows trained flat among them)."""
     common = [
         f"data.aggregation={aggregation}",
+        "data.hidden_training=1",
         "train.max_steps=3",
         "train.eval_every=3",
         "train.log_every=1",
@@ -823,5 +828,57 @@ def test_hidden_training_adds_documents_with_a_text_among_unrelated_paragraphs(t
     assert batch["labels"].tolist() == expected and min(expected) >= 0  # the hidden text's own label
     plain = review_config(tiny, tmp_path / "plain", "data.aggregation=hierarchical")
     assert ClassificationTask(plain, tokenizer).extra.doc_labels == []
-    with pytest.raises(BerthError, match=r"^data.hidden_training trains a pooler .* not auto / windows$"):
-        ClassificationTask(review_config(tiny, tmp_path / "x", "data.hidden_training=1"), tokenizer)
+    with pytest.raises(BerthError, match=r"^data.hidden_training trains on single texts .* \(not head\)"):
+        ClassificationTask(
+            review_config(tiny, tmp_path / "x", "data.hidden_training=1", "data.long_text=head"), tokenizer
+        )
+
+
+def test_hidden_training_with_window_aggregations_labels_each_window_by_what_it_holds(tiny, tmp_path):
+    """Each window of a hidden document is trained on what it holds: the text's label when it holds at least
+    half of the text, the flat target when it holds none of it (at most one such per document), left out
+    between; checked against the characters each window covers."""
+    from berth.finetune.classification import NEUTRAL_PER_DOCUMENT, UNIFORM, ClassificationTask
+    from berth.finetune.windows import window_spans
+
+    tokenizer = load_tokenizer(tiny / "ckpt")
+    cfg = review_config(tiny, tmp_path / "hw", "data.hidden_training=1", "data.aggregation=mean")
+    task = ClassificationTask(cfg, tokenizer)
+    docs, train = task._hidden_set(), task.splits["train"]
+    assert 0 < len(docs.texts) <= len(train.doc_labels) and NEUTRAL_PER_DOCUMENT == 1  # texts of a window or more: out
+
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    windows = iter(zip(task.extra.window_ids, (task.extra.doc_labels[d] for d in task.extra.window_doc), strict=True))
+    verdicts = neutrals = 0
+    for d, document in enumerate(docs.texts):
+        pieces = tokenizer(document, add_special_tokens=False, return_offsets_mapping=True)
+        first, last = docs.spans[d]
+        own = count(document[first:last])
+        verdict, neutral = [], []
+        for a, b in window_spans(len(pieces["input_ids"]), 30, 16):
+            low, high = pieces["offset_mapping"][a][0], pieces["offset_mapping"][b - 1][1]  # characters covered
+            held = count(document[max(low, first) : min(high, last)]) if low < last and first < high else 0
+            ids = [tokenizer.cls_token_id, *pieces["input_ids"][a:b], tokenizer.sep_token_id]
+            if 2 * held >= own:
+                verdict.append(ids)
+            elif held == 0:
+                neutral.append(ids)
+        assert verdict  # a text shorter than a window is held by one
+        for ids in verdict:
+            assert next(windows) == (ids, docs.labels[d])
+        for _ in range(min(len(neutral), 1)):
+            ids, label = next(windows)
+            assert ids in neutral and label == UNIFORM
+        verdicts, neutrals = verdicts + len(verdict), neutrals + min(len(neutral), 1)
+    assert next(windows, None) is None and verdicts > 0 and neutrals > 0
+    units, _ = task.train_units(0)
+    base = len(train.window_ids)
+    assert units[base:] == [[base + w] for w in range(verdicts + neutrals)]  # every epoch, all of them
+    assert task.collate(units[base:])["labels"].tolist() == [label for label in task.extra.doc_labels]
+    # the shipped sentiment config's pair: hidden-text training, the most decided window
+    final = finetune(
+        review_config(tiny, tmp_path / "hw", "data.hidden_training=1", "data.aggregation=margin", "train.max_steps=3")
+    )
+    assert json.loads((final / "config.json").read_text())["berth"]["aggregation"] == "margin"

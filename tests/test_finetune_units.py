@@ -282,6 +282,8 @@ def test_robustness_documents_hide_each_text_at_every_position_in_3_to_8_windows
         own = docs.alone[d // 3]
         assert own == texts[docs.source[d]] and docs.labels[d] == labels[docs.source[d]]
         assert document.count(own) == 1
+        start, end = docs.spans[d]
+        assert document[start:end] == own  # where the text sits, for labelling training windows
         at = document.index(own) / (len(document) - len(own))  # 0 at the start, 1 at the end
         expected = {"start": (0.0, 0.0), "middle": (0.25, 0.75), "end": (1.0, 1.0)}[docs.positions[d]]
         assert expected[0] <= at <= expected[1], (docs.positions[d], at)
@@ -290,6 +292,12 @@ def test_robustness_documents_hide_each_text_at_every_position_in_3_to_8_windows
     assert len(set(windows)) >= 3  # the lengths vary
     # a text as long as a window is not hidden: it is left out
     assert all(len(tokenizer(t, add_special_tokens=False)["input_ids"]) < 62 for t in docs.alone)
+    # training documents: the same texts and fillers, each at one position drawn per text (all three drawn)
+    drawn = build_documents(texts, labels, paragraphs, tokenizer, settings, 12, seed=0, every_position=False)
+    assert drawn.alone == docs.alone and len(drawn.texts) == 12 and len(set(drawn.positions)) == 3
+    for d, document in enumerate(drawn.texts):
+        assert document == docs.texts[3 * d + POSITIONS.index(drawn.positions[d])]
+        assert drawn.spans[d] == docs.spans[3 * d + POSITIONS.index(drawn.positions[d])]
 
 
 def test_distractors_from_a_file_and_the_errors_of_a_bad_one(tmp_path, zh_tokenizer_dir):

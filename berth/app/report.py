@@ -196,11 +196,18 @@ def robustness_section(run: Path) -> str:
     marked = {how: AGGREGATION_NAMES.get(how, how) + (" (exported)" if how == chosen else "") for how, _ in rows}
     lines = "\n".join(f"| {marked[how]} | " + " | ".join(_pct(v) for v in values) + " |" for how, values in rows)
     windows = found["windows"]
+    share = found.get("hidden_training", 0)
+    trained = (
+        f"The model was trained with `data.hidden_training={share}`: {share} x the training reviews also hidden "
+        "among paragraphs of People's Daily's train share (docs/finetuning.md, hidden-text training)."
+        if share
+        else "The model was trained on the reviews alone."
+    )
     return f"""### Long documents whose verdict comes late
 
 {found["texts"]} test reviews, each hidden at the start, in the middle and at the end of unrelated People's Daily
-paragraphs ({windows["min"]}-{windows["max"]} windows, {windows["mean"]} on average), beside the same reviews
-alone; the same fine-tuned model, each way of combining its windows:
+paragraphs from its test share ({windows["min"]}-{windows["max"]} windows, {windows["mean"]} on average), beside the
+same reviews alone; the same fine-tuned model, each way of combining its windows. {trained}
 
 | aggregation | alone | start | middle | end |
 |---|---|---|---|---|
