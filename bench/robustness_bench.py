@@ -36,6 +36,7 @@ def main() -> None:
         f"data.robustness_docs={args.texts}",
         f"data.distractors={args.distractors}",
         "data.aggregation=mean",  # no pooler: the window aggregations only
+        "data.hidden_training=0",  # nothing is trained here
     ]
     cfg = load_config(FinetuneConfig, str(args.run / "config.yaml"), overrides)
     task = ClassificationTask(cfg, load_tokenizer(final))

@@ -115,6 +115,7 @@ def test_quick_demo_runs_every_stage_writes_the_report_then_reuses(tmp_path, cap
     assert f"prepared data in {tmp_path / 'cache'}" in first
     assert "Held-out masked-token accuracy during pretraining:\n  step    15:" in first
     assert "| Sentiment, TF-IDF + logistic regression yardstick |" in first
+    assert "test reviews at the end of 3-8 windows of news (most decided window; alone: " in first
     report = (tmp_path / "report.md").read_text()
     for plot in (
         "pretraining",

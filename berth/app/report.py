@@ -125,13 +125,27 @@ def plot_confusion(run: Path, target: Path) -> None:
     plt.close(fig)
 
 
+AGGREGATION_NAMES = {
+    "mean": "mean of logits",
+    "max": "max of logits",
+    "prob_mean": "mean of probabilities",
+    "confidence": "confidence-weighted probabilities",
+    "margin": "most decided window",
+    "attention": "attention pooling",
+    "hierarchical": "hierarchical transformer",
+}
+
+
 def long_text_rows(run: Path) -> list[tuple[str, float | None]]:
-    """(method, accuracy on the test reviews longer than one window)."""
+    """(method, accuracy on the test reviews longer than one window): windows by each aggregation evaluated (the
+    exported one marked), truncation, the yardstick."""
     found = results(run)
     test = found.get("test", {})
+    chosen = test.get("aggregation")
     rows = [
-        ("windows, mean of logits", test.get("long_accuracy_mean")),
-        ("windows, max of logits", test.get("long_accuracy_max")),
+        (f"windows, {name}" + (" (exported)" if how == chosen else ""), test[f"long_accuracy_{how}"])
+        for how, name in AGGREGATION_NAMES.items()
+        if f"long_accuracy_{how}" in test
     ]
     rows += [(f"truncation: {k}", v.get("long_accuracy")) for k, v in found.get("test_truncated", {}).items()]
     yardstick = found.get("yardstick", {}).get("test", {})
@@ -142,7 +156,7 @@ def long_text_rows(run: Path) -> list[tuple[str, float | None]]:
 def plot_long_texts(run: Path, target: Path) -> None:
     plt = _plt()
     rows = [(name, value) for name, value in long_text_rows(run) if value is not None]
-    fig, ax = plt.subplots(figsize=(7, 3.4))
+    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.32 * len(rows)))
     ax.barh([name for name, _ in rows][::-1], [value for _, value in rows][::-1], color="tab:blue")
     for i, (_, value) in enumerate(rows[::-1]):
         ax.text(value, i, f" {100 * value:.1f}%", va="center")
@@ -152,15 +166,6 @@ def plot_long_texts(run: Path, target: Path) -> None:
     plt.close(fig)
 
 
-AGGREGATION_NAMES = {
-    "mean": "mean of logits",
-    "max": "max of logits",
-    "prob_mean": "mean of probabilities",
-    "confidence": "confidence-weighted probabilities",
-    "margin": "most decided window",
-    "attention": "attention pooling",
-    "hierarchical": "hierarchical transformer",
-}
 PLACES = ("alone", "start", "middle", "end")
 
 
@@ -259,18 +264,31 @@ def summary_table(runs: DemoRuns) -> str:
     def test(found: dict, key: str) -> float | None:
         return found.get("test", {}).get(key)
 
+    chosen = test(sentiment, "aggregation") or ""
+    named = AGGREGATION_NAMES.get(chosen, chosen)
+
     rows = [
         ("Pretraining: held-out masked-token accuracy", _pct(pre[-1][1] if pre else None)),
         ("Sentiment, test accuracy (pretrained, windows)", _pct(test(sentiment, "accuracy"))),
         ("Sentiment, test accuracy (random init)", _pct(test(scratch, "accuracy"))),
         ("Sentiment, TF-IDF + logistic regression yardstick", _pct(yard.get("accuracy"))),
         (
-            f"Long test reviews ({test(sentiment, 'long_count')}): windows, "
-            f"{test(sentiment, 'aggregation')} (chosen on validation)",
+            f"Long test reviews ({test(sentiment, 'long_count')}): windows, {named}",
             _pct(test(sentiment, "long_accuracy")),
         ),
         ("Long test reviews: head truncation", _pct(truncated.get("head", {}).get("long_accuracy"))),
         ("Long test reviews: TF-IDF yardstick", _pct(yard.get("long_accuracy"))),
+    ]
+    hidden = sentiment.get("robustness", {})
+    if chosen in hidden.get("alone", {}):
+        rows.append(
+            (
+                f"{hidden['texts']} test reviews at the end of 3-8 windows of news ({named}; alone: "
+                f"{_pct(hidden['alone'][chosen])})",
+                _pct(hidden["accuracy"]["end"][chosen]),
+            )
+        )
+    rows += [
         ("NER, test entity F1 (pretrained)", _pct(test(ner, "f1"))),
         ("NER, test entity F1 (random init)", _pct(test(ner_scratch, "f1"))),
     ]
@@ -336,8 +354,8 @@ pretraining and fine-tuning (as the runs logged it); this `berth demo` took {dur
 
 ### Long reviews: windows vs truncation
 
-The same fine-tuned model on the test reviews longer than one window, read in windows (aggregated by the mean
-or the max of the windows' logits) or truncated to one window:
+The same fine-tuned model on the test reviews longer than one window, read in windows (each way of combining
+them) or truncated to one window:
 
 | method | accuracy |
 |---|---|
