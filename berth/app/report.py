@@ -264,7 +264,7 @@ def summary_table(runs: DemoRuns) -> str:
     def test(found: dict, key: str) -> float | None:
         return found.get("test", {}).get(key)
 
-    chosen = test(sentiment, "aggregation") or ""
+    chosen = str(sentiment.get("test", {}).get("aggregation") or "")
     named = AGGREGATION_NAMES.get(chosen, chosen)
 
     rows = [
