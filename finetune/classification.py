@@ -491,9 +491,10 @@ class ClassificationTask:
 
     def train_units(self, epoch: int) -> tuple[list[list[int]], list[int]]:
         """Units of a training batch: single windows (each with its document's label; with outlier exposure, this
-        epoch's draw of unrelated windows after them), or whole documents for the pooled aggregations (at most
-        max_train_windows of their windows, drawn per epoch; with hidden-text training, the hidden documents after
-        them). Returns the window indices of each unit and its length for grouping."""
+        epoch's draw of unrelated windows after them; with hidden-text training, then every labelled window of the
+        hidden documents), or whole documents for the pooled aggregations (at most max_train_windows of their
+        windows, drawn per epoch; with hidden-text training, the hidden documents after them). Returns the window
+        indices of each unit and its length for grouping."""
         train = self.splits["train"]
         if not self.pooling:
             base = len(train.window_ids)

@@ -83,7 +83,7 @@ class TaskData:
     # Outlier exposure: windows of unrelated text trained towards a flat distribution, this many per training
     # window each epoch (0: off), so that text without the task's signal stops voting among the windows.
     outlier_exposure: float = 0.0
-    # Hidden-text training: this many extra training documents per training text, each a training text (shorter
+    # Hidden-text training (0-1): this many extra training documents per training text, each a training text (shorter
     # than a window) hidden at a drawn position among unrelated paragraphs, 3-8 windows long. Window aggregations
     # train the document's windows one by one, each on what it holds (the text's label, or a flat target when it
     # holds none of the text); attention and hierarchical train the whole document (multiple-instance learning).
@@ -101,10 +101,11 @@ class TaskData:
             )
         if not 0.0 <= self.head_fraction <= 1.0:
             raise ValueError(f"head_fraction must be in [0, 1]; got {self.head_fraction}")
-        for key in ("outlier_exposure", "hidden_training"):
-            value = getattr(self, key)
-            if not (math.isfinite(value) and 0.0 <= value <= 10.0):
-                raise ValueError(f"{key} must be in [0, 10]; got {value}")
+        if not (math.isfinite(self.outlier_exposure) and 0.0 <= self.outlier_exposure <= 10.0):
+            raise ValueError(f"outlier_exposure must be in [0, 10]; got {self.outlier_exposure}")
+        if not (math.isfinite(self.hidden_training) and 0.0 <= self.hidden_training <= 1.0):
+            # each training text is hidden at most once
+            raise ValueError(f"hidden_training must be in [0, 1]; got {self.hidden_training}")
         if not 1 <= self.pooler_layers <= 4:
             raise ValueError(f"pooler_layers must be between 1 and 4; got {self.pooler_layers}")
         if self.max_train_windows < 0 or self.max_examples < 0 or self.robustness_docs < 0:

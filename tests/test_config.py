@@ -160,6 +160,8 @@ def test_saved_config_round_trips(tmp_path):
         ("finetune", "train.keep_checkpoints=-2", "train: keep_checkpoints must be >= 0; got -2"),
         ("finetune", "data.class_weights=[1,-2]", "data: class_weights must be finite, >= 0 and not all 0"),
         ("finetune", "data.class_weights=[0,0]", "data: class_weights must be finite, >= 0 and not all 0"),
+        ("finetune", "data.hidden_training=1.5", "data: hidden_training must be in [0, 1]; got 1.5"),
+        ("finetune", "data.outlier_exposure=-1", "data: outlier_exposure must be in [0, 10]; got -1.0"),
     ],
 )
 def test_out_of_range_values_are_refused_with_the_key(stage, override, message):
