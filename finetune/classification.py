@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
@@ -375,8 +376,14 @@ class ClassificationTask:
             len(self.splits["validation"].doc_labels),
         )
 
+    @functools.cached_property
+    def _unrelated(self) -> tuple[list[str], str]:
+        """The unrelated text of outlier exposure and hidden-text training, read once for both."""
+        return outlier_paragraphs(self.cfg.data.outlier_text, self.tokenizer)
+
     def _unrelated_paragraphs(self, key: str) -> tuple[list[str], str]:
-        paragraphs, source = outlier_paragraphs(self.cfg.data.outlier_text, self.tokenizer)
+        """The unrelated paragraphs and their source; `key` names the setting that needs them in the error."""
+        paragraphs, source = self._unrelated
         if not paragraphs:
             raise BerthError(
                 f"{key}: no unrelated text (data.outlier_text=auto takes People's Daily only for a tokenizer that "
@@ -433,10 +440,11 @@ class ClassificationTask:
         for d, (ids, offsets) in enumerate(zip(pieces["input_ids"], pieces["offset_mapping"], strict=True)):
             first, last = docs.spans[d]
             inside = np.array([first <= a and b <= last for a, b in offsets])  # [T]: a token of the hidden text
+            own = int(inside.sum())
             verdict, neutral = [], []
             for start, end in window_spans(len(ids), room, settings.stride):
                 held = int(inside[start:end].sum())
-                if held and 2 * held >= int(inside.sum()):
+                if held and 2 * held >= own:
                     verdict.append((start, end))
                 elif not held:
                     neutral.append((start, end))
