@@ -318,12 +318,19 @@ def vector_kind(model: HFModel) -> str | None:
     return None
 
 
-def classification_loss(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+def classification_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    unit_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Summed cross-entropy of units' logits [U, C] against their labels [U]; a UNIFORM unit (an outlier window)
-    against the uniform distribution, i.e. its mean negative log-probability over the classes."""
+    against the uniform distribution, i.e. its mean negative log-probability over the classes. `weight` [C] weighs
+    classes (as in nll_loss), `unit_weights` [U] each unit (hidden-text windows below 1)."""
     log_probs = torch.log_softmax(logits.float(), dim=-1)  # [U, C]
     task = nn.functional.nll_loss(log_probs, labels.clamp(min=0), weight=weight, reduction="none")  # [U]
-    return torch.where(labels == UNIFORM, -log_probs.mean(dim=-1), task).sum()
+    losses = torch.where(labels == UNIFORM, -log_probs.mean(dim=-1), task)  # [U]
+    return (losses if unit_weights is None else losses * unit_weights).sum()
 
 
 class ClassificationTask:
@@ -542,6 +549,12 @@ class ClassificationTask:
         )
         batch["unit"] = torch.tensor([u for u, unit in enumerate(units) for _ in unit])  # [W]
         batch["labels"] = torch.tensor([self.window(unit[0], split)[2] for unit in units])  # [U]; UNIFORM: outlier
+        if split == "train" and self.cfg.data.hidden_weight != 1.0:
+            # the hidden-text units are numbered after the training windows and the outlier windows
+            first = len(self.splits["train"].window_ids) + self.outlier_windows
+            batch["unit_weights"] = torch.tensor(
+                [self.cfg.data.hidden_weight if unit[0] >= first else 1.0 for unit in units]
+            )  # [U]
         return batch
 
     def targets(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -557,7 +570,7 @@ class ClassificationTask:
         weight = (
             torch.tensor(self.cfg.data.class_weights, device=logits.device) if self.cfg.data.class_weights else None
         )
-        return classification_loss(logits, batch["labels"], weight)
+        return classification_loss(logits, batch["labels"], weight, batch.get("unit_weights"))
 
     # -- evaluation ----------------------------------------------------------------------------------------
 
@@ -650,6 +663,7 @@ class ClassificationTask:
         return {
             "source": source,
             "hidden_training": data.hidden_training,  # what the model was trained with, for the report
+            "hidden_weight": data.hidden_weight,
             "texts": len(docs.alone),
             "windows": {"min": min(windows), "mean": round(sum(windows) / len(windows), 2), "max": max(windows)},
             "accuracy": accuracy_at,

@@ -88,6 +88,9 @@ class TaskData:
     # train the document's windows one by one, each on what it holds (the text's label, or a flat target when it
     # holds none of the text); attention and hierarchical train the whole document (multiple-instance learning).
     hidden_training: float = 0.0
+    # The weight of each hidden-text unit in the loss (0-1], the training texts' being 1: below 1 it trades some
+    # accuracy where the verdict comes late for less drift on natural text (docs/finetuning.md).
+    hidden_weight: float = 1.0
     # Where the unrelated text of both comes from: auto (People's Daily's train share, for a tokenizer that covers
     # Chinese; never the test share the robustness evaluation uses), or a UTF-8 file with one paragraph a line.
     outlier_text: str = "auto"
@@ -106,6 +109,8 @@ class TaskData:
         if not (math.isfinite(self.hidden_training) and 0.0 <= self.hidden_training <= 1.0):
             # each training text is hidden at most once
             raise ValueError(f"hidden_training must be in [0, 1]; got {self.hidden_training}")
+        if not (math.isfinite(self.hidden_weight) and 0.0 < self.hidden_weight <= 1.0):
+            raise ValueError(f"hidden_weight must be in (0, 1]; got {self.hidden_weight}")
         if not 1 <= self.pooler_layers <= 4:
             raise ValueError(f"pooler_layers must be between 1 and 4; got {self.pooler_layers}")
         if self.max_train_windows < 0 or self.max_examples < 0 or self.robustness_docs < 0:

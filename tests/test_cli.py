@@ -131,7 +131,7 @@ def test_quick_demo_runs_every_stage_writes_the_report_then_reuses(tmp_path, cap
     for run in ("sentiment", "sentiment_scratch", "ner", "ner_scratch"):
         assert (tmp_path / run / "final" / "model.safetensors").is_file()
     assert "berth finetune configs/finetune/peoples_daily_ner.yaml" in report
-    assert "trained with `data.hidden_training=0.3`" in report  # the shipped sentiment config's
+    assert "trained with `data.hidden_training=0.3` and `data.hidden_weight=0.75`" in report  # the shipped config's
     assert "building every stage" in report and "reusing" not in report
     assert main(["demo", "--quick", "--output-dir", str(tmp_path)]) == 0
     again = (tmp_path / "report.md").read_text()

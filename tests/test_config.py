@@ -161,6 +161,7 @@ def test_saved_config_round_trips(tmp_path):
         ("finetune", "data.class_weights=[1,-2]", "data: class_weights must be finite, >= 0 and not all 0"),
         ("finetune", "data.class_weights=[0,0]", "data: class_weights must be finite, >= 0 and not all 0"),
         ("finetune", "data.hidden_training=1.5", "data: hidden_training must be in [0, 1]; got 1.5"),
+        ("finetune", "data.hidden_weight=0", "data: hidden_weight must be in (0, 1]; got 0.0"),
         ("finetune", "data.outlier_exposure=-1", "data: outlier_exposure must be in [0, 10]; got -1.0"),
     ],
 )

@@ -12,6 +12,7 @@ import torch
 from conftest import launch_two_processes
 from safetensors.torch import load_file
 from transformers import (
+    AutoConfig,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
     BertConfig,
@@ -97,6 +98,7 @@ def review_config(tiny, out, *overrides):
             # the plain path (auto: mean or max); the shipped hidden-text training and margin have own tests
             "data.aggregation=auto",
             "data.hidden_training=0",
+            "data.hidden_weight=1",
             *SMALL,
             *overrides,
         ],
@@ -391,10 +393,11 @@ def test_gradient_accumulation_gives_the_same_weights(tiny, tmp_path):
 def test_two_processes_reach_the_weights_and_metrics_of_one(tiny, tmp_path, aggregation):
     """DDP through the shipped CPU config: same weights, same validation figures (evaluation is sharded and
     gathered back in order), the same test predictions; with attention pooling, its layer too. Both with
-    hidden-text training (windows trained flat among them)."""
+    hidden-text training (windows trained flat among them) at a weight below the training texts'."""
     common = [
         f"data.aggregation={aggregation}",
         "data.hidden_training=1",
+        "data.hidden_weight=0.5",
         "train.max_steps=3",
         "train.eval_every=3",
         "train.log_every=1",
@@ -838,7 +841,7 @@ def test_hidden_training_with_window_aggregations_labels_each_window_by_what_it_
     """Each window of a hidden document is trained on what it holds: the text's label when it holds at least
     half of the text, the flat target when it holds none of it (at most one such per document), left out
     between; checked against the characters each window covers."""
-    from berth.finetune.classification import NEUTRAL_PER_DOCUMENT, UNIFORM, ClassificationTask
+    from berth.finetune.classification import NEUTRAL_PER_DOCUMENT, UNIFORM, ClassificationTask, classification_loss
     from berth.finetune.windows import window_spans
 
     tokenizer = load_tokenizer(tiny / "ckpt")
@@ -877,8 +880,19 @@ def test_hidden_training_with_window_aggregations_labels_each_window_by_what_it_
     base = len(train.window_ids)
     assert units[base:] == [[base + w] for w in range(verdicts + neutrals)]  # every epoch, all of them
     assert task.collate(units[base:])["labels"].tolist() == [label for label in task.extra.doc_labels]
-    # the shipped sentiment config's pair: hidden-text training, the most decided window
-    final = finetune(
-        review_config(tiny, tmp_path / "hw", "data.hidden_training=1", "data.aggregation=margin", "train.max_steps=3")
+    assert "unit_weights" not in task.collate(units)  # data.hidden_weight=1: every unit counts once
+    # data.hidden_weight: the hidden windows weigh less in the loss, the training windows as before
+    light = ClassificationTask(
+        review_config(tiny, tmp_path / "hw", "data.hidden_training=1", "data.hidden_weight=0.25"), tokenizer
     )
+    mixed = units[base - 2 : base + 2]
+    batch = light.collate(mixed)
+    assert batch["unit_weights"].tolist() == [1.0, 1.0, 0.25, 0.25]
+    model = light.build_model(str(tiny / "ckpt"), AutoConfig.from_pretrained(tiny / "ckpt"), False).eval()
+    logits, _ = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
+    each = [classification_loss(logits[u : u + 1], batch["labels"][u : u + 1]) for u in range(4)]
+    torch.testing.assert_close(light.loss(model, batch), each[0] + each[1] + 0.25 * (each[2] + each[3]))
+    # the shipped sentiment config's settings: hidden-text training at a lower weight, the most decided window
+    shipped = ("data.hidden_training=1", "data.hidden_weight=0.75", "data.aggregation=margin", "train.max_steps=3")
+    final = finetune(review_config(tiny, tmp_path / "hw", *shipped))
     assert json.loads((final / "config.json").read_text())["berth"]["aggregation"] == "margin"

@@ -366,3 +366,7 @@ def test_outlier_windows_are_trained_towards_the_uniform_distribution():
     torch.testing.assert_close(flat.grad, torch.zeros(1, 3), rtol=0, atol=1e-7)
     weighted = classification_loss(logits[:1], labels[:1], torch.tensor([1.0, 3.0]))
     assert weighted.item() == pytest.approx(3 * math.log(1 + math.exp(2)), rel=1e-6)
+    # unit weights (hidden-text windows): unit 0 counted once, unit 1 a quarter, unit 2 not at all
+    by_unit = classification_loss(logits, labels, unit_weights=torch.tensor([1.0, 0.25, 0.0]))
+    expected = math.log(1 + math.exp(2)) - 0.25 * (math.log(0.75) + math.log(0.25)) / 2
+    assert by_unit.item() == pytest.approx(expected, rel=1e-6)

@@ -201,10 +201,11 @@ def robustness_section(run: Path) -> str:
     marked = {how: AGGREGATION_NAMES.get(how, how) + (" (exported)" if how == chosen else "") for how, _ in rows}
     lines = "\n".join(f"| {marked[how]} | " + " | ".join(_pct(v) for v in values) + " |" for how, values in rows)
     windows = found["windows"]
-    share = found.get("hidden_training", 0)
+    share, weight = found.get("hidden_training", 0), found.get("hidden_weight", 1.0)
+    weighed = f" and `data.hidden_weight={weight}`" if weight != 1.0 else ""
     trained = (
-        f"The model was trained with `data.hidden_training={share}`: {share} x the training reviews also hidden "
-        "among paragraphs of People's Daily's train share (docs/finetuning.md, hidden-text training)."
+        f"The model was trained with `data.hidden_training={share}`{weighed}: {share} x the training reviews also "
+        "hidden among paragraphs of People's Daily's train share (docs/finetuning.md, hidden-text training)."
         if share
         else "The model was trained on the reviews alone."
     )
