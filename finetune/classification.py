@@ -521,7 +521,7 @@ class ClassificationTask:
                 drawn = np.random.default_rng([self.cfg.train.seed, epoch, 4]).choice(pool, count, replace=count > pool)
                 units += [[base + int(w)] for w in drawn]
             # the windows of hidden-text training, every epoch
-            units += [[base + w] for w in range(self.outlier_windows, len(self.extra.window_ids))]
+            units += [[w] for w in range(self.first_hidden_window, base + len(self.extra.window_ids))]
         else:
             rng = np.random.default_rng([self.cfg.train.seed, epoch, 3])
             cap = self.cfg.data.max_train_windows
@@ -534,6 +534,12 @@ class ClassificationTask:
                 sorted(rng.choice(ws, cap, replace=False).tolist()) if cap and len(ws) > cap else ws for ws in documents
             ]
         return units, [sum(len(self.window(w)[0]) for w in unit) for unit in units]
+
+    @property
+    def first_hidden_window(self) -> int:
+        """The number of the first hidden-text training window: they come after the training windows and the
+        outlier windows."""
+        return len(self.splits["train"].window_ids) + self.outlier_windows
 
     def window(self, w: int, split: str = "train") -> tuple[list[int], list[int], int]:
         """Window w of the split: (ids, token types, label); numbers past the split's windows are the extra training
@@ -550,8 +556,7 @@ class ClassificationTask:
         batch["unit"] = torch.tensor([u for u, unit in enumerate(units) for _ in unit])  # [W]
         batch["labels"] = torch.tensor([self.window(unit[0], split)[2] for unit in units])  # [U]; UNIFORM: outlier
         if split == "train" and self.cfg.data.hidden_weight != 1.0:
-            # the hidden-text units are numbered after the training windows and the outlier windows
-            first = len(self.splits["train"].window_ids) + self.outlier_windows
+            first = self.first_hidden_window
             batch["unit_weights"] = torch.tensor(
                 [self.cfg.data.hidden_weight if unit[0] >= first else 1.0 for unit in units]
             )  # [U]
