@@ -1,11 +1,12 @@
 """Long-document robustness of a fine-tuned classifier, by every aggregation that needs no trained layer.
 
-    .venv/bin/python bench/robustness_bench.py runs/demo/sentiment [--texts 200] [--distractors auto]
+    .venv/bin/python bench/robustness_bench.py runs/demo/sentiment [--texts 500] [--distractors auto]
 
 Reads the run's resolved config.yaml and its final/ export, hides up to --texts test texts at the start, middle
 and end of unrelated paragraphs 3-8 windows long (`berth.finetune.robustness`, the evaluation `berth finetune`
-runs at the end), and prints accuracy per position and aggregation, beside the texts alone and the natural test
-split (all texts, and those longer than one window). No training: the same weights, only the way windows combine.
+runs at the end), and prints accuracy per position and aggregation, beside the texts alone, the texts at the end
+scored from only the windows that hold some of them ("own end"), and the natural test split (all texts, and those
+longer than one window). No training: the same weights, only the way windows combine.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from berth.finetune.config import FinetuneConfig
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("run", type=Path)
-    parser.add_argument("--texts", type=int, default=200)
+    parser.add_argument("--texts", type=int, default=500)
     parser.add_argument("--distractors", default="auto")
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args()
@@ -51,10 +52,12 @@ def main() -> None:
         f"{windows['min']}-{windows['max']} windows (mean {windows['mean']}); natural test split: "
         f"{len(task.splits['test'].doc_labels)} texts, {natural['long_count']} longer than one window"
     )
-    print(f"{'aggregation':12s} {'alone':>7s} {'start':>7s} {'middle':>7s} {'end':>7s} {'test':>7s} {'long':>7s}")
+    # own: the same documents with only the windows that hold some of the text
+    columns = ("alone", "start", "middle", "end", "own end", "test", "long")
+    print(f"{'aggregation':12s} " + " ".join(f"{c:>7s}" for c in columns))
     for how in WINDOW_AGGREGATIONS:
         row = [found["alone"][how], *(found["accuracy"][p][how] for p in ("start", "middle", "end"))]
-        row += [natural[f"accuracy_{how}"], natural[f"long_accuracy_{how}"]]
+        row += [found["text_windows_only"]["end"][how], natural[f"accuracy_{how}"], natural[f"long_accuracy_{how}"]]
         print(f"{how:12s} " + " ".join(f"{100 * v:6.1f}%" for v in row))
 
 

@@ -30,10 +30,12 @@ from berth.finetune.metrics import load_metric
 from berth.finetune.modeling import build_pretrained, encoder_inputs
 from berth.finetune.robustness import (
     POSITIONS,
+    ROBUSTNESS_SEED,
     RobustnessSet,
     build_documents,
     distractor_paragraphs,
     outlier_paragraphs,
+    text_windows,
 )
 from berth.finetune.windows import WindowSettings, truncate, window_spans
 from berth.finetune.yardstick import tfidf_yardstick
@@ -439,27 +441,17 @@ class ClassificationTask:
         if not self.cfg.data.hidden_training:
             return Encoded()
         docs = self._hidden_set()
-        tokenizer, settings = self.tokenizer, self.settings
-        room = settings.max_seq_len - 2
+        tokenizer = self.tokenizer
         rng = np.random.default_rng([self.cfg.train.seed, 6])
-        pieces = tokenizer(docs.texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
         out = Encoded()
-        for d, (ids, offsets) in enumerate(zip(pieces["input_ids"], pieces["offset_mapping"], strict=True)):
-            first, last = docs.spans[d]
-            inside = np.array([first <= a and b <= last for a, b in offsets])  # [T]: a token of the hidden text
-            own = int(inside.sum())
-            verdict, neutral = [], []
-            for start, end in window_spans(len(ids), room, settings.stride):
-                held = int(inside[start:end].sum())
-                if held and 2 * held >= own:
-                    verdict.append((start, end))
-                elif not held:
-                    neutral.append((start, end))
+        for d, doc in enumerate(text_windows(tokenizer, docs, self.settings)):
+            verdict = [span for span, held in zip(doc.spans, doc.held, strict=True) if held and 2 * held >= doc.own]
+            neutral = [span for span, held in zip(doc.spans, doc.held, strict=True) if not held]
             if len(neutral) > NEUTRAL_PER_DOCUMENT:
                 picked = rng.choice(len(neutral), NEUTRAL_PER_DOCUMENT, replace=False)
                 neutral = [neutral[i] for i in sorted(picked.tolist())]
             for (start, end), label in [*((v, docs.labels[d]) for v in verdict), *((n, UNIFORM) for n in neutral)]:
-                cut = ids[start:end]
+                cut = doc.ids[start:end]
                 out.doc_windows.append([])
                 out.doc_tokens.append(len(cut))
                 out.doc_labels.append(label)
@@ -630,13 +622,12 @@ class ClassificationTask:
             extras["yardstick"] = tfidf_yardstick(self.texts, labels, long_docs, t.seed)
         return extras
 
-    def evaluate_robustness(self, model: WindowClassifier, acc: Any, batch_size: int) -> dict[str, Any]:
-        """Accuracy by aggregation on test texts hidden at the start, middle and end of unrelated text 3-8 windows
-        long, beside the same texts alone (`berth.finetune.robustness`); empty without distractor paragraphs."""
-        data = self.cfg.data
-        paragraphs, source = distractor_paragraphs(data.distractors, self.tokenizer)
+    def robustness_set(self) -> tuple[RobustnessSet, str]:
+        """The test texts hidden among distractor paragraphs, and the paragraphs' source; empty without them.
+        Drawn from ROBUSTNESS_SEED, not train.seed: runs of different seeds are scored on the same documents."""
+        paragraphs, source = distractor_paragraphs(self.cfg.data.distractors, self.tokenizer)
         if not paragraphs:
-            return {}
+            return RobustnessSet(), ""
         test = self.splits["test"]
         docs = build_documents(
             self.texts["test"],
@@ -644,15 +635,33 @@ class ClassificationTask:
             paragraphs,
             self.tokenizer,
             self.settings,
-            data.robustness_docs,
-            self.cfg.train.seed,
+            self.cfg.data.robustness_docs,
+            ROBUSTNESS_SEED,
         )
+        return docs, source
+
+    def evaluate_robustness(self, model: WindowClassifier, acc: Any, batch_size: int) -> dict[str, Any]:
+        """Accuracy by aggregation on test texts hidden at the start, middle and end of unrelated text 3-8 windows
+        long, beside the same texts alone (`berth.finetune.robustness`); empty without distractor paragraphs."""
+        data = self.cfg.data
+        docs, source = self.robustness_set()
         if not docs.alone:
             return {}
         pad = self.tokenizer.pad_token_id
         hows = (*WINDOW_AGGREGATIONS, self.pooling) if self.pooling else WINDOW_AGGREGATIONS
         encoded = encode_texts(self.tokenizer, docs.texts, self.settings, labels=docs.labels)
         hidden = document_logits(model, encoded, pad, acc, batch_size, hows)
+        # The same documents with only the windows that hold some of the text (the distractor windows left out):
+        # what stays below `alone` there is lost inside the text's own windows, which no way of combining windows
+        # can win back; the rest is lost to distractor windows outvoting them.
+        own = Encoded(doc_labels=list(docs.labels))
+        for d, doc in enumerate(text_windows(self.tokenizer, docs, self.settings)):
+            own.doc_windows.append([])
+            own.doc_tokens.append(encoded.doc_tokens[d])
+            for w, held in zip(encoded.doc_windows[d], doc.held, strict=True):
+                if held or not doc.own:  # a text of no tokens leaves nothing out
+                    own.add(d, encoded.window_ids[w], encoded.window_types[w])
+        own_logits = document_logits(model, own, pad, acc, batch_size, hows)
         alone = encode_texts(self.tokenizer, docs.alone, self.settings, labels=docs.alone_labels)
         alone_logits = document_logits(model, alone, pad, acc, batch_size, hows)
         labels, positions = torch.tensor(docs.labels), np.array(docs.positions)
@@ -661,17 +670,22 @@ class ClassificationTask:
         def accuracy(logits: torch.Tensor, gold: torch.Tensor) -> float:
             return float((logits.argmax(-1) == gold).float().mean())
 
-        accuracy_at = {
-            position: {how: accuracy(hidden[how][positions == position], labels[positions == position]) for how in hows}
-            for position in POSITIONS
-        }
+        def by_position(logits: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+            return {
+                position: {
+                    how: accuracy(logits[how][positions == position], labels[positions == position]) for how in hows
+                }
+                for position in POSITIONS
+            }
+
         return {
             "source": source,
             "hidden_training": data.hidden_training,  # what the model was trained with, for the report
             "hidden_weight": data.hidden_weight,
             "texts": len(docs.alone),
             "windows": {"min": min(windows), "mean": round(sum(windows) / len(windows), 2), "max": max(windows)},
-            "accuracy": accuracy_at,
+            "accuracy": by_position(hidden),
+            "text_windows_only": by_position(own_logits),
             "alone": {how: accuracy(alone_logits[how], torch.tensor(docs.alone_labels)) for how in hows},
         }
 

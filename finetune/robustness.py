@@ -6,7 +6,8 @@ the start, in the middle or at the end of paragraphs from another source (People
 `data.distractors` = a file of one paragraph a line), filled to between 3 and 8 windows. The same texts are also
 scored alone, so the loss from the surrounding text shows directly. People's Daily paragraphs come from its test
 share (`berth.corpora.embedded.split_of`), which the demo's pretraining never reads. Everything is drawn from a
-seed, so every run and every aggregation sees the same documents; nothing here is trained on.
+fixed seed (ROBUSTNESS_SEED), so every run, whatever its train.seed, and every aggregation sees the same
+documents; nothing here is trained on.
 """
 
 from __future__ import annotations
@@ -20,11 +21,14 @@ from transformers import PreTrainedTokenizerBase
 from berth.core.errors import BerthError
 from berth.core.text import vocabulary_languages
 from berth.corpora.embedded import peoples_daily
-from berth.finetune.windows import WindowSettings
+from berth.finetune.windows import WindowSettings, window_spans
 
 POSITIONS = ("start", "middle", "end")
 WINDOWS = (3, 8)  # the documents' lengths, in windows, drawn uniformly between these two
 MIN_PARAGRAPH_CHARS = 20  # headlines and bylines are no paragraphs to hide a verdict among
+# The evaluation's draw, fixed: it does not move with train.seed, so runs of different seeds (and their
+# differences) are measured on the same documents, pairwise.
+ROBUSTNESS_SEED = 0
 
 
 @dataclass
@@ -147,6 +151,31 @@ def build_documents(
             out.source.append(index)
         out.alone.append(texts[index])
         out.alone_labels.append(labels[index])
+    return out
+
+
+@dataclass
+class TextWindows:
+    """One document of a RobustnessSet as encode_texts cuts it: its content token ids, each window's [start, end)
+    token span, how many tokens of the hidden text each window holds, and the hidden text's token count."""
+
+    ids: list[int]
+    spans: list[tuple[int, int]]
+    held: list[int]
+    own: int
+
+
+def text_windows(
+    tokenizer: PreTrainedTokenizerBase, docs: RobustnessSet, settings: WindowSettings
+) -> list[TextWindows]:
+    """Where the hidden text lies in each document's windows (hidden-text training labels windows by it; the
+    robustness evaluation scores the text's windows without the others)."""
+    pieces = tokenizer(docs.texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    out = []
+    for (first, last), ids, offsets in zip(docs.spans, pieces["input_ids"], pieces["offset_mapping"], strict=True):
+        inside = np.array([first <= a and b <= last for a, b in offsets], dtype=bool)  # [T]: a token of the text
+        spans = window_spans(len(ids), settings.max_seq_len - 2, settings.stride)
+        out.append(TextWindows(ids, spans, [int(inside[a:b].sum()) for a, b in spans], int(inside.sum())))
     return out
 
 

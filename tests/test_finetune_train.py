@@ -766,7 +766,7 @@ def test_robustness_is_reported_and_predict_agrees_on_its_documents(review_run, 
     """The test reviews hidden among People's Daily paragraphs: every position and aggregation is reported, and
     `berth predict` on the same documents (rebuilt from the same seed) gives the reported accuracy."""
     from berth.finetune.classification import WINDOW_AGGREGATIONS
-    from berth.finetune.robustness import POSITIONS, build_documents, distractor_paragraphs
+    from berth.finetune.robustness import POSITIONS, ROBUSTNESS_SEED, build_documents, distractor_paragraphs
 
     results = json.loads((review_run / "eval_results.json").read_text())
     robustness = results["robustness"]
@@ -781,13 +781,57 @@ def test_robustness_is_reported_and_predict_agrees_on_its_documents(review_run, 
     index = {"neg": 0, "pos": 1}
     paragraphs, _ = distractor_paragraphs("auto", tokenizer)
     settings = WindowSettings(max_seq_len=32, stride=16)
-    docs = build_documents(reviews, [index[n] for n in names], paragraphs, tokenizer, settings, 200, seed=0)
+    docs = build_documents(reviews, [index[n] for n in names], paragraphs, tokenizer, settings, 200, ROBUSTNESS_SEED)
     predicted = run_predict(review_run / "final", docs.texts, tmp_path)
     chosen = results["test"]["aggregation"]
     for position in POSITIONS:
         rows = [d for d, p in enumerate(docs.positions) if p == position]
         right = sum(index[predicted[d]["label"]] == docs.labels[d] for d in rows) / len(rows)
         assert robustness["accuracy"][position][chosen] == pytest.approx(right, abs=1e-9)
+
+    # the same documents from only the windows holding some of the review: the export's window logits, by hand
+    from berth.finetune.classification import aggregate
+    from berth.finetune.robustness import text_windows
+
+    model = AutoModelForSequenceClassification.from_pretrained(review_run / "final").eval()
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    own = {position: [] for position in POSITIONS}
+    left_out = 0
+    for d, doc in enumerate(text_windows(tokenizer, docs, settings)):
+        cuts = [doc.ids[a:b] for (a, b), held in zip(doc.spans, doc.held, strict=True) if held]
+        left_out += len(doc.spans) - len(cuts)
+        ids = torch.nn.utils.rnn.pad_sequence([torch.tensor([cls, *c, sep]) for c in cuts], batch_first=True)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long()).logits  # [w, C]
+        scored = aggregate(logits, torch.zeros(len(cuts), dtype=torch.long), 1, chosen)  # [1, C]
+        own[docs.positions[d]].append(int(scored.argmax()) == docs.labels[d])
+    assert left_out > 0  # distractor windows were left out, so this is not the documents' accuracy again
+    for position in POSITIONS:
+        expected = sum(own[position]) / len(own[position])
+        assert robustness["text_windows_only"][position][chosen] == pytest.approx(expected, abs=1e-9)
+
+
+def test_the_robustness_documents_do_not_move_with_the_training_seed(tiny, tmp_path):
+    """Runs of different train.seed are compared on the same hidden documents."""
+    from berth.finetune.classification import ClassificationTask
+    from berth.finetune.robustness import build_documents, distractor_paragraphs
+
+    tokenizer = load_tokenizer(tiny / "ckpt")
+
+    def documents(*overrides: str) -> list[str]:
+        docs, source = ClassificationTask(review_config(tiny, tmp_path / "r", *overrides), tokenizer).robustness_set()
+        assert source == "peoples_daily"
+        return docs.texts
+
+    drawn = documents("train.seed=0", "data.robustness_docs=6")
+    assert len(drawn) == 3 * 6
+    assert documents("train.seed=3", "data.robustness_docs=6") == drawn
+    # the draw itself depends on its seed, so equal documents above mean the training seed did not reach it
+    task = ClassificationTask(review_config(tiny, tmp_path / "r", "data.robustness_docs=6"), tokenizer)
+    paragraphs, _ = distractor_paragraphs("auto", tokenizer)
+    test = task.splits["test"]
+    other = build_documents(task.texts["test"], test.doc_labels, paragraphs, tokenizer, task.settings, 6, 3)
+    assert other.texts != drawn
 
 
 def test_outlier_exposure_draws_unrelated_windows_each_epoch_and_trains_them_flat(tiny, tmp_path):

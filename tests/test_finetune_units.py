@@ -300,6 +300,22 @@ def test_robustness_documents_hide_each_text_at_every_position_in_3_to_8_windows
         assert drawn.spans[d] == docs.spans[3 * d + POSITIONS.index(drawn.positions[d])]
 
 
+def test_text_windows_count_the_hidden_text_in_each_window(zh_tokenizer_dir):
+    """By hand: one token per Chinese character, 7 before the text, the text's 4, 5 after; windows of 6 tokens
+    3 apart, the last aligned to the end."""
+    from berth.core.vocab import load_tokenizer
+    from berth.finetune.robustness import RobustnessSet, text_windows
+    from berth.finetune.windows import WindowSettings
+
+    tokenizer = load_tokenizer(zh_tokenizer_dir[2])
+    document = "大" * 7 + "好" * 4 + "中" * 5
+    docs = RobustnessSet(texts=[document], labels=[1], positions=["middle"], source=[0], spans=[(7, 11)])
+    [found] = text_windows(tokenizer, docs, WindowSettings(max_seq_len=8, stride=3))
+    assert len(found.ids) == 16 and found.own == 4
+    assert found.spans == [(0, 6), (3, 9), (6, 12), (9, 15), (10, 16)]
+    assert found.held == [0, 2, 4, 2, 1]
+
+
 def test_distractors_from_a_file_and_the_errors_of_a_bad_one(tmp_path, zh_tokenizer_dir):
     from berth.core.errors import BerthError
     from berth.core.vocab import load_tokenizer

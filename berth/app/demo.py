@@ -52,7 +52,7 @@ QUICK = DemoBudget(
         "train.save_every=30",
         "train.log_every=5",
     ),
-    sentiment=("data.max_examples=300", "train.max_steps=12", "train.eval_every=6"),
+    sentiment=("data.max_examples=300", "train.max_steps=12", "train.eval_every=6", "data.robustness_docs=100"),
     ner=("data.max_examples=200", "train.max_steps=12", "train.eval_every=6"),
 )
 

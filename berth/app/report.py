@@ -178,6 +178,11 @@ def robustness_rows(run: Path) -> list[tuple[str, list[float | None]]]:
     return [(how, [table[place].get(how) for place in PLACES]) for how in found["alone"]]
 
 
+def own_windows_at_end(run: Path) -> dict[str, float]:
+    """Accuracy at the end with only the windows that hold the review, by aggregation (empty for older runs)."""
+    return results(run).get("robustness", {}).get("text_windows_only", {}).get("end", {})
+
+
 def plot_robustness(run: Path, target: Path) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 3.6))
@@ -199,7 +204,10 @@ def robustness_section(run: Path) -> str:
     found = results(run)["robustness"]
     chosen = results(run).get("test", {}).get("aggregation", "")
     marked = {how: AGGREGATION_NAMES.get(how, how) + (" (exported)" if how == chosen else "") for how, _ in rows}
-    lines = "\n".join(f"| {marked[how]} | " + " | ".join(_pct(v) for v in values) + " |" for how, values in rows)
+    own = own_windows_at_end(run)
+    lines = "\n".join(
+        f"| {marked[how]} | " + " | ".join(_pct(v) for v in [*values, own.get(how)]) + " |" for how, values in rows
+    )
     windows = found["windows"]
     share, weight = found.get("hidden_training", 0), found.get("hidden_weight", 1.0)
     weighed = f" and `data.hidden_weight={weight}`" if weight != 1.0 else ""
@@ -213,10 +221,12 @@ def robustness_section(run: Path) -> str:
 
 {found["texts"]} test reviews, each hidden at the start, in the middle and at the end of unrelated People's Daily
 paragraphs from its test share ({windows["min"]}-{windows["max"]} windows, {windows["mean"]} on average), beside the
-same reviews alone; the same fine-tuned model, each way of combining its windows. {trained}
+same reviews alone; the same fine-tuned model, each way of combining its windows. {trained} The last column
+scores the reviews at the end from only the windows that hold some of the review: what stays below `alone` there is
+lost inside those windows, which no way of combining windows can win back.
 
-| aggregation | alone | start | middle | end |
-|---|---|---|---|---|
+| aggregation | alone | start | middle | end | end, the review's windows only |
+|---|---|---|---|---|---|
 {lines}
 
 ![robustness](plots/robustness.png)
