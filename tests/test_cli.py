@@ -1,3 +1,4 @@
+import json
 import os
 import socket
 import subprocess
@@ -132,6 +133,11 @@ def test_quick_demo_runs_every_stage_writes_the_report_then_reuses(tmp_path, cap
         assert (tmp_path / run / "final" / "model.safetensors").is_file()
     assert "berth finetune configs/finetune/peoples_daily_ner.yaml" in report
     assert "trained with `data.hidden_training=0.3` and `data.hidden_weight=0.75`" in report  # the shipped config's
+    # the exported aggregation's row ends with the reviews at the end scored from their own windows only
+    robustness = json.loads((tmp_path / "sentiment" / "eval_results.json").read_text())["robustness"]
+    own = robustness["text_windows_only"]["end"]["margin"]
+    [row] = [line for line in report.splitlines() if line.startswith("| most decided window (exported) |")]
+    assert row.endswith(f" | {100 * robustness['accuracy']['end']['margin']:.1f}% | {100 * own:.1f}% |")
     assert "building every stage" in report and "reusing" not in report
     assert main(["demo", "--quick", "--output-dir", str(tmp_path)]) == 0
     again = (tmp_path / "report.md").read_text()
