@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
@@ -32,6 +34,7 @@ from berth.finetune.robustness import (
     POSITIONS,
     ROBUSTNESS_SEED,
     RobustnessSet,
+    TextWindows,
     build_documents,
     distractor_paragraphs,
     outlier_paragraphs,
@@ -56,6 +59,19 @@ class Encoded:
     doc_windows: list[list[int]] = field(default_factory=list)
     doc_tokens: list[int] = field(default_factory=list)  # content tokens before cutting
     doc_labels: list[int] = field(default_factory=list)  # -1: unknown (prediction)
+
+    def add_document(self, label: int, tokens: int) -> int:
+        """A new document of `tokens` content tokens before cutting, with no window yet; returns its index."""
+        self.doc_windows.append([])
+        self.doc_tokens.append(tokens)
+        self.doc_labels.append(label)
+        return len(self.doc_labels) - 1
+
+    def add_cuts(self, label: int, tokens: int, cuts: list[list[int]], cls: int, sep: int) -> None:
+        """A single-text document of `tokens` content tokens, cut into `cuts`: each becomes [CLS] cut [SEP]."""
+        doc = self.add_document(label, tokens)
+        for cut in cuts:
+            self.add(doc, [cls, *cut, sep], [0] * (len(cut) + 2))
 
     def add(self, doc: int, ids: list[int], types: list[int]) -> None:
         self.doc_windows[doc].append(len(self.window_ids))
@@ -89,25 +105,36 @@ def encode_texts(
     """
     cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
     room = settings.max_seq_len - 2
-    encoded = Encoded(doc_labels=list(labels) if labels is not None else [-1] * len(texts))
+    encoded = Encoded()
+    labels = list(labels) if labels is not None else [-1] * len(texts)
     # verbose=False: long texts are expected here (they are cut below), so no "longer than the maximum" warning.
     pieces = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
     pair_pieces = tokenizer(pairs, add_special_tokens=False, verbose=False)["input_ids"] if pairs is not None else None
     for doc, ids in enumerate(pieces):
-        encoded.doc_windows.append([])
         if pair_pieces is not None:
-            encoded.doc_tokens.append(len(ids) + len(pair_pieces[doc]))
+            encoded.add_document(labels[doc], len(ids) + len(pair_pieces[doc]))
             for a, b in pair_cuts(ids, pair_pieces[doc], settings):
                 encoded.add(doc, [cls, *a, sep, *b, sep], [0] * (len(a) + 2) + [1] * (len(b) + 1))
             continue
-        encoded.doc_tokens.append(len(ids))
         if settings.long_text == "windows":
             cuts = [ids[start:end] for start, end in window_spans(len(ids), room, settings.stride)]
         else:
             cuts = [truncate(ids, room, settings.long_text, settings.head_fraction)]
-        for cut in cuts:
-            encoded.add(doc, [cls, *cut, sep], [0] * (len(cut) + 2))
+        encoded.add_cuts(labels[doc], len(ids), cuts, cls, sep)
     return encoded
+
+
+def encode_hidden(
+    tokenizer: PreTrainedTokenizerBase, docs: RobustnessSet, settings: WindowSettings
+) -> tuple[Encoded, list[TextWindows]]:
+    """A RobustnessSet's documents cut as encode_texts cuts them, and where the hidden text lies in each window,
+    from one tokenization."""
+    found = text_windows(tokenizer, docs, settings)
+    encoded = Encoded()
+    for label, doc in zip(docs.labels, found, strict=True):
+        cuts = [doc.ids[start:end] for start, end in doc.spans]
+        encoded.add_cuts(label, len(doc.ids), cuts, tokenizer.cls_token_id, tokenizer.sep_token_id)
+    return encoded, found
 
 
 def pair_cuts(a: list[int], b: list[int], settings: WindowSettings) -> list[tuple[list[int], list[int]]]:
@@ -451,15 +478,7 @@ class ClassificationTask:
                 picked = rng.choice(len(neutral), NEUTRAL_PER_DOCUMENT, replace=False)
                 neutral = [neutral[i] for i in sorted(picked.tolist())]
             for (start, end), label in [*((v, docs.labels[d]) for v in verdict), *((n, UNIFORM) for n in neutral)]:
-                cut = doc.ids[start:end]
-                out.doc_windows.append([])
-                out.doc_tokens.append(len(cut))
-                out.doc_labels.append(label)
-                out.add(
-                    len(out.doc_labels) - 1,
-                    [tokenizer.cls_token_id, *cut, tokenizer.sep_token_id],
-                    [0] * (len(cut) + 2),
-                )
+                out.add_cuts(label, end - start, [doc.ids[start:end]], tokenizer.cls_token_id, tokenizer.sep_token_id)
         logger.info(
             "hidden-text training: %d windows holding the text, %d without it (trained flat)",
             sum(label != UNIFORM for label in out.doc_labels),
@@ -649,19 +668,28 @@ class ClassificationTask:
             return {}
         pad = self.tokenizer.pad_token_id
         hows = (*WINDOW_AGGREGATIONS, self.pooling) if self.pooling else WINDOW_AGGREGATIONS
-        encoded = encode_texts(self.tokenizer, docs.texts, self.settings, labels=docs.labels)
-        hidden = document_logits(model, encoded, pad, acc, batch_size, hows)
-        # The same documents with only the windows that hold some of the text (the distractor windows left out):
-        # what stays below `alone` there is lost inside the text's own windows, which no way of combining windows
-        # can win back; the rest is lost to distractor windows outvoting them.
-        own = Encoded(doc_labels=list(docs.labels))
-        for d, doc in enumerate(text_windows(self.tokenizer, docs, self.settings)):
-            own.doc_windows.append([])
-            own.doc_tokens.append(encoded.doc_tokens[d])
-            for w, held in zip(encoded.doc_windows[d], doc.held, strict=True):
-                if held or not doc.own:  # a text of no tokens leaves nothing out
-                    own.add(d, encoded.window_ids[w], encoded.window_types[w])
-        own_logits = document_logits(model, own, pad, acc, batch_size, hows)
+        encoded, found = encode_hidden(self.tokenizer, docs, self.settings)
+        with evaluating(model):
+            logits, vectors = window_outputs(model, encoded, pad, acc, batch_size, vectors=bool(self.pooling))
+            hidden = combine_windows(model, acc, logits, vectors, encoded.window_doc, len(docs.texts), hows)
+            # The same documents from only the windows that hold some of the text (the distractor windows left
+            # out): what stays below `alone` there is lost inside the text's own windows, which no way of combining
+            # windows can win back; the rest is lost to distractor windows outvoting them.
+            keep = [
+                w
+                for ws, doc in zip(encoded.doc_windows, found, strict=True)
+                for w, held in zip(ws, doc.held, strict=True)
+                if held or not doc.own  # a text of no tokens leaves nothing out
+            ]
+            own_logits = combine_windows(
+                model,
+                acc,
+                logits[keep],
+                None if vectors is None else vectors[keep],
+                [encoded.window_doc[w] for w in keep],
+                len(docs.texts),
+                hows,
+            )
         alone = encode_texts(self.tokenizer, docs.alone, self.settings, labels=docs.alone_labels)
         alone_logits = document_logits(model, alone, pad, acc, batch_size, hows)
         labels, positions = torch.tensor(docs.labels), np.array(docs.positions)
@@ -739,31 +767,65 @@ class ClassificationTask:
         return {**accuracy, "macro_f1": f1["macro_f1"], "micro_f1": f1["micro_f1"]}
 
 
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """Dropout off inside, the model's own mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
+def window_outputs(
+    model: WindowClassifier, encoded: Encoded, pad_id: int, acc: Any, batch_size: int, vectors: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Every window's logits [W, C] and, with `vectors`, its pooled vector [W, H] (on acc.device), in window order.
+    Each process runs its share, in batches of similar length; every process gets all of them."""
+    lengths = [len(ids) for ids in encoded.window_ids]
+    found: list[tuple[int, tuple[torch.Tensor, torch.Tensor | None]]] = []
+    for rows in eval_order(lengths, batch_size, acc.process_index, acc.num_processes):
+        batch = encoder_batch([encoded.window_ids[w] for w in rows], [encoded.window_types[w] for w in rows], pad_id)
+        logits, pooled = model(**{k: v.to(acc.device) for k, v in batch.items()})  # [B, C], [B, H] or None
+        logits = logits.float().cpu()
+        pooled = pooled.float().cpu() if vectors and pooled is not None else None
+        found.extend((w, (logits[i], None if pooled is None else pooled[i])) for i, w in enumerate(rows))
+    ordered = gather_in_order(acc, found, len(lengths))
+    window_logits = torch.stack([row_logits for row_logits, _ in ordered])  # [W, C]
+    if not vectors:
+        return window_logits, None
+    return window_logits, torch.stack([row_vector for _, row_vector in ordered]).to(acc.device)  # [W, H]
+
+
+@torch.no_grad()
+def combine_windows(
+    model: WindowClassifier,
+    acc: Any,
+    logits: torch.Tensor,
+    vectors: torch.Tensor | None,
+    window_doc: list[int],
+    num_docs: int,
+    hows: tuple[str, ...],
+) -> dict[str, torch.Tensor]:
+    """{aggregation: [D, C]} from the windows' logits [W, C] (and vectors [W, H] for the model's own pooler) of
+    documents window_doc; the caller turns dropout off."""
+    doc = torch.tensor(window_doc)
+    out = {how: aggregate(logits, doc, num_docs, how) for how in hows if how not in POOLERS}
+    for how in hows:
+        if how in POOLERS:
+            assert vectors is not None, "the model's own pooler needs the window vectors"
+            inner = acc.unwrap_model(model)
+            with torch.autocast(acc.device.type, enabled=False):
+                out[how] = inner.documents(vectors, doc.to(acc.device), num_docs).float().cpu()
+    return out
+
+
 def document_logits(
     model: WindowClassifier, encoded: Encoded, pad_id: int, acc: Any, batch_size: int, hows: tuple[str, ...]
 ) -> dict[str, torch.Tensor]:
-    """Run every window (this process's share, in batches of similar length) and aggregate per document:
-    {aggregation: [D, C]} for each of `hows`. Dropout is off."""
-    lengths = [len(ids) for ids in encoded.window_ids]
-    pooled = [how for how in hows if how in POOLERS]  # the model's own pooler, from the window vectors
-    found: list[tuple[int, tuple[torch.Tensor, torch.Tensor | None]]] = []
-    model.eval()
-    for rows in eval_order(lengths, batch_size, acc.process_index, acc.num_processes):
-        batch = encoder_batch([encoded.window_ids[w] for w in rows], [encoded.window_types[w] for w in rows], pad_id)
-        logits, vectors = model(**{k: v.to(acc.device) for k, v in batch.items()})  # [B, C], [B, H] or None
-        logits = logits.float().cpu()
-        vectors = vectors.float().cpu() if pooled else None
-        found.extend((w, (logits[i], None if vectors is None else vectors[i])) for i, w in enumerate(rows))
-    ordered = gather_in_order(acc, found, len(lengths))
-    logits = torch.stack([row_logits for row_logits, _ in ordered])  # [W, C]
-    doc = torch.tensor(encoded.window_doc)
-    num_docs = len(encoded.doc_windows)
-    out = {how: aggregate(logits, doc, num_docs, how) for how in hows if how not in POOLERS}
-    for how in pooled:
-        vectors = torch.stack([row_vector for _, row_vector in ordered]).to(acc.device)  # [W, H]
-        inner = acc.unwrap_model(model)
-        with torch.autocast(acc.device.type, enabled=False):
-            out[how] = inner.documents(vectors, doc.to(acc.device), num_docs).float().cpu()
-    model.train()
-    return out
+    """Run every window and aggregate per document: {aggregation: [D, C]} for each of `hows`. Dropout is off."""
+    with evaluating(model):
+        logits, vectors = window_outputs(model, encoded, pad_id, acc, batch_size, any(h in POOLERS for h in hows))
+        return combine_windows(model, acc, logits, vectors, encoded.window_doc, len(encoded.doc_windows), hows)

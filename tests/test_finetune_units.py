@@ -316,6 +316,31 @@ def test_text_windows_count_the_hidden_text_in_each_window(zh_tokenizer_dir):
     assert found.held == [0, 2, 4, 2, 1]
 
 
+def test_hidden_documents_are_cut_exactly_as_encode_texts_cuts_them(zh_tokenizer_dir):
+    """The robustness evaluation tokenizes its documents once (encode_hidden, with offsets) where the natural test
+    split goes through encode_texts: same windows, lengths and labels, or the two columns would not compare."""
+    from berth.core.vocab import load_tokenizer
+    from berth.finetune.classification import encode_hidden, encode_texts
+    from berth.finetune.robustness import RobustnessSet
+    from berth.finetune.windows import WindowSettings
+
+    tokenizer = load_tokenizer(zh_tokenizer_dir[2])
+    texts = ["大" * 7 + "好" * 4 + "中" * 5, "好" * 3, "中文新闻。" * 9 + "很好"]
+    docs = RobustnessSet(
+        texts=texts,
+        labels=[1, 0, 1],
+        positions=["middle", "start", "end"],
+        source=[0, 1, 2],
+        spans=[(7, 11), (0, 3), (45, 47)],
+    )
+    settings = WindowSettings(max_seq_len=8, stride=3)
+    got, found = encode_hidden(tokenizer, docs, settings)
+    want = encode_texts(tokenizer, texts, settings, labels=[1, 0, 1])
+    assert got == want
+    assert [len(ws) for ws in got.doc_windows] == [5, 1, len(found[2].spans)] and len(found[2].spans) > 5
+    assert [doc.own for doc in found] == [4, 3, 2]
+
+
 def test_distractors_from_a_file_and_the_errors_of_a_bad_one(tmp_path, zh_tokenizer_dir):
     from berth.core.errors import BerthError
     from berth.core.vocab import load_tokenizer
