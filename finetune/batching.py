@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 
 def length_grouped_batches(
@@ -77,3 +79,14 @@ def gather_in_order(acc: Any, rows: list[tuple[int, Any]], total: int) -> list[A
     if len(rows) != total:
         raise RuntimeError(f"evaluation gathered {len(rows)} rows of {total}")
     return [value for _, value in sorted(rows, key=lambda row: row[0])]
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """Dropout off inside, the model's own mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
@@ -16,7 +14,7 @@ from transformers import AutoModelForSequenceClassification, PreTrainedTokenizer
 
 from berth.core.errors import BerthError
 from berth.core.models import HFModel
-from berth.finetune.batching import encoder_batch, eval_order, gather_in_order
+from berth.finetune.batching import encoder_batch, eval_order, evaluating, gather_in_order
 from berth.finetune.config import FinetuneConfig
 from berth.finetune.data import (
     Split,
@@ -765,17 +763,6 @@ class ClassificationTask:
             predictions=predicted.tolist(), references=labels.tolist(), num_labels=len(self.labels)
         )
         return {**accuracy, "macro_f1": f1["macro_f1"], "micro_f1": f1["micro_f1"]}
-
-
-@contextmanager
-def evaluating(model: nn.Module) -> Iterator[None]:
-    """Dropout off inside, the model's own mode restored after."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 @torch.no_grad()

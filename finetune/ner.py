@@ -14,7 +14,7 @@ from transformers import AutoModelForTokenClassification, PreTrainedTokenizerBas
 
 from berth.core.errors import BerthError
 from berth.core.labels import IGNORE_INDEX
-from berth.finetune.batching import encoder_batch, eval_order, gather_in_order, pad_rows
+from berth.finetune.batching import encoder_batch, eval_order, evaluating, gather_in_order, pad_rows
 from berth.finetune.bio import bio_spans
 from berth.finetune.config import FinetuneConfig
 from berth.finetune.data import (
@@ -234,11 +234,10 @@ def window_logits(model: nn.Module, encoded: NerEncoded, pad_id: int, acc: Any, 
     """[len(window), C] logits of every window (each process runs its share; dropout off)."""
     lengths = [len(ids) for ids in encoded.window_ids]
     found: list[tuple[int, np.ndarray]] = []
-    model.eval()
-    for rows in eval_order(lengths, batch_size, acc.process_index, acc.num_processes):
-        batch = encoder_batch([encoded.window_ids[w] for w in rows], [[0] * lengths[w] for w in rows], pad_id)
-        inputs = encoder_inputs(model, {k: v.to(acc.device) for k, v in batch.items()})
-        logits = model(**inputs).logits.float().cpu().numpy()
-        found.extend((w, logits[i, : lengths[w]]) for i, w in enumerate(rows))
-    model.train()
+    with evaluating(model):
+        for rows in eval_order(lengths, batch_size, acc.process_index, acc.num_processes):
+            batch = encoder_batch([encoded.window_ids[w] for w in rows], [[0] * lengths[w] for w in rows], pad_id)
+            inputs = encoder_inputs(model, {k: v.to(acc.device) for k, v in batch.items()})
+            logits = model(**inputs).logits.float().cpu().numpy()
+            found.extend((w, logits[i, : lengths[w]]) for i, w in enumerate(rows))
     return gather_in_order(acc, found, len(lengths))

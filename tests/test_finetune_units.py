@@ -411,3 +411,20 @@ def test_outlier_windows_are_trained_towards_the_uniform_distribution():
     by_unit = classification_loss(logits, labels, unit_weights=torch.tensor([1.0, 0.25, 0.0]))
     expected = math.log(1 + math.exp(2)) - 0.25 * (math.log(0.75) + math.log(0.25)) / 2
     assert by_unit.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_evaluating_turns_dropout_off_and_gives_the_model_back_in_its_own_mode():
+    """Evaluation during training hands a training model back; predict's eval model stays in eval (it used to be
+    left in train mode, dropout on, after every call)."""
+    from berth.finetune.batching import evaluating
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5))
+    for mode in (True, False):
+        model.train(mode)
+        with evaluating(model):
+            assert not model.training and not model[1].training
+        assert model.training is mode and model[1].training is mode
+    model.train()
+    with pytest.raises(RuntimeError), evaluating(model):
+        raise RuntimeError("a failed batch")
+    assert model.training
