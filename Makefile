@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.berth-installed
 
-.PHONY: demo test test-all lint format clean
+.PHONY: demo test test-all test-slow lint format clean
 
 # torch goes first and pinned: an unpinned torch pulled in by a dependency would fetch GBs of CUDA wheels.
 $(STAMP): pyproject.toml
@@ -21,6 +21,11 @@ test: $(STAMP) lint
 
 test-all: $(STAMP) lint
 	$(PY) -m pytest
+
+# The tests marked slow (minutes each: the rest of the engine matrix, the quick demo, fault injection); CI runs
+# them after `make test`.
+test-slow: $(STAMP)
+	$(PY) -m pytest -m "slow and not gpu"
 
 # mypy checks the package as it installs: a tree of links puts the stage folders under berth/ (package-dir).
 TYPECHECK := build/typecheck

@@ -20,8 +20,11 @@ from transformers import AutoModelForSequenceClassification
 
 from berth.core.config import load_config
 from berth.core.vocab import load_tokenizer
-from berth.finetune.classification import WINDOW_AGGREGATIONS, ClassificationTask, WindowClassifier
+from berth.finetune.classification import ClassificationTask
 from berth.finetune.config import FinetuneConfig
+from berth.finetune.modeling import WindowClassifier
+from berth.finetune.pooling import WINDOW_AGGREGATIONS
+from berth.finetune.robustness import evaluate_robustness
 
 
 def main() -> None:
@@ -38,13 +41,14 @@ def main() -> None:
         f"data.distractors={args.distractors}",
         "data.aggregation=mean",  # no pooler: the window aggregations only
         "data.hidden_training=0",  # nothing is trained here
+        "data.hidden_weight=1",
     ]
     cfg = load_config(FinetuneConfig, str(args.run / "config.yaml"), overrides)
     task = ClassificationTask(cfg, load_tokenizer(final))
     model = WindowClassifier(AutoModelForSequenceClassification.from_pretrained(final)).eval()
     acc = Accelerator(cpu=not torch.cuda.is_available())
     model = model.to(acc.device)
-    found = task.evaluate_robustness(model, acc, args.batch_size)
+    found = evaluate_robustness(task, model, acc, args.batch_size)
     natural, _ = task.evaluate(model, "test", acc, args.batch_size, "mean")
     windows = found["windows"]
     print(

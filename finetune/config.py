@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from berth.core.config import check_rates
@@ -99,7 +99,7 @@ class TaskData:
     def __post_init__(self) -> None:
         if self.max_seq_len < 8:
             raise ValueError(f"max_seq_len must be at least 8; got {self.max_seq_len}")
-        if not 1 <= self.stride <= self.max_seq_len - 2:
+        if self.long_text == "windows" and not 1 <= self.stride <= self.max_seq_len - 2:  # truncation reads none
             raise ValueError(
                 f"stride must be between 1 and max_seq_len - 2 ({self.max_seq_len - 2}); got {self.stride}"
             )
@@ -158,3 +158,115 @@ class FinetuneConfig:
     data: TaskData = field(default_factory=TaskData)
     train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
     hub: HubConfig = field(default_factory=HubConfig)
+
+    def __post_init__(self) -> None:
+        problem = dead_option(self)
+        if problem:
+            raise ValueError(problem)
+
+
+# Keys one task reads and the other does not.
+CLASSIFICATION_ONLY = (
+    "data.text_column",
+    "data.text_pair_column",
+    "data.label_column",
+    "data.long_text",
+    "data.aggregation",
+    "data.pooler_layers",
+    "data.head_fraction",
+    "data.max_train_windows",
+    "data.robustness_docs",
+    "data.distractors",
+    "data.outlier_exposure",
+    "data.hidden_training",
+    "data.hidden_weight",
+    "data.outlier_text",
+    "train.yardstick",
+    "train.compare_truncation",
+)
+NER_ONLY = ("data.tokens_column", "data.tags_column")
+POOLED = ("attention", "hierarchical")
+
+
+def dead_option(cfg: FinetuneConfig) -> str:
+    """One line naming the first option that is set (differs from its default) but does nothing with the rest of
+    the config, and the setting that makes it so; "" when there is none. The shipped configs set only live keys."""
+    values, defaults = _dotted(cfg.data, cfg.train), _dotted(TaskData(), FinetuneTrainConfig())
+
+    def is_set(key: str) -> bool:
+        return values[key] != defaults[key]
+
+    data, train = cfg.data, cfg.train
+    other = {"classification": NER_ONLY, "ner": CLASSIFICATION_ONLY}[cfg.task]
+    for key in other:
+        if is_set(key):
+            return f"{key}={values[key]} does nothing with task={cfg.task}"
+    if cfg.hub.push_checkpoints:
+        return (
+            "hub.push_checkpoints=true does nothing in fine-tuning (pretraining pushes checkpoints; this pushes final/)"
+        )
+    if cfg.task == "ner":
+        return ""
+    windows = data.long_text == "windows"
+    # (key, why it does nothing, or "" when it matters)
+    rules = (
+        ("data.stride", "" if windows else f"data.long_text={data.long_text} (one truncated window per text)"),
+        ("data.aggregation", "" if windows else f"data.long_text={data.long_text} (one window per text)"),
+        ("data.pooler_layers", "" if data.aggregation == "hierarchical" else f"data.aggregation={data.aggregation}"),
+        ("data.max_train_windows", "" if data.aggregation in POOLED else f"data.aggregation={data.aggregation}"),
+        (
+            "data.head_fraction",
+            ""
+            if data.long_text == "head_tail" or (train.compare_truncation and windows and not data.text_pair_column)
+            else f"data.long_text={data.long_text} and no train.compare_truncation (which also tries head_tail)",
+        ),
+        ("data.robustness_docs", _single_windows(data)),
+        ("data.distractors", _single_windows(data) or ("" if data.robustness_docs else "data.robustness_docs=0")),
+        ("train.compare_truncation", _single_windows(data)),
+        ("data.hidden_weight", "" if data.hidden_training else "data.hidden_training=0"),
+        (
+            "data.outlier_text",
+            ""
+            if data.outlier_exposure or data.hidden_training
+            else "data.outlier_exposure=0 and data.hidden_training=0",
+        ),
+    )
+    for key, why in rules:
+        if why and is_set(key):
+            return f"{key}={values[key]} does nothing with {why}"
+    for key in ("data.outlier_exposure", "data.hidden_training"):
+        why = _single_windows(data)
+        if why and is_set(key):
+            return (
+                f"{key}={values[key]} trains on single texts among unrelated text; it needs data.long_text=windows "
+                f"and no data.text_pair_column (not {why})"
+            )
+    if data.outlier_exposure and data.aggregation in POOLED:
+        return (
+            f"data.outlier_exposure={data.outlier_exposure} trains single windows towards a flat distribution; it "
+            f"needs a window aggregation, not {data.aggregation} (use data.hidden_training for the pooled ones)"
+        )
+    return ""
+
+
+def _dotted(data: TaskData, train: FinetuneTrainConfig) -> dict[str, str]:
+    """section.key -> the value as written in a config (true, not True)."""
+    sections = {"data": asdict(data), "train": asdict(train)}
+    return {f"{name}.{key}": _shown(value) for name, fields in sections.items() for key, value in fields.items()}
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return "[" + ", ".join(map(str, value)) + "]"
+    return str(value)
+
+
+def _single_windows(data: TaskData) -> str:
+    """What stops a setting that needs single texts read in windows; "" when they are."""
+    if data.long_text != "windows":
+        return f"data.long_text={data.long_text}"
+    if data.text_pair_column:
+        return f"data.text_pair_column={data.text_pair_column} (text pairs)"
+    return ""

@@ -23,12 +23,11 @@ from berth.core.files import replace_dir, temporary_sibling
 from berth.core.hub import card_metadata, hub_model_id
 from berth.core.text import vocabulary_languages
 from berth.core.vocab import load_tokenizer, write_vocab_txt
-from berth.finetune.modeling import BERTH_KEY
+from berth.finetune.modeling import BERTH_KEY, POOLER_FILE
+from berth.finetune.registry import task_kind
 from berth.finetune.windows import WindowSettings
 
 BEST = "best"
-POOLER_FILE = "window_pooler.safetensors"
-PIPELINE_TAGS = {"classification": "text-classification", "ner": "token-classification"}
 
 
 def _parts(model: torch.nn.Module) -> tuple[PreTrainedModel, torch.nn.Module | None]:
@@ -103,22 +102,22 @@ def _metric_rows(results: dict[str, Any]) -> str:
 
 
 def model_card(cfg: Any, results: dict[str, Any], labels: list[str], languages: list[str]) -> str:
-    task = cfg.task
+    kind = task_kind(cfg.task)
     meta = {
         "language": languages,
         "library_name": "transformers",
-        "pipeline_tag": PIPELINE_TAGS[task],
+        "pipeline_tag": kind.pipeline_tag,
         "license": "apache-2.0",
-        "tags": ["bert", "berth", PIPELINE_TAGS[task]],
+        "tags": ["bert", "berth", kind.pipeline_tag],
         # hub datasets only: local files and the embedded datasets have no hub id
         "datasets": [cfg.data.dataset.removeprefix("hf:")] if cfg.data.dataset.startswith("hf:") else [],
-        "metrics": ["accuracy", "f1"] if task == "classification" else ["f1", "precision", "recall"],
+        "metrics": list(kind.card_metrics),
     }
     if hub_model_id(cfg.model.init) and not cfg.model.from_scratch:
         meta["base_model"] = cfg.model.init
     settings = (
         f"windows of {cfg.data.max_seq_len} tokens, stride {cfg.data.stride}"
-        if task == "ner" or cfg.data.long_text == "windows"
+        if cfg.data.long_text == "windows"  # the default, and the only setting a task without truncation accepts
         else f"{cfg.data.long_text} truncation to {cfg.data.max_seq_len} tokens"
     )
     scratch = " (its architecture, random init)" if cfg.model.from_scratch else ""
@@ -126,12 +125,12 @@ def model_card(cfg: Any, results: dict[str, Any], labels: list[str], languages: 
 
 # {Path(cfg.output_dir).name}
 
-A {PIPELINE_TAGS[task]} model fine-tuned with berth from `{cfg.model.init}`{scratch}
+A {kind.pipeline_tag} model fine-tuned with berth from `{cfg.model.init}`{scratch}
 on {cfg.data.dataset or cfg.data.train_file}. Labels: {", ".join(labels)}. Long texts: {settings}.
 
 ```python
 from transformers import pipeline
-model = pipeline("{PIPELINE_TAGS[task]}", model="path/to/this/folder")
+model = pipeline("{kind.pipeline_tag}", model="path/to/this/folder")
 ```
 
 For texts longer than {cfg.data.max_seq_len} tokens use `berth predict path/to/this/folder --input FILE`,

@@ -28,7 +28,7 @@ from berth.finetune.data import (
     resolve_labels,
 )
 from berth.finetune.metrics import load_metric
-from berth.finetune.modeling import build_pretrained, encoder_inputs
+from berth.finetune.modeling import build_pretrained, encoder_inputs, input_names
 from berth.finetune.windows import WindowSettings, max_context_owner, window_spans
 
 logger = logging.getLogger(__name__)
@@ -112,12 +112,11 @@ def token_predictions(paragraph: Paragraph, window_logits: list[np.ndarray]) -> 
 class NerTask:
     kind: str = "ner"
     metrics: tuple[str, ...] = ("f1", "precision", "recall", "loss")
+    forward_methods: tuple[str, ...] = ()
 
     def __init__(self, cfg: FinetuneConfig, tokenizer: PreTrainedTokenizerBase):
         data = cfg.data
         self.cfg, self.tokenizer = cfg, tokenizer
-        if data.text_pair_column:
-            raise BerthError("task=ner takes single texts; data.text_pair_column must be empty")
         splits = load_splits(data)
         for split in splits.values():
             require_columns(split, [data.tokens_column, data.tags_column])
@@ -148,7 +147,9 @@ class NerTask:
         config.num_labels = len(self.labels)
         config.id2label = dict(enumerate(self.labels))
         config.label2id = {name: i for i, name in enumerate(self.labels)}
-        return build_pretrained(AutoModelForTokenClassification, init, config, from_scratch)
+        model = build_pretrained(AutoModelForTokenClassification, init, config, from_scratch)
+        self.input_names = input_names(model)  # read before an engine wraps the model
+        return model
 
     def fingerprint(self) -> str:
         return content_digest([(name, e.window_ids, e.window_labels) for name, e in sorted(self.splits.items())])
@@ -178,7 +179,7 @@ class NerTask:
         return (batch["labels"] != IGNORE_INDEX).sum()
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = model(**encoder_inputs(model, batch)).logits  # [B, L, C]
+        logits = model(**encoder_inputs(self.input_names, batch)).logits  # [B, L, C]
         weight = (
             torch.tensor(self.cfg.data.class_weights, device=logits.device) if self.cfg.data.class_weights else None
         )
@@ -199,7 +200,7 @@ class NerTask:
         self, model: nn.Module, split: str, acc: Any, batch_size: int, aggregation: str | None = None
     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         encoded = self.splits[split]
-        logits = window_logits(model, encoded, self.tokenizer.pad_token_id, acc, batch_size)
+        logits = window_logits(model, self.input_names, encoded, self.tokenizer.pad_token_id, acc, batch_size)
         predicted, references, rows = [], [], []
         loss_sum, loss_count = 0.0, 0
         for d, paragraph in enumerate(encoded.paragraphs):
@@ -230,14 +231,75 @@ class NerTask:
 
 
 @torch.no_grad()
-def window_logits(model: nn.Module, encoded: NerEncoded, pad_id: int, acc: Any, batch_size: int) -> list[np.ndarray]:
-    """[len(window), C] logits of every window (each process runs its share; dropout off)."""
+def window_logits(
+    model: nn.Module, names: tuple[str, ...], encoded: NerEncoded, pad_id: int, acc: Any, batch_size: int
+) -> list[np.ndarray]:
+    """[len(window), C] logits of every window (each process runs its share; dropout off); `names`: the inputs
+    the model takes (`input_names`)."""
     lengths = [len(ids) for ids in encoded.window_ids]
     found: list[tuple[int, np.ndarray]] = []
     with evaluating(model):
         for rows in eval_order(lengths, batch_size, acc.process_index, acc.num_processes):
             batch = encoder_batch([encoded.window_ids[w] for w in rows], [[0] * lengths[w] for w in rows], pad_id)
-            inputs = encoder_inputs(model, {k: v.to(acc.device) for k, v in batch.items()})
+            inputs = encoder_inputs(names, {k: v.to(acc.device) for k, v in batch.items()})
             logits = model(**inputs).logits.float().cpu().numpy()
             found.extend((w, logits[i, : lengths[w]]) for i, w in enumerate(rows))
     return gather_in_order(acc, found, len(lengths))
+
+
+# -- berth predict -------------------------------------------------------------------------------------------
+
+
+def predict_entities(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    settings: WindowSettings,
+    labels: list[str],
+    acc: Any,
+    texts: list[str],
+    pairs: list[str] | None,
+    batch_size: int,
+) -> list[dict[str, Any]]:
+    """One {"entities": [{type, start, end, text, score}]} per text, character offsets into it; each word tagged
+    from the window where it has the most context, as in training."""
+    batch = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    encoded = NerEncoded()
+    for i in range(len(texts)):
+        word_ids = batch.word_ids(i)
+        num_words = max((w for w in word_ids if w is not None), default=-1) + 1
+        paragraph = paragraph_from_word_ids(batch["input_ids"][i], word_ids, num_words, [-1] * num_words)
+        cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+        add_windows(encoded, paragraph, cls, sep, settings.max_seq_len, settings.stride)
+    logits = window_logits(model, input_names(model), encoded, tokenizer.pad_token_id, acc, batch_size)
+    out = []
+    for i, paragraph in enumerate(encoded.paragraphs):
+        tags, probs = token_predictions(paragraph, [logits[w] for w in paragraph.windows])
+        offsets = batch["offset_mapping"][i]
+        starts, ends = word_offsets(paragraph.piece_word, offsets, len(paragraph.first_piece))
+        entities = []
+        for kind, first, last in bio_spans([labels[t] for t in tags]):
+            start, end = starts[first], ends[last - 1]
+            entities.append(
+                {
+                    "type": kind,
+                    "start": start,
+                    "end": end,
+                    "text": texts[i][start:end],
+                    "score": round(float(np.mean(probs[first:last])), 6),
+                }
+            )
+        out.append({"entities": entities})
+    return out
+
+
+def word_offsets(piece_word: list[int], offsets: list[tuple[int, int]], num_words: int) -> tuple[list[int], list[int]]:
+    """Character start and end of each word, from its pieces' offsets."""
+    starts, ends = [0] * num_words, [0] * num_words
+    seen = [False] * num_words
+    for p, w in enumerate(piece_word):
+        if w < 0:
+            continue
+        if not seen[w]:
+            starts[w], seen[w] = offsets[p][0], True
+        ends[w] = offsets[p][1]
+    return starts, ends

@@ -8,21 +8,15 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TextIO
 
-import numpy as np
 import torch
 from accelerate import Accelerator
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
-from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 from transformers.utils import logging as hf_logging
 
 from berth.core.errors import BerthError
 from berth.core.vocab import load_tokenizer
-from berth.finetune.bio import bio_spans
-from berth.finetune.classification import POOLERS, HierarchicalPooler, WindowClassifier, document_logits, encode_texts
-from berth.finetune.export import POOLER_FILE
 from berth.finetune.modeling import berth_settings, check_vocab, is_model_dir
-from berth.finetune.ner import NerEncoded, add_windows, paragraph_from_word_ids, token_predictions, window_logits
+from berth.finetune.registry import kind_of_architectures, task_kind
 from berth.finetune.windows import WindowSettings
 
 # Texts per chunk: output is written chunk by chunk, in input order.
@@ -97,91 +91,37 @@ class Predictor:
             raise BerthError(f"{model_dir}: not a model directory (no config.json)")
         self.tokenizer = load_tokenizer(str(path))
         config = json.loads((path / "config.json").read_text())
-        architectures = " ".join(config.get("architectures") or [])
-        if "SequenceClassification" not in architectures and "TokenClassification" not in architectures:
+        architectures = config.get("architectures") or []
+        found = kind_of_architectures(architectures)
+        if found is None:
             raise BerthError(
-                f"{model_dir}: not a fine-tuned classifier (architectures: {architectures or 'none'}); "
+                f"{model_dir}: not a fine-tuned classifier (architectures: {' '.join(architectures) or 'none'}); "
                 "fine-tune it first with berth finetune"
             )
         saved = berth_settings(path)
-        task = "ner" if "TokenClassification" in architectures else "classification"
         self.settings = (
-            WindowSettings(**saved) if saved else WindowSettings.for_checkpoint(task, config["max_position_embeddings"])
+            WindowSettings(**saved)
+            if saved
+            else WindowSettings.for_checkpoint(found.name, config["max_position_embeddings"])
         )
-        self.task = self.settings.task
-        auto = AutoModelForTokenClassification if self.task == "ner" else AutoModelForSequenceClassification
+        self.kind = task_kind(self.settings.task)
         hf_logging.disable_progress_bar()  # berth predict shows its own bar; standard error stays readable
-        model = auto.from_pretrained(str(path))
+        model = self.kind.auto_class.from_pretrained(str(path))
         check_vocab(self.tokenizer, model.config, str(model_dir))
         self.labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
         self.accelerator = Accelerator(cpu=device == "cpu" or not torch.cuda.is_available())
-        if self.task == "classification":
-            pooling = self.settings.aggregation if self.settings.aggregation in POOLERS else ""
-            weights = load_file(str(path / POOLER_FILE)) if pooling else {}
-            model = WindowClassifier(model, pooling, HierarchicalPooler.layers_in(weights) or 1)
-            if model.pooler is not None:
-                model.pooler.load_state_dict(weights)
-        self.model = model.to(self.accelerator.device).eval()
+        self.model = self.kind.predict_model(model, path, self.settings).to(self.accelerator.device).eval()
 
     @property
     def pairs(self) -> bool:
-        return self.task == "classification" and self.settings.text_pair
+        return self.settings.text_pair
 
     def predict(self, texts: list[str], batch_size: int = 64, pairs: list[str] | None = None) -> list[dict[str, Any]]:
-        if self.task == "ner":
-            return self._entities(texts, batch_size)
         if (pairs is not None) != self.pairs:
             raise BerthError("this model classifies text pairs" if self.pairs else "this model classifies single texts")
-        encoded = encode_texts(self.tokenizer, texts, self.settings, pairs)
-        how = self.settings.aggregation
-        logits = document_logits(
-            self.model, encoded, self.tokenizer.pad_token_id, self.accelerator, batch_size, (how,)
-        )[how]
-        score, label = torch.softmax(logits, dim=-1).max(dim=-1)
-        return [{"label": self.labels[int(i)], "score": round(float(s), 6)} for i, s in zip(label, score, strict=True)]
-
-    def _entities(self, texts: list[str], batch_size: int) -> list[dict[str, Any]]:
-        batch = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-        encoded = NerEncoded()
-        for i in range(len(texts)):
-            word_ids = batch.word_ids(i)
-            num_words = max((w for w in word_ids if w is not None), default=-1) + 1
-            paragraph = paragraph_from_word_ids(batch["input_ids"][i], word_ids, num_words, [-1] * num_words)
-            cls, sep = self.tokenizer.cls_token_id, self.tokenizer.sep_token_id
-            add_windows(encoded, paragraph, cls, sep, self.settings.max_seq_len, self.settings.stride)
-        logits = window_logits(self.model, encoded, self.tokenizer.pad_token_id, self.accelerator, batch_size)
-        out = []
-        for i, paragraph in enumerate(encoded.paragraphs):
-            tags, probs = token_predictions(paragraph, [logits[w] for w in paragraph.windows])
-            offsets = batch["offset_mapping"][i]
-            starts, ends = word_offsets(paragraph.piece_word, offsets, len(paragraph.first_piece))
-            entities = []
-            for kind, first, last in bio_spans([self.labels[t] for t in tags]):
-                start, end = starts[first], ends[last - 1]
-                entities.append(
-                    {
-                        "type": kind,
-                        "start": start,
-                        "end": end,
-                        "text": texts[i][start:end],
-                        "score": round(float(np.mean(probs[first:last])), 6),
-                    }
-                )
-            out.append({"entities": entities})
-        return out
-
-
-def word_offsets(piece_word: list[int], offsets: list[tuple[int, int]], num_words: int) -> tuple[list[int], list[int]]:
-    """Character start and end of each word, from its pieces' offsets."""
-    starts, ends = [0] * num_words, [0] * num_words
-    seen = [False] * num_words
-    for p, w in enumerate(piece_word):
-        if w < 0:
-            continue
-        if not seen[w]:
-            starts[w], seen[w] = offsets[p][0], True
-        ends[w] = offsets[p][1]
-    return starts, ends
+        return self.kind.predict(
+            self.model, self.tokenizer, self.settings, self.labels, self.accelerator, texts, pairs, batch_size
+        )
 
 
 def predict_file(

@@ -1,187 +1,116 @@
-"""Long documents whose verdict comes late: real test texts hidden in unrelated real text, for evaluation only.
+"""Long documents whose verdict comes late: the robustness evaluation, run on the test split after training.
 
 Natural long reviews mostly say what they think early, so windows and head truncation score alike on them. The
 case sliding windows exist for is a verdict anywhere in a long text. Each document here is one test text placed at
-the start, in the middle or at the end of paragraphs from another source (People's Daily by default, or
-`data.distractors` = a file of one paragraph a line), filled to between 3 and 8 windows. The same texts are also
-scored alone, so the loss from the surrounding text shows directly. People's Daily paragraphs come from its test
-share (`berth.corpora.embedded.split_of`), which the demo's pretraining never reads. Everything is drawn from a
-fixed seed (ROBUSTNESS_SEED), so every run, whatever its train.seed, and every aggregation sees the same
-documents; nothing here is trained on.
+the start, in the middle or at the end of paragraphs from another source (People's Daily's test share by default,
+or `data.distractors` = a file of one paragraph a line), filled to between 3 and 8 windows
+(`berth.finetune.hidden_text`). The same texts are also scored alone, so the loss from the surrounding text shows
+directly. Everything is drawn from a fixed seed (ROBUSTNESS_SEED), so every run, whatever its train.seed, and
+every aggregation sees the same documents. This module only evaluates; hidden-text training
+(`berth.finetune.extra_text`) builds its own documents from the training split and the train share.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
+import torch
 from transformers import PreTrainedTokenizerBase
 
-from berth.core.errors import BerthError
-from berth.core.text import vocabulary_languages
-from berth.corpora.embedded import peoples_daily
-from berth.finetune.windows import WindowSettings, window_spans
+from berth.finetune.batching import evaluating
+from berth.finetune.config import FinetuneConfig
+from berth.finetune.hidden_text import POSITIONS, HiddenSet, build_documents, distractor_paragraphs, encode_hidden
+from berth.finetune.pooling import WINDOW_AGGREGATIONS, combine_windows, document_logits, window_outputs
+from berth.finetune.windows import Encoded, WindowSettings, encode_texts
 
-POSITIONS = ("start", "middle", "end")
-WINDOWS = (3, 8)  # the documents' lengths, in windows, drawn uniformly between these two
-MIN_PARAGRAPH_CHARS = 20  # headlines and bylines are no paragraphs to hide a verdict among
 # The evaluation's draw, fixed: it does not move with train.seed, so runs of different seeds (and their
 # differences) are measured on the same documents, pairwise.
 ROBUSTNESS_SEED = 0
 
 
-@dataclass
-class RobustnessSet:
-    """The documents (the text of `source[d]` at `positions[d]`), their labels, and the texts alone."""
+class EvaluatedTask(Protocol):
+    """What the evaluation reads of a classification task (`berth.finetune.classification.ClassificationTask`)."""
 
-    texts: list[str] = field(default_factory=list)
-    labels: list[int] = field(default_factory=list)
-    positions: list[str] = field(default_factory=list)
-    source: list[int] = field(default_factory=list)  # index of the test text in the split
-    spans: list[tuple[int, int]] = field(default_factory=list)  # [start, end) characters of the text in texts[d]
-    alone: list[str] = field(default_factory=list)  # the test texts used, in order
-    alone_labels: list[int] = field(default_factory=list)
+    cfg: FinetuneConfig
+    tokenizer: PreTrainedTokenizerBase
+    settings: WindowSettings
+    pooling: str  # "", attention or hierarchical
+    texts: dict[str, list[str]]
+    splits: dict[str, Encoded]
 
 
-def distractor_paragraphs(setting: str, tokenizer: PreTrainedTokenizerBase) -> tuple[list[str], str]:
-    """(paragraphs, their source's name); no paragraphs when the setting is empty, or auto with a tokenizer
-    that does not cover Chinese (the embedded People's Daily)."""
-    if not setting:
-        return [], ""
-    if setting == "auto":
-        # the test share of its paragraphs: the demo pretrains on the train share, so these were never read
-        paragraphs = peoples_daily_paragraphs(tokenizer, "test")
-        return paragraphs, "peoples_daily" if paragraphs else ""
-    return read_paragraphs(setting, "data.distractors")
-
-
-def outlier_paragraphs(setting: str, tokenizer: PreTrainedTokenizerBase) -> tuple[list[str], str]:
-    """Unrelated text to train on (outlier exposure): auto takes People's Daily's train share, never the test share
-    the robustness evaluation hides texts in; or a UTF-8 file, one paragraph a line."""
-    if setting == "auto":
-        paragraphs = peoples_daily_paragraphs(tokenizer, "train")
-        return paragraphs, "peoples_daily (train share)" if paragraphs else ""
-    return read_paragraphs(setting, "data.outlier_text")
-
-
-def peoples_daily_paragraphs(tokenizer: PreTrainedTokenizerBase, split: str) -> list[str]:
-    """People's Daily paragraphs of one share, headlines left out; none for a tokenizer that does not cover Chinese."""
-    if "zh" not in vocabulary_languages(tokenizer.get_vocab()):
-        return []
-    texts = peoples_daily(unit="paragraph", split=split)["text"]
-    return [t for t in texts if len(t) >= MIN_PARAGRAPH_CHARS]
-
-
-def read_paragraphs(setting: str, key: str) -> tuple[list[str], str]:
-    path = Path(setting)
-    if not path.is_file():
-        raise BerthError(f"{key}={setting}: no such file (one paragraph a line, or auto)")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise BerthError(f"{key}={setting}: not UTF-8 text (byte {exc.start})") from None
-    paragraphs = [line.strip() for line in lines if len(line.strip()) >= MIN_PARAGRAPH_CHARS]
+def robustness_set(task: EvaluatedTask) -> tuple[HiddenSet, str]:
+    """The test texts hidden among distractor paragraphs, and the paragraphs' source; empty without them.
+    Drawn from ROBUSTNESS_SEED, not train.seed: runs of different seeds are scored on the same documents."""
+    paragraphs, source = distractor_paragraphs(task.cfg.data.distractors, task.tokenizer)
     if not paragraphs:
-        raise BerthError(f"{key}={setting}: no paragraph of {MIN_PARAGRAPH_CHARS} characters or more")
-    return paragraphs, str(path)
+        return HiddenSet(), ""
+    docs = build_documents(
+        task.texts["test"],
+        task.splits["test"].doc_labels,
+        paragraphs,
+        task.tokenizer,
+        task.settings,
+        task.cfg.data.robustness_docs,
+        ROBUSTNESS_SEED,
+    )
+    return docs, source
 
 
-def build_documents(
-    texts: list[str],
-    labels: list[int],
-    paragraphs: list[str],
-    tokenizer: PreTrainedTokenizerBase,
-    settings: WindowSettings,
-    count: int,
-    seed: int,
-    every_position: bool = True,
-) -> RobustnessSet:
-    """Up to `count` test texts (a seeded draw among those shorter than the shortest document), each hidden at
-    every position among consecutive distractor paragraphs from a seeded start, to a length of 3-8 windows;
-    with every_position=False (training documents), at one position drawn per text."""
-    rng = np.random.default_rng([seed, 15])
-    # its own stream, so that the documents of every_position=True stay the same draw
-    placement = np.random.default_rng([seed, 16])
-    room = settings.max_seq_len - 2  # content tokens of one window
-    sizes: dict[int, int] = {}
+def evaluate_robustness(task: EvaluatedTask, model: torch.nn.Module, acc: Any, batch_size: int) -> dict[str, Any]:
+    """Accuracy by aggregation on test texts hidden at the start, middle and end of unrelated text 3-8 windows
+    long, beside the same texts alone; empty without distractor paragraphs. Each document window runs through
+    the model once."""
+    data = task.cfg.data
+    docs, source = robustness_set(task)
+    if not docs.alone:
+        return {}
+    pad = task.tokenizer.pad_token_id
+    hows = (*WINDOW_AGGREGATIONS, task.pooling) if task.pooling else WINDOW_AGGREGATIONS
+    encoded, found = encode_hidden(task.tokenizer, docs, task.settings)
+    with evaluating(model):
+        logits, vectors = window_outputs(model, encoded, pad, acc, batch_size, vectors=bool(task.pooling))
+        hidden = combine_windows(model, acc, logits, vectors, encoded.window_doc, len(docs.texts), hows)
+        # The same documents from only the windows that hold some of the text (the distractor windows left
+        # out): what stays below `alone` there is lost inside the text's own windows, which no way of combining
+        # windows can win back; the rest is lost to distractor windows outvoting them.
+        keep = [
+            w
+            for ws, doc in zip(encoded.doc_windows, found, strict=True)
+            for w, held in zip(ws, doc.held, strict=True)
+            if held or not doc.own  # a text of no tokens leaves nothing out
+        ]
+        own_logits = combine_windows(
+            model,
+            acc,
+            logits[keep],
+            None if vectors is None else vectors[keep],
+            [encoded.window_doc[w] for w in keep],
+            len(docs.texts),
+            hows,
+        )
+    alone = encode_texts(task.tokenizer, docs.alone, task.settings, labels=docs.alone_labels)
+    alone_logits = document_logits(model, alone, pad, acc, batch_size, hows)
+    labels, positions = torch.tensor(docs.labels), np.array(docs.positions)
+    windows = [len(ws) for ws in encoded.doc_windows]
 
-    def tokens(i: int) -> int:
-        if i not in sizes:
-            sizes[i] = len(tokenizer(paragraphs[i], add_special_tokens=False, verbose=False)["input_ids"])
-        return sizes[i]
+    def accuracy(logits: torch.Tensor, gold: torch.Tensor) -> float:
+        return float((logits.argmax(-1) == gold).float().mean())
 
-    out = RobustnessSet()
-    for index in rng.permutation(len(texts)).tolist():
-        if len(out.alone) == count:
-            break
-        windows = int(rng.integers(WINDOWS[0], WINDOWS[1] + 1))
-        # n windows cover room + (n - 2) x stride + 1 to room + (n - 1) x stride tokens: aim inside, half a stride
-        # from the edge, so the few tokens the joins may add or take leave n windows
-        target = room + (windows - 1) * settings.stride - int(rng.integers(0, max(settings.stride // 2, 1)))
-        own = len(tokenizer(texts[index], add_special_tokens=False, verbose=False)["input_ids"])
-        if own >= room:
-            continue  # a text of a window or more would not be hidden: it is the document
-        filler, total, at = [], own, int(rng.integers(len(paragraphs)))
-        while total < target:
-            paragraph = paragraphs[at % len(paragraphs)]
-            size = tokens(at % len(paragraphs))
-            if total + size > target:  # the last paragraph cut at the token that reaches the length
-                spans = tokenizer(paragraph, add_special_tokens=False, return_offsets_mapping=True, verbose=False)[
-                    "offset_mapping"
-                ]
-                paragraph, size = paragraph[: spans[target - total - 1][1]], target - total
-            filler.append(paragraph)
-            total += size
-            at += 1
-        before, after = halves("\n".join(filler))
-        placed = {
-            "start": [texts[index], before + after],
-            "middle": [before, texts[index], after],
-            "end": [before + after, texts[index]],
+    def by_position(logits: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+        return {
+            position: {how: accuracy(logits[how][positions == position], labels[positions == position]) for how in hows}
+            for position in POSITIONS
         }
-        for position in POSITIONS if every_position else [POSITIONS[int(placement.integers(len(POSITIONS)))]]:
-            at_text = {"start": 0, "middle": 1, "end": len(placed[position]) - 1}[position]
-            preceding = [part for part in placed[position][:at_text] if part]
-            start = sum(len(part) + 1 for part in preceding)  # each followed by its "\n"
-            out.texts.append("\n".join(part for part in placed[position] if part))
-            out.spans.append((start, start + len(texts[index])))
-            out.labels.append(labels[index])
-            out.positions.append(position)
-            out.source.append(index)
-        out.alone.append(texts[index])
-        out.alone_labels.append(labels[index])
-    return out
 
-
-@dataclass
-class TextWindows:
-    """One document of a RobustnessSet as encode_texts cuts it: its content token ids, each window's [start, end)
-    token span, how many tokens of the hidden text each window holds, and the hidden text's token count."""
-
-    ids: list[int]
-    spans: list[tuple[int, int]]
-    held: list[int]
-    own: int
-
-
-def text_windows(
-    tokenizer: PreTrainedTokenizerBase, docs: RobustnessSet, settings: WindowSettings
-) -> list[TextWindows]:
-    """Where the hidden text lies in each document's windows (hidden-text training labels windows by it; the
-    robustness evaluation scores the text's windows without the others)."""
-    pieces = tokenizer(docs.texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-    out = []
-    for (first, last), ids, offsets in zip(docs.spans, pieces["input_ids"], pieces["offset_mapping"], strict=True):
-        inside = np.array([first <= a and b <= last for a, b in offsets], dtype=bool)  # [T]: a token of the text
-        spans = window_spans(len(ids), settings.max_seq_len - 2, settings.stride)
-        out.append(TextWindows(ids, spans, [int(inside[a:b].sum()) for a, b in spans], int(inside.sum())))
-    return out
-
-
-def halves(text: str) -> tuple[str, str]:
-    """`text` cut in two at the paragraph, sentence or clause end nearest its middle (at the middle when it has
-    none): the hidden text sits between whole clauses."""
-    ends = [i + 1 for i, char in enumerate(text) if char in "\n。！？；，!?;,"]
-    cut = min(ends, key=lambda i: abs(i - len(text) / 2)) if ends else len(text) // 2
-    return text[:cut].rstrip("\n"), text[cut:].lstrip("\n")
+    return {
+        "source": source,
+        "hidden_training": data.hidden_training,  # what the model was trained with, for the report
+        "hidden_weight": data.hidden_weight,
+        "texts": len(docs.alone),
+        "windows": {"min": min(windows), "mean": round(sum(windows) / len(windows), 2), "max": max(windows)},
+        "accuracy": by_position(hidden),
+        "text_windows_only": by_position(own_logits),
+        "alone": {how: accuracy(alone_logits[how], torch.tensor(docs.alone_labels)) for how in hows},
+    }

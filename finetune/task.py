@@ -1,7 +1,7 @@
 """The protocol a fine-tuning task implements; `FinetuneStage` (finetune.train) drives it in the shared loop.
 
 Two tasks ship: `ClassificationTask` (one label per text or text pair, long texts in windows) and `NerTask`
-(BIO tags per word). A new task is a class with these members, added to `finetune.train.TASKS`.
+(BIO tags per word). A new task is a class with these members, added to `berth.finetune.registry.KINDS`.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ class Task(Protocol):
     metrics: tuple[str, ...]  # the validation figures train.metric may name
     labels: tuple[str, ...]
     splits: dict[str, Any]  # the encoded splits by name: train, validation, test (optional)
+    # Methods of its model besides forward that use the weights (a sharding engine gathers them there too).
+    forward_methods: tuple[str, ...]
 
     def build_model(self, init: str, config: PretrainedConfig, from_scratch: bool) -> Any:
         """The model to fine-tune, with a head for this task's labels."""

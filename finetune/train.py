@@ -18,18 +18,16 @@ from berth.core.hub import push_folder
 from berth.core.layout import FINAL_DIR
 from berth.core.vocab import load_tokenizer, tokenizer_fingerprint
 from berth.finetune.batching import length_grouped_batches
-from berth.finetune.classification import ClassificationTask
 from berth.finetune.config import FinetuneConfig
 from berth.finetune.export import BEST, best_weights, export_finetuned, save_model_dir
 from berth.finetune.modeling import check_init, check_vocab, dropout_overrides, load_model_config
-from berth.finetune.ner import NerTask
+from berth.finetune.registry import task_kind
 from berth.finetune.task import Task
-from berth.runtime.engines import full_state_dict, load_full_state_dict
+from berth.runtime.engines import Engine, ShardingHints
 from berth.runtime.loop import Batch, Loop, TrainState
 
 logger = logging.getLogger(__name__)
 
-TASKS: dict[str, type[ClassificationTask] | type[NerTask]] = {"classification": ClassificationTask, "ner": NerTask}
 RESULTS_FILE = "eval_results.json"
 PREDICTIONS_FILE = "test_predictions.jsonl"
 # Sections whose change makes a checkpoint meaningless for this run (the train section may change).
@@ -52,10 +50,12 @@ class FinetuneStage:
         self.name = f"fine-tuning {cfg.task}"
         self.metric = cfg.train.metric
         self.lower_is_better = lower_is_better(cfg.train.metric)
+        self.patience = cfg.train.early_stopping_patience
 
-    def build(self, acc: Accelerator) -> torch.nn.Module:
-        cfg, m = self.cfg, self.cfg.model
-        valid = TASKS[cfg.task].metrics
+    def build(self, acc: Accelerator, engine: Engine) -> torch.nn.Module:
+        cfg, m, self.engine = self.cfg, self.cfg.model, engine
+        kind = task_kind(cfg.task)
+        valid = kind.task.metrics
         if cfg.train.metric not in valid:
             raise BerthError(
                 f"train.metric={cfg.train.metric}: not a {cfg.task} metric; choose one of {', '.join(valid)}"
@@ -64,8 +64,11 @@ class FinetuneStage:
         self.tokenizer = load_tokenizer(init)
         config = load_model_config(init, dropout_overrides(m.hidden_dropout, m.attention_dropout, m.classifier_dropout))
         check_vocab(self.tokenizer, config, init)
-        self.task: Task = TASKS[cfg.task](cfg, self.tokenizer)
+        self.task: Task = kind.task(cfg, self.tokenizer)
         return self.task.build_model(init, config, m.from_scratch)
+
+    def sharding_hints(self) -> ShardingHints:
+        return ShardingHints(forward_methods=self.task.forward_methods)
 
     def data_key(self) -> dict[str, str]:
         return {"data": self.task.fingerprint(), "tokenizer": tokenizer_fingerprint(self.tokenizer)}
@@ -107,7 +110,7 @@ class FinetuneStage:
         return metrics
 
     def save_best(self, model: torch.nn.Module, state: TrainState, acc: Accelerator) -> None:
-        weights = full_state_dict(acc, model)  # gathered on every process where the engine shards the model
+        weights = self.engine.full_state_dict(model)  # gathered on every process where the engine shards it
         if acc.is_main_process:
             settings = self.task.export_settings(state.best_metrics.get("aggregation", ""))
             save_model_dir(acc.unwrap_model(model), self.tokenizer, settings, self.out / BEST, weights)
@@ -119,7 +122,7 @@ class FinetuneStage:
     def finish(self, model: torch.nn.Module, state: TrainState, acc: Accelerator) -> Path:
         """Reload the best weights, evaluate them on test, and export to final/."""
         t = self.cfg.train
-        load_full_state_dict(acc, model, best_weights(acc.unwrap_model(model), self.out / BEST))
+        self.engine.load_full_state_dict(model, best_weights(acc.unwrap_model(model), self.out / BEST))
         aggregation = state.best_metrics.get("aggregation") or None
         results: dict[str, Any] = {"best_step": state.best_step, "steps": state.step, "metric": t.metric}
         results["validation"] = state.best_metrics  # measured on these very weights when they were saved

@@ -17,7 +17,7 @@ from berth.core.layout import FINAL_DIR
 from berth.core.text import vocabulary_languages
 from berth.core.vocab import write_vocab_txt
 from berth.pretrain.model import SENTENCE_HEAD
-from berth.runtime.engines import full_state_dict
+from berth.runtime.engines import Engine
 from berth.runtime.tracking import read_metrics
 
 
@@ -68,6 +68,7 @@ fill = pipeline("fill-mask", model="path/to/this/folder")
 
 def export_pretrained(
     accelerator: Accelerator,
+    engine: Engine,
     prepared: torch.nn.Module,
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -75,11 +76,11 @@ def export_pretrained(
     out: Path,
     name: str = FINAL_DIR,
 ) -> Path:
-    """`prepared` is the objective as Accelerate wrapped it (DDP, FSDP, ...); `model` the encoder inside it.
+    """`prepared` is the objective as `engine` spread it (DDP, FSDP, ...); `model` the encoder inside it.
     Writes out/<name> (final/ by default), with berth's [CLS]-task head beside it when the model has none."""
     final = out / name
     # Gathered on every process (FSDP / DeepSpeed shard it), written by the main one.
-    state_dict = full_state_dict(accelerator, prepared)
+    state_dict = engine.full_state_dict(prepared)
     if accelerator.is_main_process:
         tmp = temporary_sibling(final)
         inner = untie({k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")}, model)

@@ -14,7 +14,7 @@ import torch
 
 from berth.core.labels import IGNORE_INDEX
 from berth.pretrain.config import DataConfig
-from berth.pretrain.data import NOT_A_WORD, SpecialIds
+from berth.pretrain.documents import NOT_A_WORD, SpecialIds
 
 # 64-bit mixing constants (splitmix64) so that neighbouring (seed, epoch, index) give unrelated streams.
 _MIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)

@@ -37,15 +37,8 @@ from berth.corpora.config import CorpusConfig
 from berth.corpora.embedded import NAMED_CORPORA
 from berth.corpora.readers import HUB_PREFIX, load_corpus, resolve_files
 from berth.pretrain.config import DataConfig, PretrainConfig
-from berth.pretrain.data import (
-    DOCUMENT_FEATURES,
-    FORMAT_VERSION,
-    GROUP_SIZE,
-    DocumentEncoder,
-    SpecialIds,
-    check_seq_len,
-    check_tokenizer,
-)
+from berth.pretrain.data import FORMAT_VERSION, GROUP_SIZE
+from berth.pretrain.documents import DOCUMENT_FEATURES, DocumentEncoder, SpecialIds, check_seq_len, check_tokenizer
 from berth.pretrain.masking import EpochExamples, MaskingCollator
 from berth.pretrain.sentences import sentence_ends
 from berth.pretrain.stream import EpochStream

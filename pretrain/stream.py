@@ -22,7 +22,8 @@ import datasets
 import numpy as np
 
 from berth.pretrain.config import DataConfig
-from berth.pretrain.data import GROUP_SIZE, ExampleBuilder, SpecialIds
+from berth.pretrain.data import GROUP_SIZE, ExampleBuilder
+from berth.pretrain.documents import SpecialIds
 
 # Groups whose examples are shuffled together: 8 x 256 documents, some 10^4 examples of the Chinese corpus in
 # memory at a time. Fixed, so the stream does not depend on anything but the seed.

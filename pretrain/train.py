@@ -19,11 +19,12 @@ from berth.core.hub import push_folder
 from berth.core.models import HFModel
 from berth.core.vocab import load_tokenizer, tokenizer_fingerprint
 from berth.pretrain.config import PretrainConfig
-from berth.pretrain.data import check_seq_len
+from berth.pretrain.documents import check_seq_len
 from berth.pretrain.export import export_pretrained
 from berth.pretrain.masking import EpochExamples, MaskingCollator, pack_batch
 from berth.pretrain.model import PretrainingObjective, build_model, load_sentence_head
 from berth.pretrain.prepare import corpus_fingerprint, digest, prepare
+from berth.runtime.engines import Engine, ShardingHints
 from berth.runtime.loop import Batch, Loop, TrainState
 
 logger = logging.getLogger(__name__)
@@ -89,13 +90,14 @@ class PretrainingStage:
     resume_sections: tuple[str, ...] = RESUME_SECTIONS
     metric = ""  # pretraining keeps its last weights, not a best-so-far
     lower_is_better = True
+    patience = 0
 
     def __init__(self, cfg: PretrainConfig, tokenizer_source: TokenizerSource | None = None):
         self.cfg = cfg
         self.tokenizer_source = tokenizer_source or (lambda: load_tokenizer(cfg.tokenizer.path))
 
-    def build(self, acc: Accelerator) -> torch.nn.Module:
-        cfg = self.cfg
+    def build(self, acc: Accelerator, engine: Engine) -> torch.nn.Module:
+        cfg, self.engine = self.cfg, engine
         with acc.main_process_first():
             self.prepared = prepare(cfg, self.tokenizer_source())
         special = self.prepared.special
@@ -115,6 +117,9 @@ class PretrainingStage:
                 cfg.data.eval_fraction,
             )
         return self.objective
+
+    def sharding_hints(self) -> ShardingHints:
+        return ShardingHints(external_parameters=self.objective.external_parameters())
 
     def data_key(self) -> dict[str, str]:
         return {
@@ -189,7 +194,7 @@ class PretrainingStage:
         branch = f"step-{state.step}"
         out = Path(self.cfg.output_dir)
         folder = export_pretrained(
-            acc, model, self.objective.model, self.prepared.tokenizer, self.cfg, out, f".hub-{branch}"
+            acc, self.engine, model, self.objective.model, self.prepared.tokenizer, self.cfg, out, f".hub-{branch}"
         )
         if acc.is_main_process:
             push_folder(folder, hub.repo_id, branch, hub.private, f"berth: checkpoint {branch}")
@@ -198,7 +203,9 @@ class PretrainingStage:
 
     def finish(self, model: torch.nn.Module, state: TrainState, acc: Accelerator) -> Path:
         cfg = self.cfg
-        final = export_pretrained(acc, model, self.objective.model, self.prepared.tokenizer, cfg, Path(cfg.output_dir))
+        final = export_pretrained(
+            acc, self.engine, model, self.objective.model, self.prepared.tokenizer, cfg, Path(cfg.output_dir)
+        )
         if cfg.hub.push and acc.is_main_process:
             push_folder(final, cfg.hub.repo_id, cfg.hub.revision, cfg.hub.private, "berth: final pretrained model")
         return final

@@ -185,3 +185,147 @@ def test_one_name_per_idea_in_both_train_sections():
         names = {f.name for f in dataclasses.fields(stage)}
         assert shared <= names and "keep_last" not in names
     assert {f.name for f in dataclasses.fields(PretrainTrainConfig)} - shared == {"eval_batches", "peak_tflops"}
+
+
+SINGLE = "data.text_pair_column=b (text pairs)"
+NEEDS_WINDOWS = "trains on single texts among unrelated text; it needs data.long_text=windows and no"
+
+
+@pytest.mark.parametrize(
+    ("dead", "live", "message"),
+    [
+        # (overrides that set a key the rest makes dead, the setting that brings it to life, the one line)
+        (
+            ["data.stride=32", "data.long_text=head"],
+            ["data.stride=32"],
+            "data.stride=32 does nothing with data.long_text=head (one truncated window per text)",
+        ),
+        (
+            ["data.aggregation=max", "data.long_text=tail"],
+            ["data.aggregation=max"],
+            "data.aggregation=max does nothing with data.long_text=tail (one window per text)",
+        ),
+        (
+            ["data.pooler_layers=2"],
+            ["data.pooler_layers=2", "data.aggregation=hierarchical"],
+            "data.pooler_layers=2 does nothing with data.aggregation=auto",
+        ),
+        (
+            ["data.max_train_windows=4", "data.aggregation=margin"],
+            ["data.max_train_windows=4", "data.aggregation=attention"],
+            "data.max_train_windows=4 does nothing with data.aggregation=margin",
+        ),
+        (
+            ["data.head_fraction=0.5", "data.long_text=head"],
+            ["data.head_fraction=0.5", "data.long_text=head_tail"],
+            "data.head_fraction=0.5 does nothing with data.long_text=head and no train.compare_truncation (which also "
+            "tries head_tail)",
+        ),
+        (
+            ["data.head_fraction=0.5"],
+            ["data.head_fraction=0.5", "train.compare_truncation=true"],
+            "data.head_fraction=0.5 does nothing with data.long_text=windows and no train.compare_truncation (which "
+            "also tries head_tail)",
+        ),
+        (
+            ["data.robustness_docs=100", "data.long_text=head"],
+            ["data.robustness_docs=100"],
+            "data.robustness_docs=100 does nothing with data.long_text=head",
+        ),
+        (
+            ["data.robustness_docs=100", "data.text_pair_column=b"],
+            ["data.robustness_docs=100"],
+            f"data.robustness_docs=100 does nothing with {SINGLE}",
+        ),
+        (
+            ["data.distractors=news.txt", "data.robustness_docs=0"],
+            ["data.distractors=news.txt"],
+            "data.distractors=news.txt does nothing with data.robustness_docs=0",
+        ),
+        (
+            ["train.compare_truncation=true", "data.text_pair_column=b"],
+            ["train.compare_truncation=true"],
+            f"train.compare_truncation=true does nothing with {SINGLE}",
+        ),
+        (
+            ["data.hidden_weight=0.5"],
+            ["data.hidden_weight=0.5", "data.hidden_training=0.3"],
+            "data.hidden_weight=0.5 does nothing with data.hidden_training=0",
+        ),
+        (
+            ["data.outlier_text=news.txt"],
+            ["data.outlier_text=news.txt", "data.outlier_exposure=0.5"],
+            "data.outlier_text=news.txt does nothing with data.outlier_exposure=0 and data.hidden_training=0",
+        ),
+        (
+            ["data.hidden_training=0.3", "data.long_text=head"],
+            ["data.hidden_training=0.3"],
+            f"data.hidden_training=0.3 {NEEDS_WINDOWS} data.text_pair_column (not data.long_text=head)",
+        ),
+        (
+            ["data.outlier_exposure=0.5", "data.text_pair_column=b"],
+            ["data.outlier_exposure=0.5"],
+            f"data.outlier_exposure=0.5 {NEEDS_WINDOWS} data.text_pair_column (not {SINGLE})",
+        ),
+        (
+            ["data.outlier_exposure=0.5", "data.aggregation=attention"],
+            ["data.outlier_exposure=0.5"],
+            "data.outlier_exposure=0.5 trains single windows towards a flat distribution; it needs a window "
+            "aggregation, not attention (use data.hidden_training for the pooled ones)",
+        ),
+        (
+            ["task=ner", "data.aggregation=max"],
+            ["data.aggregation=max"],
+            "data.aggregation=max does nothing with task=ner",
+        ),
+        (
+            ["task=ner", "data.text_pair_column=b"],
+            ["data.text_pair_column=b"],
+            "data.text_pair_column=b does nothing with task=ner",
+        ),
+        (
+            ["task=ner", "train.yardstick=true"],
+            ["train.yardstick=true"],
+            "train.yardstick=true does nothing with task=ner",
+        ),
+        (
+            ["data.tags_column=tags"],
+            ["data.tags_column=tags", "task=ner"],
+            "data.tags_column=tags does nothing with task=classification",
+        ),
+        (
+            ["hub.revision=dev"],
+            ["hub.revision=dev", "hub.push=true", "hub.repo_id=a/b"],
+            "hub: hub.revision=dev does nothing with hub.push=false",
+        ),
+        (
+            ["hub.private=true", "hub.repo_id=a/b"],
+            ["hub.private=true", "hub.repo_id=a/b", "hub.push=true"],
+            "hub: hub.repo_id=a/b does nothing with hub.push=false",
+        ),
+    ],
+)
+def test_an_option_that_does_nothing_is_refused_and_the_setting_that_needs_it_accepts_it(dead, live, message):
+    from berth.finetune.config import FinetuneConfig
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(FinetuneConfig, None, dead)
+    assert str(caught.value).count("\n") == 0 and str(caught.value).endswith(message)
+    load_config(FinetuneConfig, None, live)  # the same key where it matters
+
+
+def test_push_checkpoints_is_pretrainings_and_refused_in_fine_tuning():
+    from berth.finetune.config import FinetuneConfig
+    from berth.pretrain.config import PretrainConfig
+
+    push = ["hub.push=true", "hub.repo_id=a/b", "hub.push_checkpoints=true"]
+    assert load_config(PretrainConfig, None, push).hub.push_checkpoints
+    with pytest.raises(ConfigError, match=r"hub.push_checkpoints=true does nothing in fine-tuning"):
+        load_config(FinetuneConfig, None, push)
+
+
+def test_the_shipped_configs_set_only_live_options():
+    from berth.finetune.config import FinetuneConfig
+
+    for name in ("reviews_sentiment", "peoples_daily_ner"):
+        load_config(FinetuneConfig, f"configs/finetune/{name}.yaml")

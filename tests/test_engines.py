@@ -80,10 +80,11 @@ def figures(run_dir, name):
 @pytest.mark.parametrize(
     ("launch", "architecture", "engine"),
     [
+        # one launch per engine in `make test`; the rest of the matrix is `slow` (CI runs it after)
         ("deepspeed_zero2", "bert", "DeepSpeed ZeRO-2"),
-        ("deepspeed_zero3", "bert", "DeepSpeed ZeRO-3"),
+        pytest.param("deepspeed_zero3", "bert", "DeepSpeed ZeRO-3", marks=pytest.mark.slow),
         ("deepspeed_zero3", "modernbert", "DeepSpeed ZeRO-3"),
-        ("fsdp", "bert", "FSDP2"),
+        pytest.param("fsdp", "bert", "FSDP2", marks=pytest.mark.slow),
         ("fsdp", "modernbert", "FSDP2"),
     ],
 )
@@ -156,6 +157,7 @@ def test_engine_finetunes_like_one_process(tiny, tmp_path, launch, aggregation):
 # -- several machines --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_machines_simulated_on_one_host_pretrain_together(setup, fake_hub, monkeypatch, tmp_path):  # noqa: F811
     """Two `accelerate launch --num_machines 2` (machine ranks 0 and 1, one process each) over 127.0.0.1: they
     train as one 2-process run; only the global main process prepares data first, writes the run, the export and

@@ -26,11 +26,11 @@ from berth.core.errors import BerthError
 from berth.core.text import has_cjk
 from berth.core.vocab import load_tokenizer
 from berth.corpora.embedded import peoples_daily_ner, reviews_sentiment
-from berth.finetune.classification import WINDOW_AGGREGATIONS, HierarchicalPooler, encode_texts, pair_cuts
 from berth.finetune.config import FinetuneConfig
+from berth.finetune.pooling import WINDOW_AGGREGATIONS, HierarchicalPooler
 from berth.finetune.predict import predict_file
 from berth.finetune.train import FinetuneStage, finetune
-from berth.finetune.windows import WindowSettings
+from berth.finetune.windows import WindowSettings, encode_texts, pair_cuts
 from berth.pretrain.model import padded_vocab_size
 from berth.runtime.loop import Loop
 from berth.runtime.tracking import read_metrics
@@ -338,6 +338,7 @@ def test_a_pair_model_fine_tunes_and_predicts_pairs(tiny, tmp_path, review_run):
                 handle.write(json.dumps(pair, ensure_ascii=False) + "\n")
     files = [f"data.{split}_file={tmp_path / f'{split}.jsonl'}" for split in ("train", "validation", "test")]
     pair_columns = ("data.text_column=first", "data.text_pair_column=rest", "train.max_steps=4")
+    pair_columns += ("train.compare_truncation=false",)  # windows against truncation: single texts only
     final = finetune(review_config(tiny, tmp_path / "run", *files, *pair_columns))
     assert json.loads((final / "config.json").read_text())["berth"]["text_pair"] is True
     results = json.loads((final.parent / "eval_results.json").read_text())
@@ -364,7 +365,9 @@ def test_a_pair_model_fine_tunes_and_predicts_pairs(tiny, tmp_path, review_run):
 
 
 def test_truncation_gives_one_window_per_text(tiny, tmp_path):
-    final = finetune(review_config(tiny, tmp_path / "run", "data.long_text=head_tail", "train.epochs=1"))
+    # the stride and the windows-against-truncation comparison do nothing under truncation: back to their defaults
+    untouched = ("data.stride=64", "train.compare_truncation=false")
+    final = finetune(review_config(tiny, tmp_path / "run", "data.long_text=head_tail", "train.epochs=1", *untouched))
     rows = [json.loads(line) for line in (final.parent / "test_predictions.jsonl").read_text().splitlines()]
     assert {r["windows"] for r in rows} == {1}
     assert json.loads((final / "config.json").read_text())["berth"]["long_text"] == "head_tail"
@@ -389,7 +392,7 @@ def test_gradient_accumulation_gives_the_same_weights(tiny, tmp_path):
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("aggregation", ["auto", "attention"])
+@pytest.mark.parametrize("aggregation", [pytest.param("auto", marks=pytest.mark.slow), "attention"])
 def test_two_processes_reach_the_weights_and_metrics_of_one(tiny, tmp_path, aggregation):
     """DDP through the shipped CPU config: same weights, same validation figures (evaluation is sharded and
     gathered back in order), the same test predictions; with attention pooling, its layer too. Both with
@@ -442,8 +445,8 @@ def test_early_stopping_keeps_the_best_evaluation(tiny, tmp_path):
     scripted = iter([0.50, 0.70, 0.60, 0.65, 0.99, 0.99])
 
     class Scripted(FinetuneStage):
-        def build(self, acc):
-            model = super().build(acc)
+        def build(self, acc, engine):
+            model = super().build(acc, engine)
             real = self.task.evaluate
 
             def evaluate(model, split, acc, batch_size, aggregation=None):
@@ -765,8 +768,8 @@ def test_a_non_finite_loss_stops_before_its_weights_are_evaluated_or_kept(tiny, 
 def test_robustness_is_reported_and_predict_agrees_on_its_documents(review_run, tiny, tmp_path):
     """The test reviews hidden among People's Daily paragraphs: every position and aggregation is reported, and
     `berth predict` on the same documents (rebuilt from the same seed) gives the reported accuracy."""
-    from berth.finetune.classification import WINDOW_AGGREGATIONS
-    from berth.finetune.robustness import POSITIONS, ROBUSTNESS_SEED, build_documents, distractor_paragraphs
+    from berth.finetune.hidden_text import POSITIONS, build_documents, distractor_paragraphs
+    from berth.finetune.robustness import ROBUSTNESS_SEED
 
     results = json.loads((review_run / "eval_results.json").read_text())
     robustness = results["robustness"]
@@ -790,8 +793,8 @@ def test_robustness_is_reported_and_predict_agrees_on_its_documents(review_run, 
         assert robustness["accuracy"][position][chosen] == pytest.approx(right, abs=1e-9)
 
     # the same documents from only the windows holding some of the review: the export's window logits, by hand
-    from berth.finetune.classification import aggregate
-    from berth.finetune.robustness import text_windows
+    from berth.finetune.hidden_text import text_windows
+    from berth.finetune.pooling import aggregate
 
     model = AutoModelForSequenceClassification.from_pretrained(review_run / "final").eval()
     cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
@@ -814,12 +817,13 @@ def test_robustness_is_reported_and_predict_agrees_on_its_documents(review_run, 
 def test_the_robustness_documents_do_not_move_with_the_training_seed(tiny, tmp_path):
     """Runs of different train.seed are compared on the same hidden documents."""
     from berth.finetune.classification import ClassificationTask
-    from berth.finetune.robustness import build_documents, distractor_paragraphs
+    from berth.finetune.hidden_text import build_documents, distractor_paragraphs
+    from berth.finetune.robustness import robustness_set
 
     tokenizer = load_tokenizer(tiny / "ckpt")
 
     def documents(*overrides: str) -> list[str]:
-        docs, source = ClassificationTask(review_config(tiny, tmp_path / "r", *overrides), tokenizer).robustness_set()
+        docs, source = robustness_set(ClassificationTask(review_config(tiny, tmp_path / "r", *overrides), tokenizer))
         assert source == "peoples_daily"
         return docs.texts
 
@@ -835,7 +839,8 @@ def test_the_robustness_documents_do_not_move_with_the_training_seed(tiny, tmp_p
 
 
 def test_outlier_exposure_draws_unrelated_windows_each_epoch_and_trains_them_flat(tiny, tmp_path):
-    from berth.finetune.classification import UNIFORM, ClassificationTask
+    from berth.finetune.classification import ClassificationTask
+    from berth.finetune.extra_text import UNIFORM
 
     tokenizer = load_tokenizer(tiny / "ckpt")
     task = ClassificationTask(review_config(tiny, tmp_path / "oe", "data.outlier_exposure=0.5"), tokenizer)
@@ -851,11 +856,9 @@ def test_outlier_exposure_draws_unrelated_windows_each_epoch_and_trains_them_fla
     final = finetune(review_config(tiny, tmp_path / "oe", "data.outlier_exposure=0.5", "train.max_steps=3"))
     assert (final / "model.safetensors").is_file()
     with pytest.raises(
-        BerthError, match=r"^data.outlier_exposure trains single windows .* not attention \(use data.hidden_training"
+        BerthError, match=r": data.outlier_exposure=1.0 trains single windows .* not attention \(use data.hidden_"
     ):
-        ClassificationTask(
-            review_config(tiny, tmp_path / "x", "data.outlier_exposure=1", "data.aggregation=attention"), tokenizer
-        )
+        review_config(tiny, tmp_path / "x", "data.outlier_exposure=1", "data.aggregation=attention")
 
 
 def test_hidden_training_adds_documents_with_a_text_among_unrelated_paragraphs(tiny, tmp_path):
@@ -865,7 +868,7 @@ def test_hidden_training_adds_documents_with_a_text_among_unrelated_paragraphs(t
     cfg = review_config(tiny, tmp_path / "mil", "data.aggregation=hierarchical", "data.hidden_training=0.5")
     task = ClassificationTask(cfg, tokenizer)
     train = task.splits["train"]
-    hidden = task.extra
+    hidden = task.extra.encoded
     assert 0 < len(hidden.doc_labels) <= round(0.5 * len(train.doc_labels))
     assert all(3 <= len(ws) <= 8 for ws in hidden.doc_windows)
     units, _ = task.train_units(0)
@@ -874,30 +877,33 @@ def test_hidden_training_adds_documents_with_a_text_among_unrelated_paragraphs(t
     expected = [hidden.doc_labels[hidden.window_doc[units[k][0] - len(train.window_ids)]] for k in (-3, -2, -1)]
     assert batch["labels"].tolist() == expected and min(expected) >= 0  # the hidden text's own label
     plain = review_config(tiny, tmp_path / "plain", "data.aggregation=hierarchical")
-    assert ClassificationTask(plain, tokenizer).extra.doc_labels == []
-    with pytest.raises(BerthError, match=r"^data.hidden_training trains on single texts .* \(not head\)"):
-        ClassificationTask(
-            review_config(tiny, tmp_path / "x", "data.hidden_training=1", "data.long_text=head"), tokenizer
-        )
+    assert ClassificationTask(plain, tokenizer).extra.encoded.doc_labels == []
+    truncated = ("data.long_text=head", "data.stride=64", "train.compare_truncation=false")
+    with pytest.raises(
+        BerthError, match=r": data.hidden_training=1.0 trains on single texts .* \(not data.long_text=head\)"
+    ):
+        review_config(tiny, tmp_path / "x", "data.hidden_training=1", *truncated)
 
 
 def test_hidden_training_with_window_aggregations_labels_each_window_by_what_it_holds(tiny, tmp_path):
     """Each window of a hidden document is trained on what it holds: the text's label when it holds at least
     half of the text, the flat target when it holds none of it (at most one such per document), left out
     between; checked against the characters each window covers."""
-    from berth.finetune.classification import NEUTRAL_PER_DOCUMENT, UNIFORM, ClassificationTask, classification_loss
+    from berth.finetune.classification import ClassificationTask, classification_loss
+    from berth.finetune.extra_text import NEUTRAL_PER_DOCUMENT, UNIFORM
     from berth.finetune.windows import window_spans
 
     tokenizer = load_tokenizer(tiny / "ckpt")
     cfg = review_config(tiny, tmp_path / "hw", "data.hidden_training=1", "data.aggregation=mean")
     task = ClassificationTask(cfg, tokenizer)
-    docs, train = task._hidden_set(), task.splits["train"]
+    docs, train = task.extra.hidden, task.splits["train"]
     assert 0 < len(docs.texts) <= len(train.doc_labels) and NEUTRAL_PER_DOCUMENT == 1  # texts of a window or more: out
 
     def count(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    windows = iter(zip(task.extra.window_ids, (task.extra.doc_labels[d] for d in task.extra.window_doc), strict=True))
+    extra = task.extra.encoded
+    windows = iter(zip(extra.window_ids, (extra.doc_labels[d] for d in extra.window_doc), strict=True))
     verdicts = neutrals = 0
     for d, document in enumerate(docs.texts):
         pieces = tokenizer(document, add_special_tokens=False, return_offsets_mapping=True)
@@ -923,7 +929,7 @@ def test_hidden_training_with_window_aggregations_labels_each_window_by_what_it_
     units, _ = task.train_units(0)
     base = len(train.window_ids)
     assert units[base:] == [[base + w] for w in range(verdicts + neutrals)]  # every epoch, all of them
-    assert task.collate(units[base:])["labels"].tolist() == [label for label in task.extra.doc_labels]
+    assert task.collate(units[base:])["labels"].tolist() == [label for label in extra.doc_labels]
     assert "unit_weights" not in task.collate(units)  # data.hidden_weight=1: every unit counts once
     # data.hidden_weight: the hidden windows weigh less in the loss, the training windows as before
     light = ClassificationTask(

@@ -8,9 +8,9 @@ import torch
 
 from berth.finetune.batching import eval_order, length_grouped_batches, pad_rows
 from berth.finetune.bio import bio_spans
-from berth.finetune.classification import HierarchicalPooler, WindowPooler, aggregate
 from berth.finetune.metrics import load_metric
 from berth.finetune.ner import Paragraph, token_predictions
+from berth.finetune.pooling import HierarchicalPooler, WindowPooler, aggregate
 from berth.finetune.windows import max_context_owner, truncate, window_spans
 
 
@@ -215,7 +215,7 @@ def test_modernbert_window_vectors_give_the_models_own_logits(pooling):
     logits of ModernBertForSequenceClassification itself."""
     from transformers import ModernBertConfig, ModernBertForSequenceClassification
 
-    from berth.finetune.classification import WindowClassifier
+    from berth.finetune.modeling import WindowClassifier
 
     config = ModernBertConfig(
         vocab_size=64,
@@ -263,9 +263,8 @@ def test_a_class_label_of_minus_one_is_a_missing_label_never_the_last_class():
 def test_robustness_documents_hide_each_text_at_every_position_in_3_to_8_windows(zh_tokenizer_dir):
     from berth.core.vocab import load_tokenizer
     from berth.corpora.embedded import reviews_sentiment
-    from berth.finetune.classification import encode_texts
-    from berth.finetune.robustness import POSITIONS, build_documents, distractor_paragraphs
-    from berth.finetune.windows import WindowSettings
+    from berth.finetune.hidden_text import POSITIONS, build_documents, distractor_paragraphs
+    from berth.finetune.windows import WindowSettings, encode_texts
 
     tokenizer = load_tokenizer(zh_tokenizer_dir[2])
     test = reviews_sentiment()["test"]
@@ -304,12 +303,12 @@ def test_text_windows_count_the_hidden_text_in_each_window(zh_tokenizer_dir):
     """By hand: one token per Chinese character, 7 before the text, the text's 4, 5 after; windows of 6 tokens
     3 apart, the last aligned to the end."""
     from berth.core.vocab import load_tokenizer
-    from berth.finetune.robustness import RobustnessSet, text_windows
+    from berth.finetune.hidden_text import HiddenSet, text_windows
     from berth.finetune.windows import WindowSettings
 
     tokenizer = load_tokenizer(zh_tokenizer_dir[2])
     document = "大" * 7 + "好" * 4 + "中" * 5
-    docs = RobustnessSet(texts=[document], labels=[1], positions=["middle"], source=[0], spans=[(7, 11)])
+    docs = HiddenSet(texts=[document], labels=[1], positions=["middle"], source=[0], spans=[(7, 11)])
     [found] = text_windows(tokenizer, docs, WindowSettings(max_seq_len=8, stride=3))
     assert len(found.ids) == 16 and found.own == 4
     assert found.spans == [(0, 6), (3, 9), (6, 12), (9, 15), (10, 16)]
@@ -320,13 +319,12 @@ def test_hidden_documents_are_cut_exactly_as_encode_texts_cuts_them(zh_tokenizer
     """The robustness evaluation tokenizes its documents once (encode_hidden, with offsets) where the natural test
     split goes through encode_texts: same windows, lengths and labels, or the two columns would not compare."""
     from berth.core.vocab import load_tokenizer
-    from berth.finetune.classification import encode_hidden, encode_texts
-    from berth.finetune.robustness import RobustnessSet
-    from berth.finetune.windows import WindowSettings
+    from berth.finetune.hidden_text import HiddenSet, encode_hidden
+    from berth.finetune.windows import WindowSettings, encode_texts
 
     tokenizer = load_tokenizer(zh_tokenizer_dir[2])
     texts = ["大" * 7 + "好" * 4 + "中" * 5, "好" * 3, "中文新闻。" * 9 + "很好"]
-    docs = RobustnessSet(
+    docs = HiddenSet(
         texts=texts,
         labels=[1, 0, 1],
         positions=["middle", "start", "end"],
@@ -344,7 +342,7 @@ def test_hidden_documents_are_cut_exactly_as_encode_texts_cuts_them(zh_tokenizer
 def test_distractors_from_a_file_and_the_errors_of_a_bad_one(tmp_path, zh_tokenizer_dir):
     from berth.core.errors import BerthError
     from berth.core.vocab import load_tokenizer
-    from berth.finetune.robustness import distractor_paragraphs
+    from berth.finetune.hidden_text import distractor_paragraphs
 
     tokenizer = load_tokenizer(zh_tokenizer_dir[2])
     good = tmp_path / "news.txt"
@@ -394,7 +392,8 @@ def test_hierarchical_pooler_equals_a_transformer_block_computed_by_hand_per_doc
 
 
 def test_outlier_windows_are_trained_towards_the_uniform_distribution():
-    from berth.finetune.classification import UNIFORM, classification_loss
+    from berth.finetune.classification import classification_loss
+    from berth.finetune.extra_text import UNIFORM
 
     logits = torch.tensor([[2.0, 0.0], [math.log(3), 0.0], [0.0, 0.0]])
     labels = torch.tensor([1, UNIFORM, UNIFORM])

@@ -5,7 +5,8 @@ import torch
 
 from berth.core.vocab import load_tokenizer
 from berth.pretrain.config import DataConfig
-from berth.pretrain.data import Document, DocumentEncoder, SpecialIds, pack_documents, renumber
+from berth.pretrain.data import Document, pack_documents, renumber
+from berth.pretrain.documents import DocumentEncoder, SpecialIds
 from berth.pretrain.masking import EpochExamples, MaskingCollator, mask_seed, word_start_index
 
 SPECIAL = SpecialIds(pad=0, unk=1, cls=2, sep=3, mask=4, vocab_size=500)

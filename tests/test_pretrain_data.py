@@ -12,18 +12,20 @@ from berth.core.vocab import load_tokenizer
 from berth.pretrain.config import DataConfig, PretrainConfig
 from berth.pretrain.data import (
     Document,
-    DocumentEncoder,
     ExampleBuilder,
     RandomSegments,
+    document_pairs,
+    pack_documents,
+    renumber,
+    truncate_pair,
+)
+from berth.pretrain.documents import (
+    DocumentEncoder,
     SpecialIds,
     align_words,
     check_seq_len,
     check_tokenizer,
-    document_pairs,
-    pack_documents,
-    renumber,
     sentence_token_ends,
-    truncate_pair,
 )
 from berth.pretrain.prepare import prepare, prepare_documents
 from berth.pretrain.sentences import split_sentences
@@ -343,7 +345,7 @@ def edge_accuracy(rows):
     return sum(max(c) for c in cells.values()) / len(rows)
 
 
-@pytest.mark.parametrize("task", ["nsp", "sop"])
+@pytest.mark.parametrize("task", [pytest.param("nsp", marks=pytest.mark.slow), "sop"])
 def test_cls_label_cannot_be_read_off_segment_edges(embedded, task):
     prepared = embedded(f"data.sentence_task={task}")
     rows = edge_features(prepared.examples("train", 0), prepared.tokenizer)
@@ -449,6 +451,7 @@ def test_bad_data_values_are_config_errors():
         load_config(PretrainConfig, None, ["data.sentence_task=mlm"])
 
 
+@pytest.mark.slow
 def test_prepare_dump_writes_what_the_model_sees(zh_tokenizer_dir, tmp_path):
     _, _, tok_dir = zh_tokenizer_dir
     result = subprocess.run(

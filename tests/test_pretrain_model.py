@@ -4,7 +4,7 @@ from transformers import AutoModelForPreTraining
 
 from berth.core.errors import BerthError
 from berth.pretrain.config import DataConfig, ModelConfig
-from berth.pretrain.data import SpecialIds
+from berth.pretrain.documents import SpecialIds
 from berth.pretrain.masking import MaskingCollator, mask_seed
 from berth.pretrain.model import NEVER, PretrainingObjective, build_model
 

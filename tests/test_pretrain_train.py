@@ -178,7 +178,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(setup
     assert state["step"] >= 1
 
 
-@pytest.mark.parametrize("architecture", ["bert", "modernbert"])
+@pytest.mark.parametrize("architecture", ["bert", pytest.param("modernbert", marks=pytest.mark.slow)])
 def test_two_processes_reach_the_weights_of_one(setup, architecture):
     common = [
         f"model.architecture={architecture}",
@@ -465,6 +465,7 @@ def test_nsp_on_a_corpus_that_cannot_give_random_pairs_is_refused(setup):
     assert (final / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_one_huge_document_is_tokenized_in_chunks_at_sentence_ends(setup):
     from berth.pretrain.prepare import MAX_DOCUMENT_CHARS, prepare
 

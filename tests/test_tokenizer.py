@@ -205,6 +205,7 @@ def test_reuse_only_when_the_config_is_unchanged(embedded_tokenizer):
     assert not is_built(changed)
 
 
+@pytest.mark.slow
 def test_fast_tokenizer_matches_vocab_txt_tokenizer_on_the_whole_embedded_corpus(embedded_tokenizer):
     _, summary = embedded_tokenizer
     out = summary["output_dir"]

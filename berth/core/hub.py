@@ -95,6 +95,12 @@ class HubConfig:
     def __post_init__(self) -> None:
         if self.push and self.repo_id.count("/") != 1:
             raise ValueError(f"hub.repo_id must be OWNER/NAME when hub.push is true; got {self.repo_id!r}")
+        dead = {"repo_id": self.repo_id, "revision": self.revision, "private": self.private}
+        dead["push_checkpoints"] = self.push_checkpoints
+        for key, value in dead.items():
+            if value and not self.push:
+                shown = str(value).lower() if isinstance(value, bool) else value
+                raise ValueError(f"hub.{key}={shown} does nothing with hub.push=false")
 
 
 def hub_token() -> str:

@@ -14,7 +14,8 @@ the same for every engine.
   root group. It runs on CUDA (NCCL) and on CPU (gloo), so the same code is tested here. Checkpoints and
   exports use the gathered (full) state dict, in the same safetensors files as `Replicated`.
 
-Module-level `full_state_dict` / `load_full_state_dict` give stages the whole weights whatever the engine.
+Every engine gives stages the whole weights (`full_state_dict`, `load_full_state_dict`) for best/ and exports.
+What an engine cannot read from the model's forward, the stage says in `ShardingHints`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, cast
 
@@ -51,12 +53,23 @@ DEEPSPEED_DIR = "deepspeed"  # DeepSpeed's own checkpoint files, inside a berth 
 DEEPSPEED_TAG = "state"
 
 
+@dataclass(frozen=True)
+class ShardingHints:
+    """What a sharding engine cannot see by running the model's forward, told by the stage that built it."""
+
+    # (module, weights): weights a module's forward uses that belong to another module (the masked-only MLM head
+    # cuts the tied output matrix); ZeRO-3 gathers them with that module.
+    external_parameters: Sequence[tuple[nn.Module, Sequence[nn.Parameter]]] = ()
+    # Methods of the root module besides forward that use its weights; FSDP2 gathers them around these too.
+    forward_methods: tuple[str, ...] = ()
+
+
 class Engine(Protocol):
     """What the loop needs from an engine (see the module docstring)."""
 
     name: str  # for the log line that reports the global batch: "DDP", "DeepSpeed ZeRO-2", "FSDP2"
 
-    def wrap(self, model: nn.Module) -> nn.Module:
+    def wrap(self, model: nn.Module, hints: ShardingHints) -> nn.Module:
         """Before the optimizer is built: shard the model where the engine does it itself (FSDP2)."""
 
     def prepare(
@@ -77,6 +90,13 @@ class Engine(Protocol):
         """Write the model and optimizer files of a checkpoint into `directory` (called on every process)."""
 
     def load(self, model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None: ...
+
+    def full_state_dict(self, model: nn.Module) -> dict[str, Any]:
+        """The whole state dict of the model as trained, keyed as the unwrapped module's. Called on every
+        process; only the main process's copy is complete."""
+
+    def load_full_state_dict(self, model: nn.Module, weights: dict[str, Any]) -> None:
+        """Load whole weights (every process has them) into the model as trained; missing or extra keys raise."""
 
 
 def requested_engine() -> str:
@@ -106,7 +126,7 @@ class Replicated:
         self.acc = acc
         self.name = "one process" if acc.distributed_type == DistributedType.NO else "DDP"
 
-    def wrap(self, model: nn.Module) -> nn.Module:
+    def wrap(self, model: nn.Module, hints: ShardingHints) -> nn.Module:
         return model
 
     def prepare(
@@ -135,6 +155,12 @@ class Replicated:
     def load(self, model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
         load_model(self.acc.unwrap_model(model), str(directory / MODEL_FILE), strict=True)
         optimizer.load_state_dict(torch.load(directory / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
+
+    def full_state_dict(self, model: nn.Module) -> dict[str, Any]:
+        return self.acc.get_state_dict(model)
+
+    def load_full_state_dict(self, model: nn.Module, weights: dict[str, Any]) -> None:
+        self.acc.unwrap_model(model).load_state_dict(weights)
 
 
 # -- DeepSpeed ZeRO ------------------------------------------------------------------------------------------
@@ -172,13 +198,11 @@ class DeepSpeed:
 
             unset_hf_deepspeed_config()
 
-    def wrap(self, model: nn.Module) -> nn.Module:
+    def wrap(self, model: nn.Module, hints: ShardingHints) -> nn.Module:
         if self.stage == 3:
             import deepspeed
 
-            # Weights used outside their own module's forward (the masked-only MLM head cuts the tied output
-            # matrix) are gathered with the module that uses them.
-            for owner, params in getattr(model, "external_parameters", lambda: [])():
+            for owner, params in hints.external_parameters:
                 for param in params:
                     deepspeed.zero.register_external_parameter(owner, param)
         return model
@@ -212,6 +236,20 @@ class DeepSpeed:
         )
         if path is None:
             raise FileNotFoundError(f"{folder}: no DeepSpeed checkpoint to resume from")
+
+    def full_state_dict(self, model: nn.Module) -> dict[str, Any]:
+        return self.acc.get_state_dict(model)  # ZeRO-3: gathered (stage3_gather_16bit_weights_on_model_save)
+
+    def load_full_state_dict(self, model: nn.Module, weights: dict[str, Any]) -> None:
+        inner = self.acc.unwrap_model(model)
+        if self.stage != 3:
+            inner.load_state_dict(weights)
+            return
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(inner.parameters()), modifier_rank=0):
+            if self.acc.is_main_process:
+                inner.load_state_dict(weights)
 
 
 # -- FSDP2 ---------------------------------------------------------------------------------------------------
@@ -259,14 +297,14 @@ class FullyShard:
         # weights computed in the low precision, gradients reduced and the optimizer stepped in fp32
         self.policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
 
-    def wrap(self, model: nn.Module) -> nn.Module:
+    def wrap(self, model: nn.Module, hints: ShardingHints) -> nn.Module:
         units = shard_units(model)
         names = "/".join(sorted({type(u).__name__ for u in units}))
         for unit in units:
             fully_shard(unit, reshard_after_forward=self.reshard, mp_policy=self.policy)
         fully_shard(model, reshard_after_forward=self.reshard, mp_policy=self.policy)
-        for method in getattr(model, "forward_methods", ()):
-            register_fsdp_forward_method(model, method)  # methods other than forward that use the weights
+        for method in hints.forward_methods:
+            register_fsdp_forward_method(model, method)
         if self.acc.is_main_process:
             logger.info("FSDP2: one group per %s (%d) and the root", names, len(units))
         return model
@@ -304,6 +342,12 @@ class FullyShard:
         state = torch.load(directory / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
         set_optimizer_state_dict(model, optimizer, state, options=options)
 
+    def full_state_dict(self, model: nn.Module) -> dict[str, Any]:
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load_full_state_dict(self, model: nn.Module, weights: dict[str, Any]) -> None:
+        set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
+
 
 @contextlib.contextmanager
 def gradient_sync(model: nn.Module, sync: bool) -> Iterator[None]:
@@ -324,30 +368,3 @@ def untied(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out[name] = (tensor.clone() if pointer in seen else tensor).contiguous()
         seen.add(pointer)
     return out
-
-
-# -- whole weights, whatever the engine ----------------------------------------------------------------------
-
-
-def full_state_dict(acc: Accelerator, model: nn.Module) -> dict[str, Any]:
-    """The whole state dict of the model as trained (gathered from the shards where it is sharded), keyed as
-    the unwrapped module's. Called on every process; only the main process's copy is complete."""
-    if isinstance(model, FSDPModule):
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return acc.get_state_dict(model)
-
-
-def load_full_state_dict(acc: Accelerator, model: nn.Module, weights: dict[str, Any]) -> None:
-    """Load whole weights (every process has them) into the model as trained; missing or extra keys raise."""
-    if isinstance(model, FSDPModule):
-        set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
-        return
-    inner = acc.unwrap_model(model)
-    if acc.distributed_type == DistributedType.DEEPSPEED and acc.state.deepspeed_plugin.zero_stage == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(inner.parameters()), modifier_rank=0):
-            if acc.is_main_process:
-                inner.load_state_dict(weights)
-        return
-    inner.load_state_dict(weights)

@@ -23,19 +23,22 @@ from tqdm.auto import tqdm
 from berth.core.config import dump_config, save_config, to_dict
 from berth.core.errors import BerthError
 from berth.core.files import recover
-from berth.core.hub import check_push
+from berth.core.hub import HubConfig, check_push
 from berth.runtime.accel import build_accelerator
 from berth.runtime.checkpoint import checkpoint_dir, load_checkpoint, resolve_resume, save_checkpoint
 from berth.runtime.config import TrainConfig
 from berth.runtime.dropout import use_fast_dropout
-from berth.runtime.engines import Engine, build_engine
+from berth.runtime.engines import Engine, ShardingHints, build_engine
 from berth.runtime.optim import build_optimizer
 from berth.runtime.schedules import build_scheduler, planned_curve
 from berth.runtime.tracking import MetricsLog
 
 logger = logging.getLogger(__name__)
 
+# A micro-batch: the stage's tensors by name. The loop reads one field of it, TOKEN_MASK [B, L] (1 at a real
+# token, 0 at padding), to count the tokens trained on; every other field is the stage's own.
 Batch = dict[str, torch.Tensor]
+TOKEN_MASK = "attention_mask"
 
 
 @dataclass
@@ -57,6 +60,19 @@ class TrainState:
     elapsed: float = 0.0  # seconds of training before this process started (resumed runs)
 
 
+class RunConfig(Protocol):
+    """What the loop reads of a stage's config: the shared sections. The rest is the stage's."""
+
+    @property
+    def output_dir(self) -> str: ...
+
+    @property
+    def train(self) -> TrainConfig: ...
+
+    @property
+    def hub(self) -> HubConfig: ...
+
+
 class Stage(Protocol):
     """What the loop needs from a stage. The loop owns the optimizer, schedule, accumulation, logging,
     evaluation cadence, best-so-far tracking, checkpoints and resume; the stage owns its data and model."""
@@ -68,9 +84,15 @@ class Stage(Protocol):
     # lower is better.
     metric: str
     lower_is_better: bool
+    # Stop after this many evaluations in a row without a better `metric`; 0: never stop early.
+    patience: int
 
-    def build(self, acc: Accelerator) -> torch.nn.Module:
-        """Load data and build the module to train (every parameter goes to the optimizer)."""
+    def build(self, acc: Accelerator, engine: Engine) -> torch.nn.Module:
+        """Load data and build the module to train (every parameter goes to the optimizer). `engine` is the
+        one the model will be spread with: the stage asks it for the whole weights (best/, exports)."""
+
+    def sharding_hints(self) -> ShardingHints:
+        """What a sharding engine cannot read from the built module's forward (after `build`)."""
 
     def steps_per_epoch(self, global_batch: int, acc: Accelerator) -> int: ...
 
@@ -78,7 +100,8 @@ class Stage(Protocol):
         """Fingerprints of what the training data was made of (corpus or files, tokenizer), after `build`."""
 
     def epoch_steps(self, epoch: int, skip: int, global_batch: int, acc: Accelerator) -> Iterator[list[Batch]]:
-        """This process's micro-batches of each optimizer step of `epoch`, after its first `skip` steps."""
+        """This process's micro-batches of each optimizer step of `epoch`, after its first `skip` steps; each
+        holds TOKEN_MASK."""
 
     def targets(self, batch: Batch) -> torch.Tensor:
         """[T] how many prediction targets each loss term has in `batch` (float)."""
@@ -122,7 +145,7 @@ def flat_config(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 class Loop:
     """One run: the stage's model trained with the config's `train` section; `run` reads top to bottom."""
 
-    def __init__(self, cfg: Any, stage: Stage, find_unused: bool = False):
+    def __init__(self, cfg: RunConfig, stage: Stage, find_unused: bool = False):
         self.cfg, self.stage = cfg, stage
         self.train: TrainConfig = cfg.train
         self.out = Path(cfg.output_dir)
@@ -142,10 +165,11 @@ class Loop:
         t, acc = self.train, self.accelerator
         torch.manual_seed(t.seed)  # the same initial weights on every process
         self.engine: Engine = build_engine(acc, t)
-        self.inner = self.stage.build(acc)
+        self.inner = self.stage.build(acc, self.engine)
         if acc.device.type == "cpu":
             use_fast_dropout(self.inner)  # PyTorch's CPU dropout mask (bernoulli_) is the slow part of a step
-        self.inner = self.engine.wrap(self.inner)  # FSDP2 shards here, before the optimizer sees the weights
+        # FSDP2 shards here, before the optimizer sees the weights
+        self.inner = self.engine.wrap(self.inner, self.stage.sharding_hints())
         self.steps_per_epoch = self.stage.steps_per_epoch(self.global_batch, acc)
         self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
         self.warmup = t.warmup(self.total_steps)
@@ -253,7 +277,7 @@ class Loop:
         self.state.epoch_step += 1
 
     def accumulate(self, loss: torch.Tensor, figures: dict[str, torch.Tensor], batch: Batch) -> None:
-        mask = batch["attention_mask"]
+        mask = batch[TOKEN_MASK]
         values = {
             **figures,
             "loss": loss,
@@ -338,7 +362,7 @@ class Loop:
             self.stage.save_best(self.model, state, self.accelerator)
         else:
             state.evals_since_best += 1
-            patience = getattr(self.train, "early_stopping_patience", 0)
+            patience = self.stage.patience
             state.stopped_early = bool(patience) and state.evals_since_best >= patience
         logger.info(
             "step %d: validation %s %.4f (best %.4f at step %d)",
