@@ -108,6 +108,7 @@ def test_reachable_hub_stays_online(monkeypatch):
     assert not hub.offline_requested()
 
 
+@pytest.mark.slow
 def test_quick_demo_runs_every_stage_writes_the_report_then_reuses(tmp_path, capsys, caplog):
     caplog.set_level("INFO")
     assert main(["demo", "--quick", "--output-dir", str(tmp_path)]) == 0
@@ -139,6 +140,13 @@ def test_quick_demo_runs_every_stage_writes_the_report_then_reuses(tmp_path, cap
     [row] = [line for line in report.splitlines() if line.startswith("| most decided window (exported) |")]
     assert row.endswith(f" | {100 * robustness['accuracy']['end']['margin']:.1f}% | {100 * own:.1f}% |")
     assert "building every stage" in report and "reusing" not in report
+    # where the minutes went: one row per stage, in order
+    timed = [
+        line.split(" | ")[0] for line in report.split("## Where the time went")[1].splitlines() if line[:3] == "| "
+    ]
+    stages = ["tokenizer", "prepare", "pretrain", *(f"finetune {r}" for r in ("sentiment", "sentiment_scratch"))]
+    stages += ["finetune ner", "finetune ner_scratch"]
+    assert timed == ["| stage", *(f"| {n} {name}" for n, name in enumerate(stages, start=1))]
     assert main(["demo", "--quick", "--output-dir", str(tmp_path)]) == 0
     again = (tmp_path / "report.md").read_text()
     reuse = "reusing tokenizer, pretraining, sentiment, sentiment_scratch, ner, ner_scratch (built earlier with"
@@ -192,3 +200,13 @@ def test_python_dash_m_stage_prints_its_config(module, config, key):
     assert resolved["train"]["max_steps"] == 7
     section, name, value = key
     assert (resolved[section][name] if name else resolved[section]) == value
+
+
+def test_print_config_refuses_an_option_that_does_nothing(capsys):
+    # the shipped sentiment config weighs hidden-text training; turning the training off leaves the weight dead
+    args = ["finetune", "configs/finetune/reviews_sentiment.yaml", "data.hidden_training=0", "--print-config"]
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert err.endswith("data.hidden_weight=0.75 does nothing with data.hidden_training=0\n")
+    assert main([*args[:-1], "data.hidden_weight=1", "--print-config"]) == 0

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from berth.app.report import DemoRuns, duration, eval_curve, summary_table, write_report
+from berth.app.report import DemoRuns, duration, eval_curve, summary_table, timing_table, write_report
 from berth.core.config import dump_config, load_config
 from berth.core.layout import CONFIG_FILENAME, FINAL_DIR
 from berth.core.vocab import load_tokenizer
@@ -88,21 +88,31 @@ def run_demo(output_dir: str | Path = "runs/demo", overrides: Sequence[str] = ()
         ner_scratch=out / "ner_scratch",
     )
     commands: list[str] = []
+    timings: list[tuple[str, float]] = []  # (stage, minutes of this demo's wall clock; ~0 when reused)
+    clock = [time.perf_counter()]
 
     def stage(number: int, command: str) -> None:
         commands.append(command)
         logger.info("stage %d/7: %s", number, command)
 
+    def timed(name: str) -> None:
+        """Close the stage that just ran: its minutes, for the report's table."""
+        now = time.perf_counter()
+        timings.append((name, (now - clock[0]) / 60))
+        clock[0] = now
+
     tok_cfg = load_config(TokenizerJobConfig, "configs/tokenizer/zh.yaml", [f"output_dir={out / 'tokenizer'}"])
     stage(1, f"berth tokenizer train configs/tokenizer/zh.yaml output_dir={out / 'tokenizer'}")
     reused: list[str] = ["tokenizer"] if is_built(tok_cfg) else []
     summary = train_tokenizer(tok_cfg, reuse=True)
+    timed("1 tokenizer")
 
     shared = [f"tokenizer.path={out / 'tokenizer'}", f"data.cache_dir={out / 'cache'}"]
     pre_overrides = [f"output_dir={runs.pretrain}", *shared, *budget.pretrain, *overrides]
     pre_cfg = load_config(PretrainConfig, "configs/pretrain/mini_zh.yaml", pre_overrides)
     stage(2, f"berth prepare configs/pretrain/mini_zh.yaml {' '.join(shared)}")
     prepared = prepare(pre_cfg, load_tokenizer(tok_cfg.output_dir))
+    timed("2 prepare")
 
     stage(3, f"berth pretrain configs/pretrain/mini_zh.yaml {' '.join(pre_overrides)}")
     if built_with(runs.pretrain, pre_cfg):
@@ -111,6 +121,7 @@ def run_demo(output_dir: str | Path = "runs/demo", overrides: Sequence[str] = ()
     else:
         start_afresh(runs.pretrain)
         pretrain(pre_cfg)
+    timed("3 pretrain")
 
     jobs = [
         (4, "reviews_sentiment", runs.sentiment, budget.sentiment, False),
@@ -133,12 +144,14 @@ def run_demo(output_dir: str | Path = "runs/demo", overrides: Sequence[str] = ()
         else:
             start_afresh(run)
             finetune(ft_cfg)
+        timed(f"{number} finetune {run.name}")
 
     minutes = (time.perf_counter() - start) / 60
-    report = write_report(out, runs, commands, minutes, reused)
+    report = write_report(out, runs, commands, minutes, reused, timings)
     curve = "\n".join(f"  step {s:>5}: {100 * a:.1f}%" for s, a in eval_curve(runs.pretrain, "eval_mlm_accuracy"))
     return (
         f"{format_summary(summary)}\n\n{format_stats(prepared)}\n\n"
         f"Held-out masked-token accuracy during pretraining:\n{curve}\n\n"
-        f"{summary_table(runs)}\n\nReport: {report} (this run: {duration(minutes)})"
+        f"{summary_table(runs)}\n\nReport: {report} (this run: {duration(minutes)})\n\n"
+        f"Where the time went:\n{timing_table(timings, reused)}"
     )

@@ -314,7 +314,22 @@ def reuse_note(reused: list[str]) -> str:
     return f"reusing {', '.join(reused)} (built earlier with the same config)"
 
 
-def write_report(out: Path, runs: DemoRuns, commands: list[str], minutes: float, reused: list[str]) -> Path:
+def timing_table(timings: list[tuple[str, float]], reused: list[str]) -> str:
+    """Where this demo's minutes went, stage by stage (a reused stage takes seconds)."""
+    total = sum(minutes for _, minutes in timings) or 1.0
+    rows = [f"| {name} | {minutes:.1f} | {100 * minutes / total:.0f}% |" for name, minutes in timings]
+    note = f"\n\nReused: {', '.join(reused)}." if reused else ""
+    return "| stage | minutes | share |\n|---|---|---|\n" + "\n".join(rows) + note
+
+
+def write_report(
+    out: Path,
+    runs: DemoRuns,
+    commands: list[str],
+    minutes: float,
+    reused: list[str],
+    timings: list[tuple[str, float]],
+) -> Path:
     """Plots into out/plots/ and out/report.md. Returns the report's path."""
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
@@ -348,6 +363,10 @@ pretraining and fine-tuning (as the runs logged it); this `berth demo` took {dur
 ## Results
 
 {summary_table(runs)}
+
+## Where the time went
+
+{timing_table(timings, reused)}
 
 ![pretrained vs random init](plots/pretrained_vs_scratch.png)
 
