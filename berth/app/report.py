@@ -329,6 +329,7 @@ def write_report(
     minutes: float,
     reused: list[str],
     timings: list[tuple[str, float]],
+    budget_note: str = "",
 ) -> Path:
     """Plots into out/plots/ and out/report.md. Returns the report's path."""
     plots = out / "plots"
@@ -367,6 +368,8 @@ pretraining and fine-tuning (as the runs logged it); this `berth demo` took {dur
 ## Where the time went
 
 {timing_table(timings, reused)}
+
+{budget_note}
 
 ![pretrained vs random init](plots/pretrained_vs_scratch.png)
 
