@@ -37,6 +37,7 @@ from berth.finetune.metrics import load_metric
 from berth.finetune.modeling import POOLER_FILE, WindowClassifier, build_pretrained
 from berth.finetune.pooling import POOLERS, WINDOW_AGGREGATIONS, HierarchicalPooler, document_logits
 from berth.finetune.robustness import evaluate_robustness
+from berth.finetune.task import Loaded
 from berth.finetune.windows import Encoded, WindowSettings, encode_texts
 from berth.finetune.yardstick import tfidf_yardstick
 
@@ -299,19 +300,10 @@ def predict_model(model: PreTrainedModel, path: Path, settings: WindowSettings) 
     return classifier
 
 
-def predict_labels(
-    model: torch.nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    settings: WindowSettings,
-    labels: list[str],
-    acc: Any,
-    texts: list[str],
-    pairs: list[str] | None,
-    batch_size: int,
-) -> list[dict[str, Any]]:
+def predict_labels(loaded: Loaded, texts: list[str], pairs: list[str] | None, batch_size: int) -> list[dict[str, Any]]:
     """One {"label", "score"} per text (or pair), cut and combined as in training."""
-    encoded = encode_texts(tokenizer, texts, settings, pairs)
-    how = settings.aggregation
-    logits = document_logits(model, encoded, tokenizer.pad_token_id, acc, batch_size, (how,))[how]
+    tokenizer, how = loaded.tokenizer, loaded.settings.aggregation
+    encoded = encode_texts(tokenizer, texts, loaded.settings, pairs)
+    logits = document_logits(loaded.model, encoded, tokenizer.pad_token_id, loaded.acc, batch_size, (how,))[how]
     score, label = torch.softmax(logits, dim=-1).max(dim=-1)
-    return [{"label": labels[int(i)], "score": round(float(s), 6)} for i, s in zip(label, score, strict=True)]
+    return [{"label": loaded.labels[int(i)], "score": round(float(s), 6)} for i, s in zip(label, score, strict=True)]

@@ -29,6 +29,7 @@ from berth.finetune.data import (
 )
 from berth.finetune.metrics import load_metric
 from berth.finetune.modeling import build_pretrained, encoder_inputs, input_names
+from berth.finetune.task import Loaded
 from berth.finetune.windows import WindowSettings, max_context_owner, window_spans
 
 logger = logging.getLogger(__name__)
@@ -251,17 +252,11 @@ def window_logits(
 
 
 def predict_entities(
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    settings: WindowSettings,
-    labels: list[str],
-    acc: Any,
-    texts: list[str],
-    pairs: list[str] | None,
-    batch_size: int,
+    loaded: Loaded, texts: list[str], pairs: list[str] | None, batch_size: int
 ) -> list[dict[str, Any]]:
     """One {"entities": [{type, start, end, text, score}]} per text, character offsets into it; each word tagged
-    from the window where it has the most context, as in training."""
+    from the window where it has the most context, as in training. NER takes single texts: `pairs` is None."""
+    model, tokenizer, settings, labels = loaded.model, loaded.tokenizer, loaded.settings, loaded.labels
     batch = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     encoded = NerEncoded()
     for i in range(len(texts)):
@@ -270,7 +265,7 @@ def predict_entities(
         paragraph = paragraph_from_word_ids(batch["input_ids"][i], word_ids, num_words, [-1] * num_words)
         cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
         add_windows(encoded, paragraph, cls, sep, settings.max_seq_len, settings.stride)
-    logits = window_logits(model, input_names(model), encoded, tokenizer.pad_token_id, acc, batch_size)
+    logits = window_logits(model, input_names(model), encoded, tokenizer.pad_token_id, loaded.acc, batch_size)
     out = []
     for i, paragraph in enumerate(encoded.paragraphs):
         tags, probs = token_predictions(paragraph, [logits[w] for w in paragraph.windows])

@@ -17,6 +17,7 @@ from berth.core.errors import BerthError
 from berth.core.vocab import load_tokenizer
 from berth.finetune.modeling import berth_settings, check_vocab, is_model_dir
 from berth.finetune.registry import kind_of_architectures, task_kind
+from berth.finetune.task import Loaded
 from berth.finetune.windows import WindowSettings
 
 # Texts per chunk: output is written chunk by chunk, in input order.
@@ -111,6 +112,7 @@ class Predictor:
         self.labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
         self.accelerator = Accelerator(cpu=device == "cpu" or not torch.cuda.is_available())
         self.model = self.kind.predict_model(model, path, self.settings).to(self.accelerator.device).eval()
+        self.loaded = Loaded(self.model, self.tokenizer, self.settings, self.labels, self.accelerator)
 
     @property
     def pairs(self) -> bool:
@@ -119,9 +121,7 @@ class Predictor:
     def predict(self, texts: list[str], batch_size: int = 64, pairs: list[str] | None = None) -> list[dict[str, Any]]:
         if (pairs is not None) != self.pairs:
             raise BerthError("this model classifies text pairs" if self.pairs else "this model classifies single texts")
-        return self.kind.predict(
-            self.model, self.tokenizer, self.settings, self.labels, self.accelerator, texts, pairs, batch_size
-        )
+        return self.kind.predict(self.loaded, texts, pairs, batch_size)
 
 
 def predict_file(

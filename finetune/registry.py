@@ -15,10 +15,11 @@ from transformers import AutoModelForSequenceClassification, AutoModelForTokenCl
 
 from berth.finetune.classification import ClassificationTask, predict_labels, predict_model
 from berth.finetune.ner import NerTask, predict_entities
+from berth.finetune.task import Loaded
 from berth.finetune.windows import WindowSettings
 
-# (model, tokenizer, settings, labels, accelerator, texts, second texts or None, batch size) -> one row a text
-PredictFn = Callable[..., list[dict[str, Any]]]
+# (the loaded export, texts, second texts or None, batch size) -> one JSON row a text
+PredictFn = Callable[[Loaded, list[str], list[str] | None, int], list[dict[str, Any]]]
 
 
 @dataclass(frozen=True)

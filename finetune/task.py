@@ -6,10 +6,11 @@ Two tasks ship: `ClassificationTask` (one label per text or text pair, long text
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-from transformers import PretrainedConfig
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from berth.finetune.windows import WindowSettings
 
@@ -51,3 +52,14 @@ class Task(Protocol):
 
     def test_extras(self, model: Any, acc: Any, batch_size: int) -> dict[str, Any]:
         """Further results for eval_results.json beside the test figures (may be empty)."""
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A fine-tuned export ready to label texts (`berth predict`): what a task kind's predict function reads."""
+
+    model: torch.nn.Module  # on acc.device, dropout off
+    tokenizer: PreTrainedTokenizerBase
+    settings: WindowSettings  # how it was trained to cut and combine texts
+    labels: list[str]
+    acc: Any  # an Accelerator: the device, and one process
