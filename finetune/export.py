@@ -23,7 +23,7 @@ from berth.core.files import replace_dir, temporary_sibling
 from berth.core.hub import card_metadata, hub_model_id
 from berth.core.text import vocabulary_languages
 from berth.core.vocab import load_tokenizer, write_vocab_txt
-from berth.finetune.modeling import BERTH_KEY, POOLER_FILE
+from berth.finetune.modeling import BERTH_KEY, POOLER_FILE, WindowClassifier
 from berth.finetune.registry import task_kind
 from berth.finetune.windows import WindowSettings
 
@@ -38,10 +38,9 @@ def _parts(model: torch.nn.Module) -> tuple[PreTrainedModel, torch.nn.Module | N
     """
     if isinstance(model, PreTrainedModel):
         return model, None
-    inner = model.model
-    if not isinstance(inner, PreTrainedModel):
-        raise TypeError(f"cannot export {type(model).__name__}: no transformers model inside")
-    return inner, getattr(model, "pooler", None)
+    if not isinstance(model, WindowClassifier):
+        raise TypeError(f"cannot export {type(model).__name__}: neither a transformers model nor berth's classifier")
+    return model.model, model.pooler
 
 
 def save_model_dir(
