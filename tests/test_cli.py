@@ -141,9 +141,8 @@ def test_quick_demo_runs_every_stage_writes_the_report_then_reuses(tmp_path, cap
     assert row.endswith(f" | {100 * robustness['accuracy']['end']['margin']:.1f}% | {100 * own:.1f}% |")
     assert "building every stage" in report and "reusing" not in report
     # where the minutes went: one row per stage, in order
-    timed = [
-        line.split(" | ")[0] for line in report.split("## Where the time went")[1].splitlines() if line[:3] == "| "
-    ]
+    section = report.split("## Where the time went")[1].split("\n## ")[0]
+    timed = [line.split(" | ")[0] for line in section.splitlines() if line.startswith("| ")]
     stages = ["tokenizer", "prepare", "pretrain", *(f"finetune {r}" for r in ("sentiment", "sentiment_scratch"))]
     stages += ["finetune ner", "finetune ner_scratch"]
     assert timed == ["| stage", *(f"| {n} {name}" for n, name in enumerate(stages, start=1))]
