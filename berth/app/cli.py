@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = stages.add_parser("demo", help="run the pipeline on the embedded Chinese corpus")
     demo.add_argument("--output-dir", default="", help="where the demo writes (default: runs/demo, runs/demo-quick)")
-    demo.add_argument("--quick", action="store_true", help="a smoke run in about 3 minutes (tiny model, few steps)")
+    demo.add_argument("--quick", action="store_true", help="a smoke run in under 2 minutes (tiny model, few steps)")
     demo.add_argument("overrides", nargs="*", help="overrides for the pretraining config, e.g. data.seed=1")
     demo.set_defaults(func=cmd_demo)
     return parser
