@@ -134,3 +134,17 @@ class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: PretrainTrainConfig = field(default_factory=PretrainTrainConfig)
     hub: HubConfig = field(default_factory=HubConfig)
+
+    def __post_init__(self) -> None:
+        # Keys that the rest of the config makes dead are refused, as in fine-tuning (a key is set when it differs
+        # from its default).
+        data, train = self.data, self.train
+        if not data.whole_word_mask and data.word_segmenter != DataConfig.word_segmenter:
+            raise ValueError(
+                f"data.word_segmenter={data.word_segmenter} does nothing with data.whole_word_mask=false "
+                "(every token is masked on its own)"
+            )
+        if not data.eval_fraction and train.eval_batches != PretrainTrainConfig.eval_batches:
+            raise ValueError(
+                f"train.eval_batches={train.eval_batches} does nothing with data.eval_fraction=0 (nothing held out)"
+            )

@@ -329,3 +329,27 @@ def test_the_shipped_configs_set_only_live_options():
 
     for name in ("reviews_sentiment", "peoples_daily_ner"):
         load_config(FinetuneConfig, f"configs/finetune/{name}.yaml")
+
+
+@pytest.mark.parametrize(
+    ("dead", "live", "message"),
+    [
+        (
+            ["data.whole_word_mask=false", "data.word_segmenter=jieba"],
+            ["data.word_segmenter=jieba"],
+            "data.word_segmenter=jieba does nothing with data.whole_word_mask=false (every token is masked on its own)",
+        ),
+        (
+            ["data.eval_fraction=0", "train.eval_batches=4"],
+            ["train.eval_batches=4"],
+            "train.eval_batches=4 does nothing with data.eval_fraction=0 (nothing held out)",
+        ),
+    ],
+)
+def test_a_pretraining_option_that_does_nothing_is_refused(dead, live, message):
+    from berth.pretrain.config import PretrainConfig
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(PretrainConfig, None, dead)
+    assert str(caught.value) == f"<defaults>: config: {message}"
+    load_config(PretrainConfig, None, live)
