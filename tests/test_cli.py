@@ -185,7 +185,9 @@ def test_a_fine_tuning_run_is_stale_once_its_encoder_is_retrained(tmp_path):
     ("module", "config", "key"),
     [
         ("pretrain", "configs/pretrain/mini_zh.yaml", ("model", "size", "mini")),
-        ("finetune", "configs/finetune/peoples_daily_ner.yaml", ("task", None, "ner")),
+        pytest.param(
+            "finetune", "configs/finetune/peoples_daily_ner.yaml", ("task", None, "ner"), marks=pytest.mark.slow
+        ),
     ],
 )
 def test_python_dash_m_stage_prints_its_config(module, config, key):

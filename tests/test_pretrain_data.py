@@ -383,6 +383,7 @@ def test_embedded_statistics(embedded):
     assert 0.0 < train["padding_fraction"] < 0.3
 
 
+@pytest.mark.slow
 def test_cache_hit_and_miss(embedded, caplog):
     caplog.set_level("INFO")
     first = embedded()

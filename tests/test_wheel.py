@@ -58,6 +58,7 @@ def test_the_wheel_holds_one_import_name_with_the_configs_inside(installed):
     assert importable == ["berth"]
 
 
+@pytest.mark.slow
 def test_a_shipped_config_resolves_from_an_empty_directory(installed, tmp_path):
     _, python, site = installed
     result = run_elsewhere(python, tmp_path, "pretrain", "configs/pretrain/mini_zh.yaml", "--print-config")
