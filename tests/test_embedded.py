@@ -77,6 +77,7 @@ def test_peoples_daily_is_the_whole_january_1998_corpus():
     assert articles[1]["text"].startswith("中共中央总书记、国家主席江泽民\n（一九九七年十二月三十一日）\n")
 
 
+@pytest.mark.slow
 def test_peoples_daily_train_split_holds_only_ner_training_paragraphs():
     ner = peoples_daily_ner()
     held_out = {"".join(t) for split in ("validation", "test") for t in ner[split]["tokens"]}
@@ -100,6 +101,7 @@ def test_article_starts_at_headlines_after_body_text():
     assert article_starts(lines) == [0, 4]
 
 
+@pytest.mark.slow
 def test_peoples_daily_ner_splits_are_disjoint_and_tagged():
     ner = peoples_daily_ner()
     assert set(ner) == {"train", "validation", "test"}

@@ -637,6 +637,7 @@ def test_predict_says_which_byte_of_standard_input_is_not_utf8(review_run, monke
     assert capsys.readouterr().out == ""
 
 
+@pytest.mark.slow
 def test_wandb_writes_into_the_run_directory(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -838,6 +839,7 @@ def test_the_robustness_documents_do_not_move_with_the_training_seed(tiny, tmp_p
     assert other.texts != drawn
 
 
+@pytest.mark.slow
 def test_outlier_exposure_draws_unrelated_windows_each_epoch_and_trains_them_flat(tiny, tmp_path):
     from berth.finetune.classification import ClassificationTask
     from berth.finetune.extra_text import UNIFORM
