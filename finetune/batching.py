@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from berth.runtime.lockstep import EvalBatch, lockstep_batches
+
 
 def length_grouped_batches(
     lengths: Sequence[int], batch_size: int, seed: int, epoch: int, group_by_length: bool = True, chunk: int = 50
@@ -62,16 +64,16 @@ def encoder_batch(
     }
 
 
-def eval_order(lengths: Sequence[int], batch_size: int, rank: int = 0, processes: int = 1) -> list[list[int]]:
-    """This process's share of the rows in batches of similar length (longest first): evaluation is faster
-    when padding is short, and the results are put back in row order afterwards."""
-    mine = np.arange(rank, len(lengths), processes)
-    mine = mine[np.argsort(-np.asarray(lengths)[mine], kind="stable")] if len(mine) else mine
-    return [mine[i : i + batch_size].tolist() for i in range(0, len(mine), batch_size)]
+def eval_order(lengths: Sequence[int], batch_size: int, rank: int = 0, processes: int = 1) -> list[EvalBatch]:
+    """This process's share of the rows in batches of similar length (longest first), as many batches on every
+    process (filler rows make up the difference; see `berth.runtime.lockstep`): evaluation is faster when padding
+    is short, and the results are put back in row order afterwards."""
+    return lockstep_batches(len(lengths), batch_size, rank, processes, lengths=lengths)
 
 
 def gather_in_order(acc: Any, rows: list[tuple[int, Any]], total: int) -> list[Any]:
-    """(row index, value) pairs computed by every process (shares from eval_order) -> the values in row order."""
+    """(row index, value) pairs computed by every process (their own rows from eval_order) -> the values in row
+    order."""
     if acc.num_processes > 1:
         from accelerate.utils import gather_object
 

@@ -240,11 +240,12 @@ def window_logits(
     lengths = [len(ids) for ids in encoded.window_ids]
     found: list[tuple[int, np.ndarray]] = []
     with evaluating(model):
-        for rows in eval_order(lengths, batch_size, acc.process_index, acc.num_processes):
+        for part in eval_order(lengths, batch_size, acc.process_index, acc.num_processes):
+            rows = part.rows
             batch = encoder_batch([encoded.window_ids[w] for w in rows], [[0] * lengths[w] for w in rows], pad_id)
             inputs = encoder_inputs(names, {k: v.to(acc.device) for k, v in batch.items()})
             logits = model(**inputs).logits.float().cpu().numpy()
-            found.extend((w, logits[i, : lengths[w]]) for i, w in enumerate(rows))
+            found.extend((w, logits[i, : lengths[w]]) for i, w in enumerate(part.mine))
     return gather_in_order(acc, found, len(lengths))
 
 

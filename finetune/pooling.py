@@ -146,12 +146,13 @@ def window_outputs(
     Each process runs its share, in batches of similar length; every process gets all of them."""
     lengths = [len(ids) for ids in encoded.window_ids]
     found: list[tuple[int, tuple[torch.Tensor, torch.Tensor | None]]] = []
-    for rows in eval_order(lengths, batch_size, acc.process_index, acc.num_processes):
+    for part in eval_order(lengths, batch_size, acc.process_index, acc.num_processes):
+        rows = part.rows
         batch = encoder_batch([encoded.window_ids[w] for w in rows], [encoded.window_types[w] for w in rows], pad_id)
         logits, pooled = model(**{k: v.to(acc.device) for k, v in batch.items()})  # [B, C], [B, H] or None
         logits = logits.float().cpu()
         pooled = pooled.float().cpu() if vectors and pooled is not None else None
-        found.extend((w, (logits[i], None if pooled is None else pooled[i])) for i, w in enumerate(rows))
+        found.extend((w, (logits[i], None if pooled is None else pooled[i])) for i, w in enumerate(part.mine))
     ordered = gather_in_order(acc, found, len(lengths))
     window_logits = torch.stack([row_logits for row_logits, _ in ordered])  # [W, C]
     if not vectors:

@@ -25,6 +25,7 @@ from berth.pretrain.masking import EpochExamples, MaskingCollator, pack_batch
 from berth.pretrain.model import PretrainingObjective, build_model, load_sentence_head
 from berth.pretrain.prepare import corpus_fingerprint, digest, prepare
 from berth.runtime.engines import Engine, ShardingHints
+from berth.runtime.lockstep import lockstep_batches
 from berth.runtime.loop import Batch, Loop, TrainState
 
 logger = logging.getLogger(__name__)
@@ -222,16 +223,19 @@ def evaluate(
     """Held-out MLM loss, perplexity, masked-token accuracy and [CLS]-task accuracy, with a fixed mask.
 
     The validation examples of epoch 0 are masked by their own (seed, 0, index) generators, so every
-    evaluation of a run (and of a resumed run) sees the very same masks. Dropout is off.
+    evaluation of a run (and of a resumed run) sees the very same masks. Dropout is off. Every process runs as
+    many batches (`lockstep_batches`); `train.eval_batches` caps each process's.
     """
-    mine = list(range(acc.process_index, len(examples), acc.num_processes))
-    size = cfg.train.batch_size
-    limit = cfg.train.eval_batches or len(mine)
+    parts = lockstep_batches(
+        len(examples), cfg.train.batch_size, acc.process_index, acc.num_processes, limit=cfg.train.eval_batches
+    )
     sums = torch.zeros(5, device=acc.device)  # mlm loss, mlm correct, mlm count, nsp correct, nsp count
     model.eval()
-    for start in range(0, min(len(mine), limit * size), size):
-        rows = collate([examples[i] for i in mine[start : start + size]])
+    for part in parts:
+        rows = collate([examples[i] for i in part.rows])
         out = model(**model_inputs({k: v.to(acc.device) for k, v in rows.items()}))
+        if not part.own:
+            continue  # a filler batch: run only to keep the processes' collectives in step
         sums += torch.stack(
             [
                 out["mlm_loss"],

@@ -80,9 +80,12 @@ def free_port() -> str:
         return str(free.getsockname()[1])
 
 
-def launch_two_processes(command: str, args: list[str], config: str = "configs/accelerate/cpu_ddp_2proc.yaml"):
-    """`accelerate launch -m berth command args` on two CPU processes through the shipped config
-    (plain `--cpu --num_processes 2` would run one). Returns the finished process."""
+def launch_two_processes(
+    command: str, args: list[str], config: str = "configs/accelerate/cpu_ddp_2proc.yaml", script: bool = False
+):
+    """`accelerate launch -m berth command args` (with `script`: `accelerate launch command args`, command a
+    Python file) on two CPU processes through the shipped config (plain `--cpu --num_processes 2` would run
+    one). Returns the finished process."""
     import subprocess
     import sys
 
@@ -96,10 +99,32 @@ def launch_two_processes(command: str, args: list[str], config: str = "configs/a
         "2",
         "--main_process_port",
         free_port(),
-        "-m",
-        "berth",
-        command,
+        *([command] if script else ["-m", "berth", command]),
         *args,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    launcher = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = launcher.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        kill_tree(launcher.pid)
+        raise
+    return subprocess.CompletedProcess(command, launcher.returncode, stdout, stderr)
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a launcher and every process under it: torch's elastic agent starts each rank in its own session,
+    so killing the launcher (or its process group) leaves the ranks running."""
+    import contextlib
+
+    import psutil
+
+    try:
+        parent = psutil.Process(pid)
+        family = [*parent.children(recursive=True), parent]
+    except psutil.NoSuchProcess:
+        return
+    for process in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(family, timeout=30)

@@ -175,8 +175,8 @@ def test_length_grouped_batches_cover_the_epoch_once_and_cut_padding():
 
 def test_pad_rows_and_eval_order():
     assert pad_rows([[1, 2, 3], [4]], 0, multiple=4).tolist() == [[1, 2, 3, 0], [4, 0, 0, 0]]
-    assert eval_order([3, 9, 1, 5], 2) == [[1, 3], [0, 2]]
-    assert eval_order([3, 9, 1, 5], 2, rank=1, processes=2) == [[1, 3]]
+    assert [b.rows for b in eval_order([3, 9, 1, 5], 2)] == [[1, 3], [0, 2]]
+    assert [b.rows for b in eval_order([3, 9, 1, 5], 2, rank=1, processes=2)] == [[1, 3]]
 
 
 def test_local_metric_modules_give_exact_values():

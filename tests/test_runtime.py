@@ -176,3 +176,31 @@ def test_a_launch_of_several_processes_that_accelerate_sets_up_as_one_is_refused
         accel.build_accelerator("fp32", (), str(tmp_path), find_unused=False)
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert isinstance(accel.build_accelerator("fp32", (), str(tmp_path), find_unused=False), OneProcess)
+
+
+def test_the_collective_timeout_reaches_the_process_group_set_up(monkeypatch, tmp_path):
+    from datetime import timedelta
+
+    from accelerate.utils import InitProcessGroupKwargs
+
+    from berth.runtime import accel
+
+    seen = {}
+
+    class Recording:
+        num_processes = 1
+
+        def __init__(self, **kwargs):
+            seen.update(kwargs)
+
+    monkeypatch.setattr(accel, "Accelerator", Recording)
+    accel.build_accelerator("fp32", (), str(tmp_path), find_unused=False, dist_timeout=7)
+    (group,) = [h for h in seen["kwargs_handlers"] if isinstance(h, InitProcessGroupKwargs)]
+    assert group.to_kwargs()["timeout"] == timedelta(minutes=7)
+
+
+def test_a_collective_timeout_below_a_minute_is_refused():
+    from berth.runtime.config import TrainConfig
+
+    with pytest.raises(ValueError, match=r"^dist_timeout must be at least 1; got 0"):
+        TrainConfig(dist_timeout=0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -47,7 +48,10 @@ def quiet_deepspeed() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
-def build_accelerator(precision: str, trackers: tuple[str, ...], project_dir: str, find_unused: bool) -> Accelerator:
+def build_accelerator(
+    precision: str, trackers: tuple[str, ...], project_dir: str, find_unused: bool, dist_timeout: int = 30
+) -> Accelerator:
+    """`dist_timeout`: minutes a collective may wait (train.dist_timeout); NCCL's own default is 10, gloo's 30."""
     unknown = [t for t in trackers if t not in TRACKERS]
     if unknown:
         raise BerthError(f"train.trackers: unknown {', '.join(unknown)}; choose from {', '.join(TRACKERS)}")
@@ -63,8 +67,8 @@ def build_accelerator(precision: str, trackers: tuple[str, ...], project_dir: st
     # Without CUDA, Accelerate's CPU set-up (gloo) gives every process its rank, but it takes DeepSpeed only
     # with cpu=False; DeepSpeed on CPU then needs gloo named, or each process would think it is alone.
     cpu = not cuda and engine != "deepspeed"
-    if not cuda and engine == "deepspeed":
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    backend = "gloo" if not cuda and engine == "deepspeed" else None
+    handlers.append(InitProcessGroupKwargs(backend=backend, timeout=timedelta(minutes=dist_timeout)))
     # Accelerate keeps one global state per process; a second run in the same process (the demo pretrains
     # and then fine-tunes) may need another precision. The distributed set-up (PartialState) is kept.
     AcceleratorState._reset_state()

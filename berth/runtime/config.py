@@ -48,9 +48,12 @@ class TrainConfig:
     resume: str = ""
     trackers: tuple[str, ...] = ()
     progress_bar: bool = True
+    # Minutes a process waits in a collective (a barrier, an all-reduce) before the run fails; it must cover the
+    # longest stretch one process works while the others wait (data preparation on the main process first).
+    dist_timeout: int = 30
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "grad_accum", "log_every"):
+        for name in ("epochs", "batch_size", "grad_accum", "log_every", "dist_timeout"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
         for name in ("max_steps", "warmup_steps", "eval_every", "save_every", "keep_checkpoints"):

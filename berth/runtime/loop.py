@@ -149,7 +149,8 @@ class Loop:
         self.cfg, self.stage = cfg, stage
         self.train: TrainConfig = cfg.train
         self.out = Path(cfg.output_dir)
-        self.accelerator = build_accelerator(self.train.precision, self.train.trackers, str(self.out), find_unused)
+        t = self.train
+        self.accelerator = build_accelerator(t.precision, t.trackers, str(self.out), find_unused, t.dist_timeout)
         self.state = TrainState()
         self.sums: dict[str, torch.Tensor] = {}
         self.first_bad = torch.tensor(-1, device=self.accelerator.device)
