@@ -6,7 +6,8 @@
 #      MFU and the ratio (targets: MFU >= 35%, >= 2x the recipe).
 # It needs a CUDA build of torch in the venv (the Makefile installs the CPU build: pip install torch --index-url
 # https://download.pytorch.org/whl/cu128 or the build matching the machine). Without CUDA it runs the CPU-side
-# checks only: the gpu tests collect (and skip), and the benchmark runs at a tiny size in fp32.
+# checks only: the gpu tests collect (and skip), and the benchmark runs at a tiny size in fp32. Where nvidia-smi
+# sees a GPU but torch has no CUDA, it stops with exit code 3 and the install command.
 #
 #   bench/gpu_check.sh            # from the repository root; PY=path/to/python to use another interpreter
 set -euo pipefail
@@ -18,6 +19,11 @@ if "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'
     "$PY" -c 'import torch; print("device:", torch.cuda.get_device_name(), "| torch", torch.__version__)'
     "$PY" -m pytest -q -m gpu tests/test_gpu.py
     "$PY" bench/pretrain_bench.py --size base --seq-len 128 --batch-size 128 --precision bf16 --steps 30
+elif command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
+    # a GPU is here but this torch cannot use it: the checks would pass without testing anything
+    echo "gpu_check: nvidia-smi sees a GPU but torch $("$PY" -c 'import torch; print(torch.__version__)') has no CUDA;" \
+        "install a CUDA build: $PY -m pip install torch --index-url https://download.pytorch.org/whl/cu128" >&2
+    exit 3
 else
     echo "no CUDA device: CPU-side checks only (the gpu tests are skipped, the benchmark runs tiny in fp32)"
     "$PY" -m pytest -q -m gpu tests/test_gpu.py -rs
