@@ -80,16 +80,16 @@ def free_port() -> str:
         return str(free.getsockname()[1])
 
 
-def launch_two_processes(
-    command: str, args: list[str], config: str = "configs/accelerate/cpu_ddp_2proc.yaml", script: bool = False
+def start_two_processes(
+    command: str, args: list[str], config: str = "configs/accelerate/cpu_ddp_2proc.yaml", script: bool = False, **popen
 ):
     """`accelerate launch -m berth command args` (with `script`: `accelerate launch command args`, command a
     Python file) on two CPU processes through the shipped config (plain `--cpu --num_processes 2` would run
-    one). Returns the finished process."""
+    one), started: the launcher's Popen."""
     import subprocess
     import sys
 
-    command = [
+    argv = [
         sys.executable,
         "-m",
         "accelerate.commands.launch",
@@ -103,13 +103,23 @@ def launch_two_processes(
         *args,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launcher = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(argv, env=env, text=True, **popen)
+
+
+def launch_two_processes(
+    command: str, args: list[str], config: str = "configs/accelerate/cpu_ddp_2proc.yaml", script: bool = False
+):
+    """The same, run to its end (the launcher and its ranks killed after 10 minutes). Returns the finished
+    process."""
+    import subprocess
+
+    launcher = start_two_processes(command, args, config, script, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         stdout, stderr = launcher.communicate(timeout=600)
     except subprocess.TimeoutExpired:
         kill_tree(launcher.pid)
         raise
-    return subprocess.CompletedProcess(command, launcher.returncode, stdout, stderr)
+    return subprocess.CompletedProcess(launcher.args, launcher.returncode, stdout, stderr)
 
 
 def kill_tree(pid: int) -> None:

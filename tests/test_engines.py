@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import free_port, launch_two_processes
 from safetensors.torch import load_file
+from tamper import forget_optimizer_moments, shift_data_position
 from test_finetune_train import _flat_overrides, review_config, step_figures, tiny  # noqa: F401
 from test_pretrain_train import assert_same_weights, config, setup, weights  # noqa: F401
 from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification
@@ -61,7 +62,11 @@ def test_a_deepspeed_launch_without_deepspeed_installed_is_one_line(monkeypatch)
 
 # -- pretraining under each engine -------------------------------------------------------------------------------
 
-COMMON = [*NO_DROPOUT, "train.max_steps=3", "train.log_every=1", "train.eval_every=2", "train.save_every=2"]
+# 6 steps, checkpoints after steps 2, 4 and 6 (all kept): a run resumed from step 2 takes 4 steps, each with a
+# learning rate above zero (warm-up 2, linear decay to 0 after step 6), so a lost optimizer state or data position
+# changes the weights it ends with.
+COMMON = [*NO_DROPOUT, "train.max_steps=6", "train.log_every=1", "train.eval_every=3", "train.save_every=2"]
+COMMON += ["train.keep_checkpoints=3"]
 _references: dict = {}
 
 
@@ -102,21 +107,60 @@ def test_engine_pretrains_like_one_process_resumes_exactly_and_exports(setup, la
     assert result.stderr.count(f"exported {run / 'final'}") == 1
 
     assert_same_weights(weights(one), weights(run), atol=1e-5)
-    assert len(figures(one, "loss")) == 3
+    assert len(figures(one, "loss")) == 6
     assert figures(run, "loss") == pytest.approx(figures(one, "loss"), rel=1e-5)  # the logged loss is global
     assert figures(run, "grad_norm") == pytest.approx(figures(one, "grad_norm"), rel=NORM_REL)
     assert figures(run, "eval_mlm_loss") == pytest.approx(figures(one, "eval_mlm_loss"), rel=1e-5)
     _, info = AutoModelForMaskedLM.from_pretrained(run / "final", output_loading_info=True)
     assert not (info["missing_keys"] or info["mismatched_keys"]), info  # unexpected: BERT's NSP head, not MLM
 
-    # Resume from step 2 of the same launch: the end must be the uninterrupted run's, bit for bit.
-    finished = weights(run)
-    shutil.rmtree(run / "final")
-    shutil.rmtree(run / "checkpoints" / "step-00000003")
-    result = launch_two_processes("pretrain", [*args, "train.resume=auto"], config=accelerate_config)
+    # Resume from step 2 of the same launch: every later step's loss and the end must be the uninterrupted
+    # run's, bit for bit (test_a_resume_that_loses_state_ends_elsewhere shows that these checks can fail).
+    finished, losses = weights(run), figures(run, "loss")
+    result = resume_from_step_2(run, args, accelerate_config)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count("resumed from") == 1 and "step-00000002 at step 2" in result.stderr
+    logged = [m for m in read_metrics(run) if "loss" in m]
+    assert [m["step"] for m in logged] == [1, 2, 3, 4, 5, 6]
+    # the rate logged after step k is the one step k + 1 used: steps 3, 4 and 5 learn (6 ends the decay at 0)
+    assert all(m["lr"] > 0 for m in logged[1:4])
+    assert figures(run, "loss") == losses
     assert_same_weights(finished, weights(run))
+
+
+def resume_from_step_2(run, args, accelerate_config, tamper=None):
+    """The run as a stop after step 2's checkpoint left it (with `tamper` applied to that checkpoint), resumed."""
+    shutil.rmtree(run / "final", ignore_errors=True)
+    for later in ("step-00000004", "step-00000006"):
+        shutil.rmtree(run / "checkpoints" / later, ignore_errors=True)
+    if tamper is not None:
+        tamper(run / "checkpoints" / "step-00000002")
+    return launch_two_processes("pretrain", [*args, "train.resume=auto"], config=accelerate_config)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launch", ["fsdp", "deepspeed_zero3"])
+def test_a_resume_that_loses_state_ends_elsewhere(setup, tmp_path, launch):  # noqa: F811
+    """The mutation check of the resume test above: the same resume from a checkpoint whose data position or
+    optimizer moments were lost ends with other weights, so the test above would catch either loss."""
+    _, base = setup
+    run = tmp_path / "run"
+    args = ["configs/pretrain/mini_zh.yaml", *base, f"output_dir={run}", "model.architecture=bert"]
+    args += [*COMMON, "train.batch_size=2", "train.grad_accum=2"]
+    accelerate_config = f"configs/accelerate/{launch}.yaml"
+    result = launch_two_processes("pretrain", args, config=accelerate_config)
+    assert result.returncode == 0, result.stderr[-3000:]
+    finished = weights(run)
+    for tamper in (shift_data_position, forget_optimizer_moments):
+        copy = tmp_path / tamper.__name__
+        shutil.copytree(run, copy)
+        copied = [a.replace(f"output_dir={run}", f"output_dir={copy}") for a in args]
+        result = resume_from_step_2(copy, copied, accelerate_config, tamper)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "step-00000002 at step 2" in result.stderr
+        ended = weights(copy)
+        differing = [k for k in finished if not torch.allclose(finished[k], ended[k], atol=1e-5, rtol=0)]
+        assert differing, f"{tamper.__name__}: the resume ended with the uninterrupted run's weights"
 
 
 # -- fine-tuning under each engine -------------------------------------------------------------------------------

@@ -114,3 +114,38 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_weights(b
     killed = [k for k in kinds if k[2] == -signal.SIGKILL]
     assert len(killed) >= TRIALS * 3 // 4, kinds  # most trials were really killed mid-run
     assert all(k[2] == -signal.SIGKILL for k in kinds if k[0] != "time"), kinds  # every save kill happened
+
+
+@pytest.mark.slow
+def test_a_sigkilled_fsdp2_launch_resumes_to_the_uninterrupted_weights(base, tmp_path):
+    """Two processes under FSDP2, the launcher and both ranks killed with SIGKILL (each rank runs in its own
+    session, so the whole process tree is killed) once the first checkpoint is in place; train.resume=auto then
+    ends with the weights of the same launch run without a stop, bit for bit."""
+    from conftest import kill_tree, launch_two_processes, start_two_processes
+
+    _, args, _, _ = base
+    config = "configs/accelerate/fsdp.yaml"
+    common = [*args[1:], "train.batch_size=4", "train.save_every=2"]
+    reference = tmp_path / "uninterrupted"
+    done = launch_two_processes("pretrain", [*common, f"output_dir={reference}"], config)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    run = tmp_path / "killed"
+    launcher = start_two_processes(
+        "pretrain", [*common, f"output_dir={run}"], config, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 300
+    while not list((run / "checkpoints").glob("step-*")) and launcher.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint after 5 minutes"
+        time.sleep(0.2)
+    assert launcher.poll() is None, "the run ended before it could be killed"
+    kill_tree(launcher.pid)
+    assert not (run / "final").exists()
+    resumed = launch_two_processes("pretrain", [*common, f"output_dir={run}", "train.resume=auto"], config)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.stderr.count("resumed from") == 1
+    expected = load_file(str(reference / "final" / "model.safetensors"))
+    weights = load_file(str(run / "final" / "model.safetensors"))
+    assert weights.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(weights[key], expected[key]), key

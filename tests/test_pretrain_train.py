@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import launch_two_processes
 from safetensors.torch import load_file
+from tamper import forget_optimizer_moments, shift_data_position
 from transformers import AutoModelForMaskedLM, AutoModelForPreTraining, pipeline
 
 from berth.core.config import load_config
@@ -350,6 +351,22 @@ def copy_killed_after_step_4(final, target, damage_step_8=None):
     else:
         damage_step_8(target / "checkpoints" / "step-00000008")
     return target
+
+
+@pytest.mark.parametrize("tamper", [shift_data_position, forget_optimizer_moments])
+def test_a_resume_that_loses_state_ends_elsewhere(setup, finished, tamper):
+    """The mutation check of the exact-resume tests: resumed from step 4 of 8 (learning rates above zero after it)
+    with the data position or the optimizer moments lost, the run ends with other weights than the uninterrupted
+    one, which those tests compare bit for bit."""
+    _, final = finished
+    resumed = copy_killed_after_step_4(final, setup[0] / f"tampered-{tamper.__name__}")
+    tamper(resumed / "checkpoints" / "step-00000004")
+    pretrain(config(setup, resumed.name, "train.resume=auto"))
+    # the rate logged after step k is the one step k + 1 used: the resumed steps 5 and 7 (and 6) learn
+    rates = [m["lr"] for m in read_metrics(resumed) if "loss" in m and m["step"] in (4, 6)]
+    assert len(rates) == 2 and min(rates) > 0
+    uninterrupted, ended = weights(final.parent), weights(resumed)
+    assert any(not torch.equal(uninterrupted[k], ended[k]) for k in uninterrupted), tamper.__name__
 
 
 def test_checkpoints_hold_no_pickle_and_resume_loads_none(setup, finished, monkeypatch):
