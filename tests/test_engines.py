@@ -19,7 +19,7 @@ from berth.finetune.train import finetune
 from berth.pretrain.model import PretrainingObjective, build_model
 from berth.pretrain.train import pretrain
 from berth.runtime import accel
-from berth.runtime.engines import shard_units, untied
+from berth.runtime.engines import FullyShard, shard_units, untied
 from berth.runtime.tracking import read_metrics
 
 NO_DROPOUT = ["model.hidden_dropout=0", "model.attention_dropout=0"]
@@ -58,6 +58,46 @@ def test_a_deepspeed_launch_without_deepspeed_installed_is_one_line(monkeypatch)
     monkeypatch.setattr(accel.importlib.util, "find_spec", lambda name: None if name == "deepspeed" else real(name))
     with pytest.raises(BerthError, match=r"^the launch asks for DeepSpeed, which is not installed; pip install"):
         accel.check_engine_request(cuda=False)
+
+
+def test_fsdp2_with_fp16_is_refused_in_one_line():
+    """berth runs FSDP2's backward itself, so Accelerate's loss scaling never applies: fp16 is refused."""
+
+    class Fp16:
+        mixed_precision = "fp16"
+
+    with pytest.raises(BerthError, match=r"^FSDP2 with fp16 has no loss scaling in berth; set train.precision=bf16"):
+        FullyShard(Fp16())  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launch", ["deepspeed_zero2", "deepspeed_zero3"])
+def test_a_deepspeed_bf16_export_holds_the_fp32_master_weights(setup, tmp_path, launch):  # noqa: F811
+    """Under bf16 DeepSpeed's module holds bf16 copies and its optimizer the fp32 masters: the export holds the
+    masters, equal to the fp32 weights DeepSpeed's own zero_to_fp32 reads from the checkpoint of the same step."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    _, base = setup
+    run = tmp_path / "run"
+    args = ["configs/pretrain/mini_zh.yaml", *base, f"output_dir={run}", "train.max_steps=2", "train.save_every=2"]
+    args += ["train.precision=bf16", "train.batch_size=4"]
+    result = launch_two_processes("pretrain", args, config=f"configs/accelerate/{launch}.yaml")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "precision bf16" in result.stderr
+    exported = weights(run)
+    masters = get_fp32_state_dict_from_zero_checkpoint(
+        str(run / "checkpoints" / "step-00000002" / "deepspeed"), "state"
+    )
+    assert all(v.dtype == torch.float32 for v in exported.values())
+    compared = 0
+    for name, value in exported.items():
+        if f"model.{name}" in masters:
+            assert torch.equal(value, masters[f"model.{name}"].float()), name
+            compared += 1
+    assert compared >= len(exported) - 3  # the buffers aside
+    # fp32 masters, not bf16 values widened to fp32
+    embeddings = exported["bert.embeddings.word_embeddings.weight"]
+    assert not torch.equal(embeddings, embeddings.bfloat16().float())
 
 
 # -- pretraining under each engine -------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
+from berth.core.errors import BerthError
 from berth.runtime.config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -238,7 +239,25 @@ class DeepSpeed:
             raise FileNotFoundError(f"{folder}: no DeepSpeed checkpoint to resume from")
 
     def full_state_dict(self, model: nn.Module) -> dict[str, Any]:
-        return self.acc.get_state_dict(model)  # ZeRO-3: gathered (stage3_gather_16bit_weights_on_model_save)
+        """The weights as trained: under bf16/fp16 DeepSpeed's module holds 16-bit copies and the optimizer the
+        fp32 masters, which are what the other engines export; each parameter's master is gathered (a collective
+        under ZeRO-3, called in the same order on every process), buffers come from the module's state dict."""
+        # ZeRO-3: gathered (stage3_gather_16bit_weights_on_model_save) onto the main process, None elsewhere
+        weights = self.acc.get_state_dict(model) or {}
+        if self.acc.mixed_precision == "no":
+            return weights
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        masters: dict[int, torch.Tensor] = {}
+        for name, param in self.acc.unwrap_model(model).named_parameters(remove_duplicate=False):
+            if id(param) not in masters:
+                master = safe_get_full_fp32_param(param)
+                if master is None:
+                    raise RuntimeError(f"DeepSpeed holds no fp32 master weight for {name}")
+                masters[id(param)] = master.detach().cpu()
+            if name in weights:
+                weights[name] = masters[id(param)].clone()  # a copy per name: tied names share no storage
+        return weights
 
     def load_full_state_dict(self, model: nn.Module, weights: dict[str, Any]) -> None:
         inner = self.acc.unwrap_model(model)
@@ -293,7 +312,14 @@ class FullyShard:
         # for FSDP1 to copy the weights over; berth builds the model whole on every process and shards it
         # itself, so the weights must really be loaded everywhere (BERT-sized models fit each process's memory).
         os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(acc.mixed_precision)
+        if acc.mixed_precision == "fp16":
+            # berth runs FSDP2's backward itself, past Accelerate's GradScaler, and fp16 without loss scaling
+            # underflows gradients silently
+            raise BerthError(
+                "FSDP2 with fp16 has no loss scaling in berth; set train.precision=bf16 (Ampere GPUs and newer) or "
+                "fp32, or launch with a DeepSpeed or DDP config for fp16"
+            )
+        dtype = {"bf16": torch.bfloat16}.get(acc.mixed_precision)
         # weights computed in the low precision, gradients reduced and the optimizer stepped in fp32
         self.policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
 
