@@ -203,6 +203,51 @@ def test_a_resume_that_loses_state_ends_elsewhere(setup, tmp_path, launch):  # n
         assert differing, f"{tamper.__name__}: the resume ended with the uninterrupted run's weights"
 
 
+# -- resuming on another number of processes ---------------------------------------------------------------------
+
+
+def stopped_after_step_2(run, target):
+    """A copy of a finished run as a stop after step 2's checkpoint left it."""
+    shutil.copytree(run, target)
+    shutil.rmtree(target / "final")
+    for later in ("step-00000004", "step-00000006"):
+        shutil.rmtree(target / "checkpoints" / later)
+    return target
+
+
+@pytest.mark.parametrize("launch", [pytest.param("cpu_ddp_2proc", marks=pytest.mark.slow), "fsdp"])
+def test_a_one_process_checkpoint_resumes_on_two_processes(setup, launch):  # noqa: F811
+    """The global batch kept (8 = 8 x 1 x 1, then 2 x 2 processes x 2 accumulation): the same examples in the same
+    order, so the end is the uninterrupted one-process run's within fp32 summation order."""
+    one = reference(setup, "bert")
+    root, base = setup
+    run = stopped_after_step_2(one, root / f"elastic-1-to-2-{launch}")
+    args = ["configs/pretrain/mini_zh.yaml", *base, f"output_dir={run}", "model.architecture=bert", *COMMON]
+    args += ["train.batch_size=2", "train.grad_accum=2", "train.resume=auto"]
+    result = launch_two_processes("pretrain", args, config=f"configs/accelerate/{launch}.yaml")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step-00000002 at step 2" in result.stderr
+    assert "resuming a checkpoint of 1 processes on 2" in result.stderr
+    assert_same_weights(weights(one), weights(run), atol=1e-5)
+    assert figures(run, "loss") == pytest.approx(figures(one, "loss"), rel=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launch", ["cpu_ddp_2proc", "fsdp"])
+def test_a_two_process_checkpoint_resumes_on_one(setup, launch):  # noqa: F811
+    one = reference(setup, "bert")
+    root, base = setup
+    two = root / f"elastic-two-{launch}"
+    args = ["configs/pretrain/mini_zh.yaml", *base, f"output_dir={two}", "model.architecture=bert", *COMMON]
+    result = launch_two_processes("pretrain", [*args, "train.batch_size=4"], config=f"configs/accelerate/{launch}.yaml")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = stopped_after_step_2(two, root / f"elastic-2-to-1-{launch}")
+    pretrain(config(setup, run.name, "model.architecture=bert", *COMMON, "train.resume=auto"))
+    assert_same_weights(weights(two), weights(run), atol=1e-5)
+    assert_same_weights(weights(one), weights(run), atol=1e-5)
+    assert figures(run, "loss") == pytest.approx(figures(two, "loss"), rel=1e-5)
+
+
 # -- fine-tuning under each engine -------------------------------------------------------------------------------
 
 

@@ -204,3 +204,23 @@ def test_a_collective_timeout_below_a_minute_is_refused():
 
     with pytest.raises(ValueError, match=r"^dist_timeout must be at least 1; got 0"):
         TrainConfig(dist_timeout=0)
+
+
+def test_a_deepspeed_checkpoint_on_another_process_count_is_refused_in_one_line(tmp_path):
+    """DeepSpeed's checkpoints hold one optimizer shard per process: resuming on another count is refused before
+    anything is loaded, naming both counts and what to do."""
+    from types import SimpleNamespace
+
+    from berth.core.errors import BerthError
+    from berth.runtime.checkpoint import load_checkpoint
+
+    for name in ("config.yaml", "rng-0.json", "rng-1.json"):
+        (tmp_path / name).write_text("{}")
+    engine = SimpleNamespace(name="DeepSpeed ZeRO-3", elastic=False)
+    acc = SimpleNamespace(num_processes=1, process_index=0, is_main_process=True)
+    with pytest.raises(BerthError, match=r"^refusing to resume from .*: DeepSpeed ZeRO-3 wrote it with 2 processes"):
+        load_checkpoint(acc, engine, tmp_path, {}, {}, ())
+    (tmp_path / "rng-1.json").unlink()
+    (tmp_path / "rng-2.json").write_text("{}")
+    with pytest.raises(BerthError, match=r"its RNG files are not rng-0 \.\. rng-1"):
+        load_checkpoint(acc, engine, tmp_path, {}, {}, ())

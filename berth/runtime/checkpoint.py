@@ -185,14 +185,48 @@ def load_checkpoint(
     differences = config_differences((path / CONFIG_FILENAME).read_text(), current, sections)
     if differences:
         raise BerthError(f"refusing to resume from {path}: the config changed: {'; '.join(differences)}")
+    written_by = saved_processes(path)
+    processes, rank = accelerator.num_processes, accelerator.process_index
+    if written_by != processes and not engine.elastic:
+        raise BerthError(
+            f"refusing to resume from {path}: {engine.name} wrote it with {written_by} processes, one optimizer "
+            f"shard each, and this run has {processes}; resume it with {written_by} processes, or convert it with "
+            "DeepSpeed's ds_to_universal.py and start a new run from the converted weights"
+        )
     engine.load(objects["model"], objects["optimizer"], path)
     objects["scheduler"].load_state_dict(json.loads((path / SCHEDULER_FILE).read_text()))
-    rank = accelerator.process_index
-    rng = path / f"rng-{rank}.json"
-    if not rng.is_file():
-        raise BerthError(f"refusing to resume from {path}: it has no RNG state for process {rank}")
-    set_rng_states(json.loads(rng.read_text()), load_file(str(path / f"rng-{rank}.safetensors")))
-    return json.loads((path / STATE_FILE).read_text())
+    state = json.loads((path / STATE_FILE).read_text())
+    if written_by == processes:
+        set_rng_states(
+            json.loads((path / f"rng-{rank}.json").read_text()), load_file(str(path / f"rng-{rank}.safetensors"))
+        )
+    else:
+        # Another process count: the data of each step is the same (it is drawn by global position and each
+        # example masked by its own seed), but no process continues another's random stream (dropout), so each
+        # starts one drawn from the step and its rank: deterministic, not the uninterrupted run's.
+        reseed(int(state["step"]) * 1_000_003 + rank)
+        if accelerator.is_main_process:
+            logger.info(
+                "resuming a checkpoint of %d processes on %d: the same examples in the same order; dropout draws "
+                "new masks from here",
+                written_by,
+                processes,
+            )
+    return state
+
+
+def saved_processes(path: Path) -> int:
+    """How many processes wrote the checkpoint: one RNG file each, numbered from 0."""
+    count = len(list(path.glob("rng-*.json")))
+    if count == 0 or any(not (path / f"rng-{r}.json").is_file() for r in range(count)):
+        raise BerthError(f"refusing to resume from {path}: its RNG files are not rng-0 .. rng-{max(count - 1, 0)}")
+    return count
+
+
+def reseed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:

@@ -32,7 +32,7 @@ from typing import Any, Protocol, cast
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -69,6 +69,9 @@ class Engine(Protocol):
     """What the loop needs from an engine (see the module docstring)."""
 
     name: str  # for the log line that reports the global batch: "DDP", "DeepSpeed ZeRO-2", "FSDP2"
+    # Whether its checkpoints hold whole (unsharded) weights and optimizer state, which another number of
+    # processes can load; DeepSpeed's hold one optimizer shard per process.
+    elastic: bool
 
     def wrap(self, model: nn.Module, hints: ShardingHints) -> nn.Module:
         """Before the optimizer is built: shard the model where the engine does it itself (FSDP2)."""
@@ -123,6 +126,8 @@ def build_engine(acc: Accelerator, train: TrainConfig) -> Engine:
 
 
 class Replicated:
+    elastic = True
+
     def __init__(self, acc: Accelerator):
         self.acc = acc
         self.name = "one process" if acc.distributed_type == DistributedType.NO else "DDP"
@@ -150,12 +155,21 @@ class Replicated:
 
     def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
         if self.acc.is_main_process:
-            save_model(self.acc.unwrap_model(model), str(directory / MODEL_FILE))
-            torch.save(optimizer.state_dict(), directory / OPTIMIZER_FILE)
+            inner = self.acc.unwrap_model(model)
+            save_model(inner, str(directory / MODEL_FILE))
+            torch.save(by_name(optimizer.state_dict(), optimizer, inner), directory / OPTIMIZER_FILE)
 
     def load(self, model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
-        load_model(self.acc.unwrap_model(model), str(directory / MODEL_FILE), strict=True)
-        optimizer.load_state_dict(torch.load(directory / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
+        inner = self.acc.unwrap_model(model)
+        weights = load_file(str(directory / MODEL_FILE))
+        missing, unexpected = inner.load_state_dict(weights, strict=False)
+        # safetensors' save_model writes a tied matrix under one of its names (FSDP2's file under both)
+        written = {name for pair in tied_pairs(inner) if any(n in weights for n in pair) for name in pair}
+        missing = [k for k in missing if k not in written]
+        if missing or unexpected:
+            raise RuntimeError(f"{directory / MODEL_FILE}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        state = torch.load(directory / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(by_index(state, optimizer, inner))
 
     def full_state_dict(self, model: nn.Module) -> dict[str, Any]:
         return self.acc.get_state_dict(model)
@@ -171,6 +185,8 @@ class DeepSpeed:
     """DeepSpeed owns the step: clipping (`gradient_clipping`), loss scaling, the accumulation boundary and the
     optimizer state's partitioning. berth writes the batch sizes and clipping of its train section into the
     DeepSpeed config, so the launch config's values for them do not matter."""
+
+    elastic = False
 
     def __init__(self, acc: Accelerator, train: TrainConfig):
         self.acc = acc
@@ -301,6 +317,8 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
 
 
 class FullyShard:
+    elastic = True
+
     def __init__(self, acc: Accelerator):
         self.acc = acc
         self.name = "FSDP2"
@@ -364,6 +382,9 @@ class FullyShard:
     def load(self, model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
         options = StateDictOptions(full_state_dict=True)
         weights: dict[str, Any] = load_file(str(directory / MODEL_FILE))
+        for name, twin in tied_pairs(model):  # written once by a one-process run (safetensors' save_model)
+            if twin in weights and name not in weights:
+                weights[name] = weights[twin]
         set_model_state_dict(model, weights, options=options)
         state = torch.load(directory / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
         set_optimizer_state_dict(model, optimizer, state, options=options)
@@ -394,3 +415,45 @@ def untied(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out[name] = (tensor.clone() if pointer in seen else tensor).contiguous()
         seen.add(pointer)
     return out
+
+
+# -- whole checkpoints that any process count loads ---------------------------------------------------------------
+
+
+def tied_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """(name, first name) of every parameter that is a second name for another (tied matrices)."""
+    first: dict[int, str] = {}
+    pairs = []
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            pairs.append((name, first[id(param)]))
+        else:
+            first[id(param)] = name
+    return pairs
+
+
+def _names_in_order(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[str]:
+    """The parameter names in the optimizer's own order (its state dict numbers parameters in this order)."""
+    names = {id(param): name for name, param in model.named_parameters()}
+    return [names[id(param)] for group in optimizer.param_groups for param in group["params"]]
+
+
+def by_name(state: dict[str, Any], optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, Any]:
+    """An optimizer state dict keyed by parameter names instead of positions: the form FSDP2's full optimizer
+    state dict takes, so a checkpoint of one process and one of FSDP2 load into each other."""
+    names = _names_in_order(optimizer, model)
+    return {
+        "state": {names[int(i)]: value for i, value in state["state"].items()},
+        "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in state["param_groups"]],
+    }
+
+
+def by_index(state: dict[str, Any], optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, Any]:
+    """The inverse of `by_name`, for `optimizer.load_state_dict` (a state dict keyed by position passes)."""
+    if all(isinstance(key, int) for key in state["state"]):
+        return state
+    index = {name: i for i, name in enumerate(_names_in_order(optimizer, model))}
+    return {
+        "state": {index[name]: value for name, value in state["state"].items()},
+        "param_groups": [{**g, "params": [index[name] for name in g["params"]]} for g in state["param_groups"]],
+    }
