@@ -53,7 +53,9 @@ def setup(args):
 
 
 def berth_side(cfg, loop):
-    stream = (batch for step in loop.epoch_steps() for batch in step)
+    # the loop's own data path, as `berth pretrain` runs it: batches prepared train.prefetch steps ahead in a thread
+    steps = loop.steps().__enter__()
+    stream = (batch for step in steps for batch in step)
 
     def step() -> int:
         batch = next(stream)

@@ -353,6 +353,15 @@ def copy_killed_after_step_4(final, target, damage_step_8=None):
     return target
 
 
+def test_batches_prepared_ahead_in_a_thread_train_the_same_weights(setup, finished):
+    """train.prefetch=0 (the default on CPU) draws and collates inside the training step; train.prefetch=3
+    prepares 3 steps ahead in a thread. Both end bit for bit alike (the collators draw from their own seeded
+    generators)."""
+    _, final = finished
+    ahead = pretrain(config(setup, "prefetch-3", "train.prefetch=3"))
+    assert_same_weights(weights(final.parent), weights(ahead.parent))
+
+
 @pytest.mark.parametrize("tamper", [shift_data_position, forget_optimizer_moments])
 def test_a_resume_that_loses_state_ends_elsewhere(setup, finished, tamper):
     """The mutation check of the exact-resume tests: resumed from step 4 of 8 (learning rates above zero after it)

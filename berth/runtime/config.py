@@ -51,6 +51,10 @@ class TrainConfig:
     # Minutes a process waits in a collective (a barrier, an all-reduce) before the run fails; it must cover the
     # longest stretch one process works while the others wait (data preparation on the main process first).
     dist_timeout: int = 30
+    # Optimizer steps whose batches a background thread prepares ahead of the training step (16 covers the burst
+    # of drawing a new chunk of examples); 0: in the training step; -1 (auto): 16 on GPUs, 0 on CPU, where the
+    # thread would take cores from the step itself.
+    prefetch: int = -1
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "grad_accum", "log_every", "dist_timeout"):
@@ -59,6 +63,8 @@ class TrainConfig:
         for name in ("max_steps", "warmup_steps", "eval_every", "save_every", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
+        if self.prefetch < -1:
+            raise ValueError(f"prefetch must be -1 (auto), 0 or more; got {self.prefetch}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a finite number > 0; got {self.lr}")
         check_rates(

@@ -7,6 +7,7 @@ top to bottom. Counters live in `TrainState`, saved as JSON with every checkpoin
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import resource
@@ -30,6 +31,7 @@ from berth.runtime.config import TrainConfig
 from berth.runtime.dropout import use_fast_dropout
 from berth.runtime.engines import Engine, ShardingHints, build_engine
 from berth.runtime.optim import build_optimizer
+from berth.runtime.prefetch import PREFETCH_AUTO, Prefetched, pinned
 from berth.runtime.schedules import build_scheduler, planned_curve
 from berth.runtime.tracking import MetricsLog
 
@@ -259,7 +261,7 @@ class Loop:
 
     def train_step(self, micro_batches: list[Batch]) -> None:
         acc, device = self.accelerator, self.accelerator.device
-        micro_batches = [{k: v.to(device) for k, v in b.items()} for b in micro_batches]
+        micro_batches = [{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in micro_batches]
         # Each loss term is divided by its number of targets over every process and micro-batch before
         # backward, so the step's gradient is the same whatever the split and no engine rescales after its step.
         local = torch.stack([self.stage.targets(b) for b in micro_batches]).sum(0)  # [T]
@@ -413,19 +415,20 @@ class Loop:
             dynamic_ncols=True,
         )
         while not self.done():
-            for micro_batches in self.epoch_steps():
-                self.train_step(micro_batches)
-                self.bar.update(1)
-                self.maybe_log()
-                self.maybe_eval()
-                self.maybe_checkpoint()
-                if self.done():
-                    break
-            else:
-                self.state.epoch, self.state.epoch_step = self.state.epoch + 1, 0
-                if not self.train.eval_every:
-                    self.maybe_eval(force=True)
+            with self.steps() as steps:
+                for micro_batches in steps:
+                    self.train_step(micro_batches)
+                    self.bar.update(1)
+                    self.maybe_log()
+                    self.maybe_eval()
                     self.maybe_checkpoint()
+                    if self.done():
+                        break
+                else:
+                    self.state.epoch, self.state.epoch_step = self.state.epoch + 1, 0
+                    if not self.train.eval_every:
+                        self.maybe_eval(force=True)
+                        self.maybe_checkpoint()
         self.bar.close()
         self.maybe_eval(force=True)
         self.maybe_checkpoint(force=True)
@@ -441,3 +444,11 @@ class Loop:
 
     def epoch_steps(self) -> Iterator[list[Batch]]:
         return self.stage.epoch_steps(self.state.epoch, self.state.epoch_step, self.global_batch, self.accelerator)
+
+    def steps(self) -> contextlib.AbstractContextManager[Iterator[list[Batch]]]:
+        """The rest of this epoch's steps, prepared `train.prefetch` steps ahead in a thread (pinned on CUDA)."""
+        on_cpu = self.accelerator.device.type == "cpu"
+        depth = self.train.prefetch if self.train.prefetch >= 0 else (0 if on_cpu else PREFETCH_AUTO)
+        if not depth:
+            return contextlib.nullcontext(self.epoch_steps())
+        return Prefetched(self.epoch_steps(), depth, pinned if self.accelerator.device.type == "cuda" else None)
