@@ -41,7 +41,7 @@ from berth.pretrain.data import FORMAT_VERSION, GROUP_SIZE
 from berth.pretrain.documents import DOCUMENT_FEATURES, DocumentEncoder, SpecialIds, check_seq_len, check_tokenizer
 from berth.pretrain.masking import EpochExamples, MaskingCollator
 from berth.pretrain.sentences import sentence_ends
-from berth.pretrain.stream import EpochStream
+from berth.pretrain.stream import Collective, EpochStream
 
 logger = logging.getLogger(__name__)
 
@@ -109,9 +109,10 @@ class PreparedData:
     def examples_dir(self) -> Path:
         return self.root / f"examples-{examples_key(self.data)}"
 
-    def examples(self, split: str = "train", epoch: int = 0) -> EpochStream:
+    def examples(self, split: str = "train", epoch: int = 0, collective: Collective | None = None) -> EpochStream:
         """The examples of `epoch` in training order, drawn from seed and epoch as they are read (only a summary of
-        a few integers per document group is cached)."""
+        a few integers per document group is cached; with `collective`, the processes of a run count it together,
+        which every one of them must then call)."""
         return EpochStream(
             self.documents[split],
             self.data,
@@ -120,6 +121,7 @@ class PreparedData:
             self.examples_dir / f"summary-epoch-{epoch}-{split}.arrow",
             digest([self.root.name, examples_key(self.data), split, epoch, "summary"]),
             f"Drawing {split} examples for epoch {epoch}",
+            collective,
         )
 
 

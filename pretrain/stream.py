@@ -16,10 +16,11 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, overload
+from typing import Any, Protocol, overload
 
 import datasets
 import numpy as np
+from tqdm.auto import tqdm
 
 from berth.pretrain.config import DataConfig
 from berth.pretrain.data import GROUP_SIZE, ExampleBuilder
@@ -59,6 +60,18 @@ class GroupSummary:
         return out
 
 
+class Collective(Protocol):
+    """The processes of a run that count an epoch together (`berth.runtime.collective.Collective`)."""
+
+    rank: int
+    processes: int
+    writer: bool  # this process writes the summary file for the processes that share its cache
+
+    def all(self, flag: bool) -> bool: ...
+
+    def gather(self, items: list[Any]) -> list[Any]: ...
+
+
 class EpochStream:
     """The examples of one epoch of a split, in training order: `len`, indexing (int or slice) and iteration.
 
@@ -75,12 +88,16 @@ class EpochStream:
         summary_file: Path,
         fingerprint: str,
         desc: str,
+        collective: Collective | None = None,
     ):
         self.data, self.epoch = data, epoch
         self.builder = ExampleBuilder(documents, data, special, epoch) if len(documents) else None
         n_groups = math.ceil(len(documents) / GROUP_SIZE)
         self.group_order = np.random.default_rng([data.seed, epoch, 2]).permutation(n_groups)
-        self.summary = self._summarise(n_groups, summary_file, fingerprint, desc)
+        if collective is not None and collective.processes > 1 and self.builder is not None:
+            self.summary = self._summarise_together(n_groups, summary_file, fingerprint, desc, collective)
+        else:
+            self.summary = self._summarise(n_groups, summary_file, fingerprint, desc)
         per_group = np.asarray(self.summary["examples"], dtype=np.int64)
         chunks = [self.group_order[i : i + CHUNK_GROUPS] for i in range(0, n_groups, CHUNK_GROUPS)]
         self.chunk_groups = chunks
@@ -104,6 +121,32 @@ class EpochStream:
             new_fingerprint=fingerprint,
             desc=desc,
         )
+
+    def _summarise_together(
+        self, n_groups: int, path: Path, fingerprint: str, desc: str, collective: Collective
+    ) -> datasets.Dataset:
+        """The summary counted by every process, each the groups g = rank (mod processes), and gathered: no process
+        draws the epoch alone while the others wait. Read from the cache when every process has it."""
+        if collective.all(path.is_file()):
+            return datasets.Dataset.from_file(str(path))
+        assert self.builder is not None
+        count = GroupSummary(self.builder)
+        mine = range(collective.rank, n_groups, collective.processes)
+        rows = [
+            (g, {k: v[0] for k, v in count({"group": [g]}).items()})
+            for g in tqdm(mine, desc=desc, disable=collective.rank != 0)
+        ]
+        every = dict(collective.gather(rows))
+        summary = datasets.Dataset.from_dict(
+            {k: [every[g][k] for g in range(n_groups)] for k in SUMMARY_FEATURES}, features=SUMMARY_FEATURES
+        )
+        if collective.writer:
+            # written as the cache file the one-process path reads (an Arrow stream), under a temporary name first
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".tmp-{path.name}")
+            summary.map(batched=True, cache_file_name=str(tmp), new_fingerprint=fingerprint)
+            tmp.replace(path)
+        return summary
 
     def __len__(self) -> int:
         return int(self.offsets[-1])

@@ -24,6 +24,7 @@ from berth.pretrain.export import export_pretrained
 from berth.pretrain.masking import EpochExamples, MaskingCollator, pack_batch
 from berth.pretrain.model import PretrainingObjective, build_model, load_sentence_head
 from berth.pretrain.prepare import corpus_fingerprint, digest, prepare
+from berth.runtime.collective import Collective, shared_everywhere
 from berth.runtime.engines import Engine, ShardingHints
 from berth.runtime.lockstep import lockstep_batches
 from berth.runtime.loop import Batch, Loop, TrainState
@@ -99,7 +100,12 @@ class PretrainingStage:
 
     def build(self, acc: Accelerator, engine: Engine) -> torch.nn.Module:
         cfg, self.engine = self.cfg, engine
-        with acc.main_process_first():
+        # Without a cache directory every machine sees, each machine's first process prepares its own copy (the
+        # data is the same: named by a hash of corpus, tokenizer and settings, and drawn from seeds).
+        shared = shared_everywhere(acc, Path(cfg.data.cache_dir))
+        self.collective = Collective(acc, shared)
+        first = acc.main_process_first if shared else acc.local_main_process_first
+        with first():
             self.prepared = prepare(cfg, self.tokenizer_source())
         special = self.prepared.special
         model = build_model(cfg.model, special.vocab_size, special.pad, special.cls, special.sep, acc.device.type)
@@ -110,7 +116,7 @@ class PretrainingStage:
         if self.objective.sentence_head is not None:
             load_sentence_head(self.objective.sentence_head, cfg.model.init)
         self.collator = MaskingCollator(cfg.data, special)
-        with acc.main_process_first():
+        with first():
             self.validation = EpochExamples(self.prepared.examples("validation", 0), cfg.data.seed, epoch=0)
         if not len(self.validation):
             logger.warning(
@@ -129,8 +135,8 @@ class PretrainingStage:
         }
 
     def epoch_examples(self, epoch: int, acc: Accelerator) -> EpochExamples:
-        with acc.main_process_first():
-            return EpochExamples(self.prepared.examples("train", epoch), self.cfg.data.seed, epoch)
+        """Every process calls it: an epoch not yet counted is counted by all of them together."""
+        return EpochExamples(self.prepared.examples("train", epoch, self.collective), self.cfg.data.seed, epoch)
 
     def steps_per_epoch(self, global_batch: int, acc: Accelerator) -> int:
         examples = len(self.epoch_examples(0, acc))
@@ -142,11 +148,15 @@ class PretrainingStage:
         """One optimizer step takes the next global batch of the epoch's stream (shuffled as it is drawn);
         micro-batch k of process r is the r-th slice of the k-th block. The same examples make up a step whatever
         the process count, and resuming jumps to the position without drawing the examples before it."""
-        examples = self.epoch_examples(epoch, acc)
+        examples = self.epoch_examples(epoch, acc)  # now, in the calling thread: counting an epoch is collective
         size, rank, procs = self.cfg.train.batch_size, acc.process_index, acc.num_processes
-        for start in range(skip * global_batch, len(examples) - global_batch + 1, global_batch):
-            parts = [start + (k * procs + rank) * size for k in range(self.cfg.train.grad_accum)]
-            yield [self.collate([examples[i] for i in range(first, first + size)]) for first in parts]
+
+        def steps() -> Iterator[list[Batch]]:
+            for start in range(skip * global_batch, len(examples) - global_batch + 1, global_batch):
+                parts = [start + (k * procs + rank) * size for k in range(self.cfg.train.grad_accum)]
+                yield [self.collate([examples[i] for i in range(first, first + size)]) for first in parts]
+
+        return steps()
 
     def collate(self, examples: list[dict]) -> Batch:
         batch = self.collator(examples)

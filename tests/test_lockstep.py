@@ -55,7 +55,7 @@ def configs(setup, tiny, root):  # noqa: F811
     return paths
 
 
-@pytest.mark.parametrize("launch", ["fsdp", "deepspeed_zero3"])
+@pytest.mark.parametrize("launch", ["fsdp", pytest.param("deepspeed_zero3", marks=pytest.mark.slow)])
 def test_every_evaluation_under_a_sharding_engine_finishes_and_equals_one_process(setup, tiny, tmp_path, launch):  # noqa: F811
     """Pretraining's held-out figures, classification (windows with every aggregation and the attention pooler,
     head/tail truncation, hidden-text robustness documents) and NER windows on 1, 3 and 17 rows at batch 8, with

@@ -507,3 +507,36 @@ def test_one_huge_document_is_tokenized_in_chunks_at_sentence_ends(setup):
     tokenizer = prepared.tokenizer
     for ids in documents["input_ids"]:
         assert tokenizer.decode(ids[-2:]).replace(" ", "").endswith("事。")  # every piece ends at a sentence end
+
+
+@pytest.mark.slow
+def test_two_processes_count_each_new_epoch_together_and_train_as_one(setup, tmp_path):
+    """A corpus of a few steps an epoch, 20 steps: epochs 1 and 2 are counted by both processes together (each
+    its share of the document groups, gathered), giving the summary one process counts alone, and the run ends
+    with the one-process weights."""
+    from datasets import Dataset
+
+    _, base = setup
+    corpus = tmp_path / "small.txt"
+    # 600 documents: 3 groups of 256 to share between the processes, about 8 steps of 64 an epoch
+    corpus.write_text("\n".join(peoples_daily(unit="paragraph")["text"][:600]) + "\n", encoding="utf-8")
+    common = [*base, f"corpus.sources=[{corpus}]", "train.max_steps=20", "train.eval_every=10", "train.save_every=10"]
+    common += ["train.batch_size=64"]
+    common += ["model.hidden_dropout=0", "model.attention_dropout=0"]
+    one = pretrain(
+        load_config(
+            PretrainConfig,
+            "configs/pretrain/mini_zh.yaml",
+            [*common, f"output_dir={tmp_path / 'one'}", f"data.cache_dir={tmp_path / 'cache-one'}"],
+        )
+    )
+    epochs = {m["epoch"] for m in read_metrics(one.parent) if "loss" in m}
+    assert max(epochs) >= 2, epochs
+    args = ["configs/pretrain/mini_zh.yaml", *common, f"output_dir={tmp_path / 'two'}", "train.batch_size=32"]
+    result = launch_two_processes("pretrain", [*args, f"data.cache_dir={tmp_path / 'cache-two'}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_weights(weights(one.parent), weights(tmp_path / "two"), atol=1e-5)
+    for epoch in (1, 2):
+        (alone,) = (tmp_path / "cache-one").rglob(f"summary-epoch-{epoch}-train.arrow")
+        (together,) = (tmp_path / "cache-two").rglob(f"summary-epoch-{epoch}-train.arrow")
+        assert Dataset.from_file(str(together)).to_dict() == Dataset.from_file(str(alone)).to_dict()

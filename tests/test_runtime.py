@@ -224,3 +224,27 @@ def test_a_deepspeed_checkpoint_on_another_process_count_is_refused_in_one_line(
     (tmp_path / "rng-2.json").write_text("{}")
     with pytest.raises(BerthError, match=r"its RNG files are not rng-0 \.\. rng-1"):
         load_checkpoint(acc, engine, tmp_path, {}, {}, ())
+
+
+class _Rank1Of2:
+    """What a second machine's process sees of a launch of 2: not the main process; `reduce` sums over both, the
+    main process (which wrote the marker in its own directory) counting 1."""
+
+    num_processes, process_index, is_main_process, device = 2, 1, False, "cpu"
+
+    def reduce(self, tensor, reduction):
+        return tensor + 1
+
+    def wait_for_everyone(self):
+        pass
+
+
+def test_an_output_dir_that_another_machine_cannot_see_is_refused_in_one_line(monkeypatch, tmp_path):
+    from berth.core.errors import BerthError
+    from berth.runtime import collective
+
+    monkeypatch.setattr(collective, "broadcast_object_list", lambda token: token.__setitem__(0, "abc"))
+    with pytest.raises(BerthError, match=r"^output_dir .* is not shared by every machine of this launch"):
+        collective.check_output_shared(_Rank1Of2(), tmp_path)  # the main process wrote its marker elsewhere
+    (tmp_path / ".berth-shared-abc").write_text("")  # where the directory is shared, the marker is here
+    collective.check_output_shared(_Rank1Of2(), tmp_path)

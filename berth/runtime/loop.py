@@ -27,6 +27,7 @@ from berth.core.files import recover
 from berth.core.hub import HubConfig, check_push
 from berth.runtime.accel import build_accelerator
 from berth.runtime.checkpoint import checkpoint_dir, load_checkpoint, resolve_resume, save_checkpoint
+from berth.runtime.collective import check_output_shared
 from berth.runtime.config import TrainConfig
 from berth.runtime.dropout import use_fast_dropout
 from berth.runtime.engines import Engine, ShardingHints, build_engine
@@ -103,7 +104,8 @@ class Stage(Protocol):
 
     def epoch_steps(self, epoch: int, skip: int, global_batch: int, acc: Accelerator) -> Iterator[list[Batch]]:
         """This process's micro-batches of each optimizer step of `epoch`, after its first `skip` steps; each
-        holds TOKEN_MASK."""
+        holds TOKEN_MASK. Work that involves the other processes happens in this call; the iterator it returns may
+        run in another thread (`train.prefetch`), where no collective may run."""
 
     def targets(self, batch: Batch) -> torch.Tensor:
         """[T] how many prediction targets each loss term has in `batch` (float)."""
@@ -402,6 +404,7 @@ class Loop:
             for directory in (self.out, checkpoint_dir(self.out)):
                 recover(directory)  # what an interrupted save left
         self.accelerator.wait_for_everyone()
+        check_output_shared(self.accelerator, self.out)
         checkpoint = resolve_resume(self.train.resume, self.out)  # before data preparation: fails fast
         self.build()
         self.maybe_resume(checkpoint)
