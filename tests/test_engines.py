@@ -125,10 +125,11 @@ def figures(run_dir, name):
 @pytest.mark.parametrize(
     ("launch", "architecture", "engine"),
     [
-        # one launch per engine in `make test`; the rest of the matrix is `slow` (CI runs it after)
-        ("deepspeed_zero2", "bert", "DeepSpeed ZeRO-2"),
+        # FSDP2 pretrains in `make test` (DeepSpeed fine-tunes there); the rest of the matrix is `slow` (CI runs
+        # it after `make test`)
+        pytest.param("deepspeed_zero2", "bert", "DeepSpeed ZeRO-2", marks=pytest.mark.slow),
         pytest.param("deepspeed_zero3", "bert", "DeepSpeed ZeRO-3", marks=pytest.mark.slow),
-        ("deepspeed_zero3", "modernbert", "DeepSpeed ZeRO-3"),
+        pytest.param("deepspeed_zero3", "modernbert", "DeepSpeed ZeRO-3", marks=pytest.mark.slow),
         pytest.param("fsdp", "bert", "FSDP2", marks=pytest.mark.slow),
         ("fsdp", "modernbert", "FSDP2"),
     ],
@@ -252,7 +253,12 @@ def test_a_two_process_checkpoint_resumes_on_one(setup, launch):  # noqa: F811
 
 
 @pytest.mark.parametrize(
-    ("launch", "aggregation"), [("deepspeed_zero2", "auto"), ("deepspeed_zero3", "attention"), ("fsdp", "attention")]
+    ("launch", "aggregation"),
+    [
+        pytest.param("deepspeed_zero2", "auto", marks=pytest.mark.slow),
+        ("deepspeed_zero3", "attention"),
+        ("fsdp", "attention"),
+    ],
 )
 def test_engine_finetunes_like_one_process(tiny, tmp_path, launch, aggregation):  # noqa: F811
     """Classification with windows; attention pooling calls the model outside forward (its pooler and classifier),

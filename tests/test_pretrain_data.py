@@ -345,7 +345,8 @@ def edge_accuracy(rows):
     return sum(max(c) for c in cells.values()) / len(rows)
 
 
-@pytest.mark.parametrize("task", [pytest.param("nsp", marks=pytest.mark.slow), "sop"])
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["nsp", "sop"])
 def test_cls_label_cannot_be_read_off_segment_edges(embedded, task):
     prepared = embedded(f"data.sentence_task={task}")
     rows = edge_features(prepared.examples("train", 0), prepared.tokenizer)
