@@ -137,16 +137,46 @@ def prepare_documents(corpus_cfg: CorpusConfig, data: DataConfig, tokenizer: Pre
         documents = datasets.load_from_disk(str(final))
         return PreparedData(root, documents, data, special, tokenizer, json.loads(meta_path.read_text()))
     start = time.perf_counter()
-    corpus = load_corpus(corpus_cfg)
+    # Every intermediate Arrow file (the text read, the chunked documents, the tokenized ones) goes into a work
+    # directory inside the cache, removed once the documents are saved: what stays on disk is the documents.
+    root.mkdir(parents=True, exist_ok=True)
+    work = root / f".work-{time.time_ns()}"
+    try:
+        documents, corpus_rows = _tokenize(corpus_cfg, data, tokenizer, root.name, work)
+        stats = document_stats(documents, corpus_rows, time.perf_counter() - start)
+        # Written to a temporary directory and renamed, so an interrupted run never leaves a half-written cache;
+        # in shards of at most 100 MB, each of which is held in memory while it is written.
+        tmp = root / f".documents-tmp-{time.time_ns()}"
+        documents.save_to_disk(str(tmp), max_shard_size="100MB")
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    meta_path.write_text(json.dumps(stats, indent=2) + "\n")
+    return PreparedData(root, datasets.load_from_disk(str(final)), data, special, tokenizer, stats)
+
+
+def _tokenize(
+    corpus_cfg: CorpusConfig, data: DataConfig, tokenizer: PreTrainedTokenizerBase, key: str, work: Path
+) -> tuple[datasets.DatasetDict, int]:
+    """The corpus read, chunked and tokenized into `work`: (train and validation documents, corpus rows)."""
+    corpus = load_corpus(corpus_cfg, cache_dir=str(work / "read"))
     if isinstance(corpus, datasets.IterableDataset):
         # Examples need random access, so a streamed corpus is written to disk (Arrow, memory-mapped) as it
         # streams past, never held in memory.
         corpus = datasets.Dataset.from_generator(
-            _stream_rows, gen_kwargs={"corpus_cfg": corpus_cfg}, features=corpus.features
+            _stream_rows, gen_kwargs={"corpus_cfg": corpus_cfg}, features=corpus.features, cache_dir=str(work / "read")
         )
+    num_proc = data.num_proc if data.num_proc > 1 and len(corpus) >= 1000 else None
     if "words" not in corpus.column_names:  # a corpus with its own segmentation keeps its documents as they are
         corpus = corpus.map(
-            chunk_documents, batched=True, batch_size=64, remove_columns=corpus.column_names, desc="Chunking"
+            chunk_documents,
+            batched=True,
+            batch_size=64,
+            remove_columns=corpus.column_names,
+            num_proc=num_proc,
+            cache_file_name=str(work / "chunked.arrow"),
+            desc="Chunking",
         )
     encoded = corpus.map(
         DocumentEncoder(tokenizer, data.word_segmenter, data.eval_fraction),
@@ -154,27 +184,24 @@ def prepare_documents(corpus_cfg: CorpusConfig, data: DataConfig, tokenizer: Pre
         batch_size=256,
         remove_columns=corpus.column_names,
         features=DOCUMENT_FEATURES,
-        num_proc=data.num_proc if data.num_proc > 1 and len(corpus) >= 1000 else None,
-        new_fingerprint=root.name,
+        num_proc=num_proc,
+        new_fingerprint=key,
+        cache_file_name=str(work / "encoded.arrow"),
         desc="Tokenizing documents",
     )
     documents = datasets.DatasetDict(
         {
-            "train": encoded.filter(lambda e: not e, input_columns="is_eval"),
-            "validation": encoded.filter(lambda e: e, input_columns="is_eval"),
+            "train": encoded.filter(
+                lambda e: not e, input_columns="is_eval", cache_file_name=str(work / "train-rows.arrow")
+            ),
+            "validation": encoded.filter(
+                lambda e: e, input_columns="is_eval", cache_file_name=str(work / "validation-rows.arrow")
+            ),
         }
     )
     if len(documents["train"]) == 0:
         raise BerthError(f"no training documents left: sources {', '.join(corpus_cfg.sources)} gave no tokens")
-    stats = document_stats(documents, corpus.num_rows, time.perf_counter() - start)
-    # Written to a temporary directory and renamed, so an interrupted run never leaves a half-written cache.
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".documents-tmp-{time.time_ns()}"
-    documents.save_to_disk(str(tmp))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    meta_path.write_text(json.dumps(stats, indent=2) + "\n")
-    return PreparedData(root, datasets.load_from_disk(str(final)), data, special, tokenizer, stats)
+    return documents, corpus.num_rows
 
 
 def chunk_documents(batch: dict[str, list[Any]]) -> dict[str, list[str]]:
@@ -208,14 +235,17 @@ def _stream_rows(corpus_cfg: CorpusConfig) -> Any:
 
 
 def document_stats(documents: datasets.DatasetDict, corpus_rows: int, seconds: float) -> dict[str, Any]:
-    train = documents["train"].with_format("arrow")
-    sentences = _lengths(train["sentence_ends"])
+    tokens = single = 0
+    # batch by batch: reading a whole column would hold every token of the corpus in memory at once
+    for batch in documents["train"].with_format("arrow").iter(batch_size=10_000):
+        tokens += int(_lengths(batch["input_ids"]).sum())
+        single += int((_lengths(batch["sentence_ends"]) == 1).sum())
     return {
         "corpus_documents": corpus_rows,
         "train_documents": len(documents["train"]),
         "validation_documents": len(documents["validation"]),
-        "train_tokens": int(_lengths(train["input_ids"]).sum()),
-        "single_sentence_documents": int((sentences == 1).sum()),
+        "train_tokens": tokens,
+        "single_sentence_documents": single,
         "tokenize_seconds": round(seconds, 2),
     }
 

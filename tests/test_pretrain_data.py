@@ -414,6 +414,25 @@ def test_cache_miss_when_a_corpus_file_changes(tmp_path, hand_tokenizer):
     assert len(second.documents["train"]) == 2
 
 
+def test_preparation_leaves_only_the_documents_on_disk(tmp_path, hand_tokenizer, monkeypatch):
+    """The text read, the chunked and the tokenized Arrow files are intermediate: none stays in datasets' cache or
+    beside the documents, whose statistics are counted batch by batch."""
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("我爱北京。天安门很大！\n天安门很大！我爱北京。\n" * 3)
+    cfg = load_config(
+        PretrainConfig,
+        None,
+        [f"corpus.sources=[{corpus}]", f"data.cache_dir={tmp_path / 'cache'}", "data.eval_fraction=0"],
+    )
+    prepared = prepare_documents(cfg.corpus, cfg.data, hand_tokenizer)
+    assert sorted(p.name for p in prepared.root.iterdir()) == ["documents", "documents.json"]
+    assert not list((tmp_path / "hf").rglob("*.arrow"))
+    assert prepared.stats["train_documents"] == 6
+    assert prepared.stats["train_tokens"] == sum(len(ids) for ids in prepared.documents["train"]["input_ids"])
+    assert prepared.stats["single_sentence_documents"] == 0
+
+
 def test_same_examples_whatever_num_proc(embedded):
     one = embedded("data.num_proc=1", "data.seed=5").examples("validation", 3)
     two = embedded("data.num_proc=2", "data.seed=5").examples("validation", 3)

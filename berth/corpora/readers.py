@@ -41,11 +41,13 @@ SUFFIX_FORMATS = {
 HUB_PREFIX = "hf:"
 
 
-def load_corpus(cfg: CorpusConfig) -> Corpus:
-    """All sources of `cfg` as one dataset with a `text` column (and `words` when every source has them)."""
+def load_corpus(cfg: CorpusConfig, cache_dir: str | None = None) -> Corpus:
+    """All sources of `cfg` as one dataset with a `text` column (and `words` when every source has them).
+    `cache_dir`: where the Arrow files read from text, JSON lines, CSV and Parquet go (default: datasets' cache),
+    so that a caller can remove them when it is done."""
     if not cfg.sources:
         raise BerthError("corpus.sources is empty: name at least one file, glob, embedded corpus or hf:NAME")
-    parts = [load_source(source, cfg) for source in cfg.sources]
+    parts = [load_source(source, cfg, cache_dir) for source in cfg.sources]
     shared = set.intersection(*(set(p.column_names or ["text"]) for p in parts))
     keep = ["text", "words"] if "words" in shared else ["text"]
     parts = [p.select_columns(keep) for p in parts]
@@ -56,7 +58,7 @@ def load_corpus(cfg: CorpusConfig) -> Corpus:
     return corpus
 
 
-def load_source(source: str, cfg: CorpusConfig) -> Corpus:
+def load_source(source: str, cfg: CorpusConfig, cache_dir: str | None = None) -> Corpus:
     if source in NAMED_CORPORA:
         dataset = NAMED_CORPORA[source]()
         return dataset.to_iterable_dataset() if cfg.streaming else dataset
@@ -68,8 +70,8 @@ def load_source(source: str, cfg: CorpusConfig) -> Corpus:
         raise BerthError(f"corpus source '{source}' mixes formats ({', '.join(sorted(formats))}); list them apart")
     (fmt,) = formats
     if fmt in ("text", "jsonl"):
-        return _from_line_files(files, fmt, cfg)
-    return _from_builder(files, fmt, cfg)
+        return _from_line_files(files, fmt, cfg, cache_dir)
+    return _from_builder(files, fmt, cfg, cache_dir)
 
 
 def resolve_files(source: str) -> list[Path]:
@@ -104,7 +106,7 @@ def _fingerprint(files: list[Path]) -> list[tuple[str, int, int]]:
     return [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
 
 
-def _from_line_files(files: list[Path], fmt: str, cfg: CorpusConfig) -> Corpus:
+def _from_line_files(files: list[Path], fmt: str, cfg: CorpusConfig, cache_dir: str | None) -> Corpus:
     gen_kwargs = {
         "files": _fingerprint(files),
         "fmt": fmt,
@@ -116,7 +118,9 @@ def _from_line_files(files: list[Path], fmt: str, cfg: CorpusConfig) -> Corpus:
     if cfg.streaming:
         return datasets.IterableDataset.from_generator(_read_line_files, features=features, gen_kwargs=gen_kwargs)
     try:
-        return datasets.Dataset.from_generator(_read_line_files, features=features, gen_kwargs=gen_kwargs)
+        return datasets.Dataset.from_generator(
+            _read_line_files, features=features, gen_kwargs=gen_kwargs, cache_dir=cache_dir
+        )
     except datasets.exceptions.DatasetGenerationError as exc:
         # Our own one-line error, raised inside the generator, arrives wrapped by the builder.
         if isinstance(exc.__cause__, BerthError):
@@ -207,7 +211,7 @@ def check_utf8(path: Path) -> None:
         pass
 
 
-def _from_builder(files: list[Path], fmt: str, cfg: CorpusConfig) -> Corpus:
+def _from_builder(files: list[Path], fmt: str, cfg: CorpusConfig, cache_dir: str | None) -> Corpus:
     if fmt in ("csv", "tsv"):
         for f in files:
             check_utf8(f)  # pandas would fail with a stack trace and no line number
@@ -220,6 +224,7 @@ def _from_builder(files: list[Path], fmt: str, cfg: CorpusConfig) -> Corpus:
             data_files=[str(f) for f in files],
             split="train",
             streaming=cfg.streaming,
+            cache_dir=cache_dir,
             **kwargs,
         )
     except Exception as exc:  # the builders raise many types; the user needs the file and the reason
