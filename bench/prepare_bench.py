@@ -1,15 +1,15 @@
 """Benchmark of `berth prepare` at corpus scale: time, peak memory and disk, by corpus size.
 
-    .venv/bin/python bench/prepare_bench.py [--repeats 4 16] [--num-proc 2]
+    .venv/bin/python bench/prepare_bench.py [--repeats 4 16] [--num-proc 1 2] [--files]
 
-For each size, People's Daily (the embedded corpus, 5.6 MB of text) is written out that many times as one text
-file (each copy's paragraphs with the copy's number prefixed, so no two documents are equal) and prepared with
-`berth prepare configs/pretrain/mini_zh.yaml` in a fresh process, with empty caches (berth's `data.cache_dir` and
-datasets' own, `HF_DATASETS_CACHE`, both in a temporary directory). Reported: seconds, the peak resident memory
-of the largest process (the `berth prepare` process or one of its `data.num_proc` workers) and of all of them
-together, and the largest anonymous (non-file) resident memory of one process, sampled every 20 ms, and
-everything left
-on disk in both caches, as a multiple of the text's size.
+For each size, People's Daily (the embedded corpus, 5.6 MB of text) is written out that many times, into one text
+file or (`--files`) one file per copy (each copy's paragraphs with the copy's number prefixed, so no two documents
+are equal), and prepared with `berth prepare configs/pretrain/mini_zh.yaml` in a fresh process for each
+`--num-proc`, with empty caches (berth's `data.cache_dir` and datasets' own, `HF_DATASETS_CACHE`, both in a
+temporary directory). Reported: seconds, the peak resident memory of the largest process (the `berth prepare`
+process or one of its `data.num_proc` workers) and of all of them together, the largest anonymous (non-file)
+resident memory of one process, sampled every 20 ms, and everything left on disk in both caches, as a multiple of
+the text's size.
 """
 
 from __future__ import annotations
@@ -71,29 +71,34 @@ def prepare_once(corpus: Path, work: Path, num_proc: int) -> tuple[float, float,
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, nargs="+", default=[4, 16])
-    parser.add_argument("--num-proc", type=int, default=2)
+    parser.add_argument("--num-proc", type=int, nargs="+", default=[2])
+    parser.add_argument("--files", action="store_true", help="one file per copy (a directory source)")
     args = parser.parse_args()
     paragraphs = peoples_daily(unit="paragraph")["text"]
     print(
-        "| copies of People's Daily | text MB | seconds | peak RSS GB, largest process | all processes "
-        "| anonymous, largest process | disk MB | disk / text |"
+        "| copies of People's Daily | files | num_proc | text MB | seconds | peak RSS GB, largest process "
+        "| all processes | anonymous, largest process | disk MB | disk / text |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for copies in args.repeats:
-        with tempfile.TemporaryDirectory() as scratch:
-            work = Path(scratch)
-            corpus = work / "corpus.txt"
-            with corpus.open("w", encoding="utf-8") as out:
+        for num_proc in args.num_proc:
+            with tempfile.TemporaryDirectory() as scratch:
+                work = Path(scratch)
+                corpus = work / "corpus"
+                corpus.mkdir()
                 for copy in range(copies):
-                    for text in paragraphs:
-                        out.write(f"{copy} {text}\n")
-            text_bytes = corpus.stat().st_size
-            seconds, largest, together, anonymous, disk = prepare_once(corpus, work, args.num_proc)
-            print(
-                f"| {copies} | {text_bytes / 1e6:.0f} | {seconds:.0f} | {largest:.2f} | {together:.2f} | "
-                f"{anonymous:.2f} | {disk / 1e6:.0f} | {disk / text_bytes:.1f} |",
-                flush=True,
-            )
+                    name = f"copy-{copy:03d}.txt" if args.files else "all.txt"
+                    with (corpus / name).open("a", encoding="utf-8") as out:
+                        for text in paragraphs:
+                            out.write(f"{copy} {text}\n")
+                text_bytes = disk_bytes(corpus)
+                seconds, largest, together, anonymous, disk = prepare_once(corpus, work, num_proc)
+                print(
+                    f"| {copies} | {'files' if args.files else 'one file'} | {num_proc} | {text_bytes / 1e6:.0f} | "
+                    f"{seconds:.0f} | {largest:.2f} | {together:.2f} | {anonymous:.2f} | {disk / 1e6:.0f} | "
+                    f"{disk / text_bytes:.1f} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

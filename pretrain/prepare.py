@@ -160,14 +160,15 @@ def _tokenize(
     corpus_cfg: CorpusConfig, data: DataConfig, tokenizer: PreTrainedTokenizerBase, key: str, work: Path
 ) -> tuple[datasets.DatasetDict, int]:
     """The corpus read, chunked and tokenized into `work`: (train and validation documents, corpus rows)."""
-    corpus = load_corpus(corpus_cfg, cache_dir=str(work / "read"))
+    num_proc = data.num_proc if data.num_proc > 1 else None
+    corpus = load_corpus(corpus_cfg, cache_dir=str(work / "read"), num_proc=num_proc)
     if isinstance(corpus, datasets.IterableDataset):
         # Examples need random access, so a streamed corpus is written to disk (Arrow, memory-mapped) as it
         # streams past, never held in memory.
         corpus = datasets.Dataset.from_generator(
             _stream_rows, gen_kwargs={"corpus_cfg": corpus_cfg}, features=corpus.features, cache_dir=str(work / "read")
         )
-    num_proc = data.num_proc if data.num_proc > 1 and len(corpus) >= 1000 else None
+    num_proc = num_proc if len(corpus) >= 1000 else None
     if "words" not in corpus.column_names:  # a corpus with its own segmentation keeps its documents as they are
         corpus = corpus.map(
             chunk_documents,

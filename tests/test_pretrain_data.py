@@ -433,6 +433,29 @@ def test_preparation_leaves_only_the_documents_on_disk(tmp_path, hand_tokenizer,
     assert prepared.stats["single_sentence_documents"] == 0
 
 
+def test_files_read_in_parallel_give_the_documents_of_one_reader(tmp_path, hand_tokenizer):
+    """data.num_proc=2 reads a source's files in two processes, each its share: the same documents in the same
+    order as one process reading them one after the other."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(5):
+        (corpus / f"part-{i}.txt").write_text(f"我爱北京{i}。天安门很大！\n天安门{i}很大！我爱北京。\n")
+    documents = []
+    for num_proc in (1, 2):
+        cfg = load_config(
+            PretrainConfig,
+            None,
+            [
+                f"corpus.sources=[{corpus}]",
+                f"data.cache_dir={tmp_path / f'cache-{num_proc}'}",
+                "data.eval_fraction=0",
+                f"data.num_proc={num_proc}",
+            ],
+        )
+        documents.append(prepare_documents(cfg.corpus, cfg.data, hand_tokenizer).documents["train"]["input_ids"])
+    assert len(documents[0]) == 10 and documents[0] == documents[1]
+
+
 def test_same_examples_whatever_num_proc(embedded):
     one = embedded("data.num_proc=1", "data.seed=5").examples("validation", 3)
     two = embedded("data.num_proc=2", "data.seed=5").examples("validation", 3)

@@ -41,13 +41,14 @@ SUFFIX_FORMATS = {
 HUB_PREFIX = "hf:"
 
 
-def load_corpus(cfg: CorpusConfig, cache_dir: str | None = None) -> Corpus:
+def load_corpus(cfg: CorpusConfig, cache_dir: str | None = None, num_proc: int | None = None) -> Corpus:
     """All sources of `cfg` as one dataset with a `text` column (and `words` when every source has them).
     `cache_dir`: where the Arrow files read from text, JSON lines, CSV and Parquet go (default: datasets' cache),
-    so that a caller can remove them when it is done."""
+    so that a caller can remove them when it is done. `num_proc`: processes reading a source's files, each its
+    share of them (a source of one file is read by one); the rows keep the files' order."""
     if not cfg.sources:
         raise BerthError("corpus.sources is empty: name at least one file, glob, embedded corpus or hf:NAME")
-    parts = [load_source(source, cfg, cache_dir) for source in cfg.sources]
+    parts = [load_source(source, cfg, cache_dir, num_proc) for source in cfg.sources]
     shared = set.intersection(*(set(p.column_names or ["text"]) for p in parts))
     keep = ["text", "words"] if "words" in shared else ["text"]
     parts = [p.select_columns(keep) for p in parts]
@@ -58,7 +59,7 @@ def load_corpus(cfg: CorpusConfig, cache_dir: str | None = None) -> Corpus:
     return corpus
 
 
-def load_source(source: str, cfg: CorpusConfig, cache_dir: str | None = None) -> Corpus:
+def load_source(source: str, cfg: CorpusConfig, cache_dir: str | None = None, num_proc: int | None = None) -> Corpus:
     if source in NAMED_CORPORA:
         dataset = NAMED_CORPORA[source]()
         return dataset.to_iterable_dataset() if cfg.streaming else dataset
@@ -70,8 +71,8 @@ def load_source(source: str, cfg: CorpusConfig, cache_dir: str | None = None) ->
         raise BerthError(f"corpus source '{source}' mixes formats ({', '.join(sorted(formats))}); list them apart")
     (fmt,) = formats
     if fmt in ("text", "jsonl"):
-        return _from_line_files(files, fmt, cfg, cache_dir)
-    return _from_builder(files, fmt, cfg, cache_dir)
+        return _from_line_files(files, fmt, cfg, cache_dir, num_proc)
+    return _from_builder(files, fmt, cfg, cache_dir, num_proc)
 
 
 def resolve_files(source: str) -> list[Path]:
@@ -106,7 +107,9 @@ def _fingerprint(files: list[Path]) -> list[tuple[str, int, int]]:
     return [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
 
 
-def _from_line_files(files: list[Path], fmt: str, cfg: CorpusConfig, cache_dir: str | None) -> Corpus:
+def _from_line_files(
+    files: list[Path], fmt: str, cfg: CorpusConfig, cache_dir: str | None, num_proc: int | None
+) -> Corpus:
     gen_kwargs = {
         "files": _fingerprint(files),
         "fmt": fmt,
@@ -119,7 +122,12 @@ def _from_line_files(files: list[Path], fmt: str, cfg: CorpusConfig, cache_dir: 
         return datasets.IterableDataset.from_generator(_read_line_files, features=features, gen_kwargs=gen_kwargs)
     try:
         return datasets.Dataset.from_generator(
-            _read_line_files, features=features, gen_kwargs=gen_kwargs, cache_dir=cache_dir
+            _read_line_files,
+            features=features,
+            gen_kwargs=gen_kwargs,
+            cache_dir=cache_dir,
+            # datasets gives each process a share of the list of files
+            num_proc=min(num_proc, len(files)) if num_proc and len(files) > 1 else None,
         )
     except datasets.exceptions.DatasetGenerationError as exc:
         # Our own one-line error, raised inside the generator, arrives wrapped by the builder.
@@ -211,7 +219,9 @@ def check_utf8(path: Path) -> None:
         pass
 
 
-def _from_builder(files: list[Path], fmt: str, cfg: CorpusConfig, cache_dir: str | None) -> Corpus:
+def _from_builder(
+    files: list[Path], fmt: str, cfg: CorpusConfig, cache_dir: str | None, num_proc: int | None
+) -> Corpus:
     if fmt in ("csv", "tsv"):
         for f in files:
             check_utf8(f)  # pandas would fail with a stack trace and no line number
@@ -225,6 +235,7 @@ def _from_builder(files: list[Path], fmt: str, cfg: CorpusConfig, cache_dir: str
             split="train",
             streaming=cfg.streaming,
             cache_dir=cache_dir,
+            num_proc=None if cfg.streaming or not num_proc or len(files) < 2 else min(num_proc, len(files)),
             **kwargs,
         )
     except Exception as exc:  # the builders raise many types; the user needs the file and the reason
