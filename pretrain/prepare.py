@@ -160,22 +160,22 @@ def _tokenize(
     corpus_cfg: CorpusConfig, data: DataConfig, tokenizer: PreTrainedTokenizerBase, key: str, work: Path
 ) -> tuple[datasets.DatasetDict, int]:
     """The corpus read, chunked and tokenized into `work`: (train and validation documents, corpus rows)."""
-    num_proc = data.num_proc if data.num_proc > 1 else None
-    corpus = load_corpus(corpus_cfg, cache_dir=str(work / "read"), num_proc=num_proc)
+    read_procs = data.num_proc if data.num_proc > 1 else None
+    corpus = load_corpus(corpus_cfg, cache_dir=str(work / "read"), num_proc=read_procs)
     if isinstance(corpus, datasets.IterableDataset):
         # Examples need random access, so a streamed corpus is written to disk (Arrow, memory-mapped) as it
         # streams past, never held in memory.
         corpus = datasets.Dataset.from_generator(
             _stream_rows, gen_kwargs={"corpus_cfg": corpus_cfg}, features=corpus.features, cache_dir=str(work / "read")
         )
-    num_proc = num_proc if len(corpus) >= 1000 else None
+    map_procs = read_procs if len(corpus) >= 1000 else None
     if "words" not in corpus.column_names:  # a corpus with its own segmentation keeps its documents as they are
         corpus = corpus.map(
             chunk_documents,
             batched=True,
             batch_size=64,
             remove_columns=corpus.column_names,
-            num_proc=num_proc,
+            num_proc=map_procs,
             cache_file_name=str(work / "chunked.arrow"),
             desc="Chunking",
         )
@@ -185,7 +185,7 @@ def _tokenize(
         batch_size=256,
         remove_columns=corpus.column_names,
         features=DOCUMENT_FEATURES,
-        num_proc=num_proc,
+        num_proc=map_procs,
         new_fingerprint=key,
         cache_file_name=str(work / "encoded.arrow"),
         desc="Tokenizing documents",

@@ -68,11 +68,17 @@ def pretraining(path: str) -> dict[str, Any]:
     return out
 
 
-def classification(path: str) -> dict[str, Any]:
+def finetuning(path: str) -> tuple[Any, Loop]:
+    """The task and the built loop of a fine-tuning config (the stage makes its task when the loop builds it)."""
     cfg = load_config(FinetuneConfig, path)
     stage = FinetuneStage(cfg)
     loop = built(cfg, stage)
-    task, acc = stage.task, loop.accelerator
+    return stage.task, loop
+
+
+def classification(path: str) -> dict[str, Any]:
+    task, loop = finetuning(path)
+    acc = loop.accelerator
     out: dict[str, Any] = {}
     for n in SIZES:
         # n documents; as windows (more rows than documents) and head-truncated (one row each)
@@ -95,10 +101,8 @@ def classification(path: str) -> dict[str, Any]:
 
 
 def ner(path: str) -> dict[str, Any]:
-    cfg = load_config(FinetuneConfig, path)
-    stage = FinetuneStage(cfg)
-    loop = built(cfg, stage)
-    task, acc = stage.task, loop.accelerator
+    task, loop = finetuning(path)
+    acc = loop.accelerator
     encoded = task.splits["validation"]
     out: dict[str, Any] = {}
     for n in SIZES:

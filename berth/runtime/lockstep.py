@@ -48,8 +48,8 @@ def lockstep_batches(
     if lengths is not None and len(mine):
         mine = mine[np.argsort(-np.asarray(lengths)[mine], kind="stable")]
     batches = [
-        EvalBatch(mine[i : i + batch_size].tolist(), len(mine[i : i + batch_size]))
-        for i in range(0, len(mine), batch_size)
+        EvalBatch(rows, len(rows))
+        for rows in (mine[i : i + batch_size].tolist() for i in range(0, len(mine), batch_size))
     ]
     largest_share = -(-count // processes)
     total = -(-largest_share // batch_size)

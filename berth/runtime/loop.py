@@ -450,8 +450,8 @@ class Loop:
 
     def steps(self) -> contextlib.AbstractContextManager[Iterator[list[Batch]]]:
         """The rest of this epoch's steps, prepared `train.prefetch` steps ahead in a thread (pinned on CUDA)."""
-        on_cpu = self.accelerator.device.type == "cpu"
-        depth = self.train.prefetch if self.train.prefetch >= 0 else (0 if on_cpu else PREFETCH_AUTO)
+        device = self.accelerator.device.type
+        depth = self.train.prefetch if self.train.prefetch >= 0 else (0 if device == "cpu" else PREFETCH_AUTO)
         if not depth:
             return contextlib.nullcontext(self.epoch_steps())
-        return Prefetched(self.epoch_steps(), depth, pinned if self.accelerator.device.type == "cuda" else None)
+        return Prefetched(self.epoch_steps(), depth, pinned if device == "cuda" else None)
