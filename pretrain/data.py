@@ -7,7 +7,9 @@ Two levels, both Arrow datasets on disk under `data.cache_dir`:
    tokenizer and the segmenter.
 2. examples for an epoch (here): `[CLS] A [SEP] B [SEP]` pairs (nsp, sop) or packed full sentences (none), drawn
    from (seed, epoch, document) so that every epoch sees new pairs without storing dupe_factor copies, and
-   the same seed gives the same examples whatever the number of processes.
+   the same seed gives the same examples whatever the number of processes. Drawing decides each example's
+   token ranges (a `Recipe`) from the sentence ends alone; its tokens are read when a batch takes it, by the
+   process that trains on it.
 
 Segments are whole sentences wherever they can be, and a pair that is still too long is truncated Google's
 way (front or back of the longer segment, at random). Cutting segments mid-sentence on one side only would
@@ -18,15 +20,15 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import datasets
 import numpy as np
-import pyarrow.compute as pc
 
 from berth.core.labels import IGNORE_INDEX
+from berth.pretrain.columns import list_columns
 from berth.pretrain.config import DataConfig
 from berth.pretrain.documents import NOT_A_WORD, SpecialIds
 
@@ -47,18 +49,30 @@ EXAMPLE_FEATURES = datasets.Features(
 )
 
 
-def truncate_pair(a: list[int], b: list[int], max_tokens: int, rng: random.Random) -> bool:
-    """Google BERT's truncate_seq_pair on index lists: drop from the front or back of the longer, at random.
+class Span:
+    """A token range [start, end) of one document, shortened from either end by truncation."""
+
+    __slots__ = ("doc", "end", "start")
+
+    def __init__(self, doc: int, start: int, end: int):
+        self.doc, self.start, self.end = doc, start, end
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+
+def truncate_pair(a: Span, b: Span, max_tokens: int, rng: random.Random) -> bool:
+    """Google BERT's truncate_seq_pair on token ranges: drop from the front or back of the longer, at random.
 
     Returns True when anything was removed.
     """
     truncated = False
-    while len(a) + len(b) > max_tokens:
-        longer = a if len(a) > len(b) else b
+    while a.end - a.start + b.end - b.start > max_tokens:
+        longer = a if a.end - a.start > b.end - b.start else b
         if rng.random() < 0.5:
-            del longer[0]
+            longer.start += 1
         else:
-            longer.pop()
+            longer.end -= 1
         truncated = True
     return truncated
 
@@ -80,49 +94,63 @@ def renumber(word_ids: Sequence[int]) -> list[int]:
 
 @dataclass
 class Document:
+    """A tokenized document in memory (tests and small tools; training reads `ListColumn`s)."""
+
     ids: list[int]
     words: list[int]
     ends: list[int]  # token index one past each sentence
 
-    @classmethod
-    def from_row(cls, row: dict[str, Any]) -> Document:
-        return cls(row["input_ids"], row["word_ids"], row["sentence_ends"])
+
+# A recipe's piece that is one [SEP] token rather than a document's range.
+SEP_PIECE = (-1, 0, 1)
+
+
+class Recipe(NamedTuple):
+    """An example before its tokens are read: `[CLS]` and then token ranges of documents, in order.
+
+    Drawing decides every recipe of a document from its sentence ends alone; reading the tokens (`build_example`)
+    is left to the process whose batch takes the example, so each process reads only its own share.
+    """
+
+    pieces: tuple[tuple[int, int, int], ...]  # (document, start, end) token ranges; SEP_PIECE is one [SEP]
+    second: int  # pieces from this index on are segment B (token type 1); len(pieces) when there is none
+    label: int
+    truncated: bool
 
     @property
-    def spans(self) -> list[tuple[int, int]]:
-        return list(zip([0, *self.ends[:-1]], self.ends, strict=True))
+    def length(self) -> int:
+        return 1 + sum(end - start for _, start, end in self.pieces)
 
 
-@dataclass
-class Segment:
-    """Token positions of one document; truncation removes positions, so ids and word ids stay in step."""
-
-    doc: Document
-    positions: list[int]
-
-    @classmethod
-    def of(cls, doc: Document, first: int, last: int) -> Segment:
-        spans = doc.spans
-        return cls(doc, list(range(spans[first][0], spans[last - 1][1])))
-
-    def ids(self) -> list[int]:
-        return [self.doc.ids[p] for p in self.positions]
-
-    def words(self) -> list[int]:
-        return [self.doc.words[p] for p in self.positions]
+def pair_recipe(a: Span, b: Span, label: int, truncated: bool) -> Recipe:
+    """[CLS] A [SEP] B [SEP]: token type 0 up to the first [SEP], 1 after it."""
+    return Recipe(((a.doc, a.start, a.end), SEP_PIECE, (b.doc, b.start, b.end), SEP_PIECE), 2, label, truncated)
 
 
-def pair_example(a: Segment, b: Segment, label: int, truncated: bool, special: SpecialIds) -> dict[str, Any]:
-    """[CLS] A [SEP] B [SEP] with token_type_ids 0 / 1 and word ids renumbered per example."""
-    ids = [special.cls, *a.ids(), special.sep, *b.ids(), special.sep]
-    words = renumber([NOT_A_WORD, *a.words(), NOT_A_WORD, *b.words(), NOT_A_WORD])
-    types = [0] * (len(a.positions) + 2) + [1] * (len(b.positions) + 1)
+# Reads tokens [start, end) of a document: (input ids, word ids).
+TokenReader = Callable[[int, int, int], tuple[list[int], list[int]]]
+
+
+def build_example(recipe: Recipe, read: TokenReader, special: SpecialIds) -> dict[str, Any]:
+    """A recipe's tokens, token types and word ids renumbered per example."""
+    ids, words, first = [special.cls], [NOT_A_WORD], 0
+    for k, (doc, start, end) in enumerate(recipe.pieces):
+        if k == recipe.second:
+            first = len(ids)
+        if doc == SEP_PIECE[0]:
+            ids.append(special.sep)
+            words.append(NOT_A_WORD)
+        else:
+            piece_ids, piece_words = read(doc, start, end)
+            ids.extend(piece_ids)
+            words.extend(piece_words)
+    first = first or len(ids)
     return {
         "input_ids": ids,
-        "token_type_ids": types,
-        "word_ids": words,
-        "next_sentence_label": label,
-        "truncated": truncated,
+        "token_type_ids": [0] * first + [1] * (len(ids) - first),
+        "word_ids": renumber(words),
+        "next_sentence_label": recipe.label,
+        "truncated": recipe.truncated,
     }
 
 
@@ -157,9 +185,13 @@ class RandomSegments:
         return None
 
 
-def random_continuation(other: Document, first: int, budget: int) -> tuple[int, int]:
-    """Whole sentences of `other` from sentence `first` on, as many as fit `budget` (at least one)."""
-    spans = other.spans
+def spans_of(ends: Sequence[int]) -> list[tuple[int, int]]:
+    """(start, end) token range of every sentence, from the token offsets where sentences end."""
+    return list(zip([0, *ends[:-1]], ends, strict=True))
+
+
+def random_continuation(spans: list[tuple[int, int]], first: int, budget: int) -> tuple[int, int]:
+    """Whole sentences of another document from sentence `first` on, as many as fit `budget` (at least one)."""
     last, length = first, 0
     while last < len(spans) and (last == first or length + spans[last][1] - spans[last][0] <= budget):
         length += spans[last][1] - spans[last][0]
@@ -167,26 +199,26 @@ def random_continuation(other: Document, first: int, budget: int) -> tuple[int, 
     return first, last
 
 
-def document_pairs(
+def document_recipes(
     doc_index: int,
-    doc: Document,
+    ends: Sequence[int],
     cfg: DataConfig,
-    special: SpecialIds,
     rng: random.Random,
-    fetch: Any = None,
+    ends_of: Callable[[int], Sequence[int]] | None = None,
     segments: RandomSegments | None = None,
-) -> tuple[list[dict[str, Any]], int]:
-    """Google BERT's create_instances_from_document, in whole sentences. Returns (examples, unused sentences).
+) -> tuple[list[Recipe], int]:
+    """Google BERT's create_instances_from_document, in whole sentences. Returns (recipes, unused sentences).
 
     A chunk takes whole sentences up to a target length (at least two sentences, so that there is a cut).
     A is its first 1..k-1 sentences. nsp: B is the rest of the chunk, or (half the time) whole sentences
-    from another document drawn by `segments` (`fetch(index)` reads one), and then the chunk's unused sentences go
-    back to start the next chunk. sop: B is the rest of the chunk, and half the time A and B are swapped.
+    from another document drawn by `segments` (`ends_of(index)` gives its sentence ends), and then the chunk's
+    unused sentences go back to start the next chunk. sop: B is the rest of the chunk, and half the time A and B
+    are swapped.
     """
     max_tokens = cfg.max_seq_len - 3
-    spans = doc.spans
+    spans = spans_of(ends)
     lengths = [end - start for start, end in spans]
-    examples: list[dict[str, Any]] = []
+    recipes: list[Recipe] = []
     i = 0
     while i < len(spans) - 1:
         target = target_length(max_tokens, cfg.short_seq_prob, rng)
@@ -195,107 +227,134 @@ def document_pairs(
             length += lengths[j]
             j += 1
         a_end = rng.randint(i + 1, j - 1)
-        a = Segment.of(doc, i, a_end)
+        a = Span(doc_index, spans[i][0], spans[a_end - 1][1])
         next_i, label = j, 0
         drawn = None
         if cfg.sentence_task == "nsp" and segments is not None and rng.random() < 0.5:
             drawn = segments.draw(rng, exclude=doc_index)
-        if drawn is not None:
-            other = fetch(drawn[0])
-            b = Segment.of(other, *random_continuation(other, drawn[1], max(1, target - len(a.positions))))
+        if drawn is not None and ends_of is not None:
+            other = spans_of(ends_of(drawn[0]))
+            first, last = random_continuation(other, drawn[1], max(1, target - len(a)))
+            b = Span(drawn[0], other[first][0], other[last - 1][1])
             next_i, label = a_end, 1
         else:
-            b = Segment.of(doc, a_end, j)
+            b = Span(doc_index, spans[a_end][0], spans[j - 1][1])
             if cfg.sentence_task == "sop" and rng.random() < 0.5:
                 a, b, label = b, a, 1
-        truncated = truncate_pair(a.positions, b.positions, max_tokens, rng)
-        examples.append(pair_example(a, b, label, truncated, special))
+        truncated = truncate_pair(a, b, max_tokens, rng)
+        recipes.append(pair_recipe(a, b, label, truncated))
         i = next_i
-    return examples, len(spans) - i
+    return recipes, len(spans) - i
 
 
-def pack_documents(docs: list[Document], cfg: DataConfig, special: SpecialIds) -> list[dict[str, Any]]:
+def pack_recipes(doc_indices: Sequence[int], ends: Sequence[Sequence[int]], cfg: DataConfig) -> list[Recipe]:
     """RoBERTa's FULL-SENTENCES: whole sentences packed in order across documents, [SEP] between documents."""
     capacity = cfg.max_seq_len - 2
-    examples: list[dict[str, Any]] = []
-    ids: list[int] = []
-    words: list[int] = []
-    truncated = False
+    recipes: list[Recipe] = []
+    pieces: list[tuple[int, int, int]] = []
+    used, truncated = 0, False
 
     def emit() -> None:
-        nonlocal ids, words, truncated
-        if ids and ids[-1] == special.sep:
-            ids, words = ids[:-1], words[:-1]
-        if ids:
-            examples.append(
-                {
-                    "input_ids": [special.cls, *ids, special.sep],
-                    "token_type_ids": [0] * (len(ids) + 2),
-                    "word_ids": renumber([NOT_A_WORD, *words, NOT_A_WORD]),
-                    "next_sentence_label": IGNORE_INDEX,
-                    "truncated": truncated,
-                }
-            )
-        ids, words, truncated = [], [], False
+        nonlocal pieces, used, truncated
+        if pieces and pieces[-1] == SEP_PIECE:
+            pieces.pop()
+        if pieces:
+            pieces.append(SEP_PIECE)
+            recipes.append(Recipe(tuple(pieces), len(pieces), IGNORE_INDEX, truncated))
+        pieces, used, truncated = [], 0, False
 
-    for doc in docs:
-        for start, end in doc.spans:
+    for doc_index, doc_ends in zip(doc_indices, ends, strict=True):
+        for start, end in spans_of(doc_ends):
             cut = end - start > capacity
             end = min(end, start + capacity)
-            if len(ids) + end - start > capacity:
+            if used + end - start > capacity:
                 emit()
             truncated |= cut
-            ids.extend(doc.ids[start:end])
-            words.extend(doc.words[start:end])
-        if len(ids) < capacity:
-            ids.append(special.sep)
-            words.append(NOT_A_WORD)
+            pieces.append((doc_index, start, end))
+            used += end - start
+        if used < capacity:
+            pieces.append(SEP_PIECE)
+            used += 1
         else:
             emit()
     emit()
-    return examples
+    return recipes
+
+
+def document_reader(docs: dict[int, Document]) -> TokenReader:
+    def read(doc: int, start: int, end: int) -> tuple[list[int], list[int]]:
+        return list(docs[doc].ids[start:end]), list(docs[doc].words[start:end])
+
+    return read
+
+
+def document_pairs(
+    doc_index: int,
+    doc: Document,
+    cfg: DataConfig,
+    special: SpecialIds,
+    rng: random.Random,
+    fetch: Callable[[int], Document] | None = None,
+    segments: RandomSegments | None = None,
+) -> tuple[list[dict[str, Any]], int]:
+    """`document_recipes` of one in-memory document, built (`fetch(index)` gives another document)."""
+    docs = {doc_index: doc}
+
+    def ends_of(index: int) -> list[int]:
+        if index not in docs and fetch is not None:
+            docs[index] = fetch(index)
+        return docs[index].ends
+
+    recipes, unused = document_recipes(doc_index, doc.ends, cfg, rng, ends_of, segments)
+    return [build_example(r, document_reader(docs), special) for r in recipes], unused
+
+
+def pack_documents(docs: list[Document], cfg: DataConfig, special: SpecialIds) -> list[dict[str, Any]]:
+    """`pack_recipes` of in-memory documents, built."""
+    recipes = pack_recipes(range(len(docs)), [d.ends for d in docs], cfg)
+    return [build_example(r, document_reader(dict(enumerate(docs))), special) for r in recipes]
 
 
 class ExampleBuilder:
-    """Batched `datasets.map` function over group numbers: each group of documents gives its examples."""
+    """The examples of an epoch, group by group: recipes drawn from (seed, epoch, document), built on demand."""
 
     def __init__(self, documents: datasets.Dataset, cfg: DataConfig, special: SpecialIds, epoch: int):
-        self.documents = documents
         self.cfg = cfg
         self.special = special
         self.epoch = epoch
         self.order = None
+        columns = list_columns(documents, ("input_ids", "word_ids", "sentence_ends"))
+        self.ids, self.words, self.ends = columns["input_ids"], columns["word_ids"], columns["sentence_ends"]
         # Random B segments come from documents of two sentences or more, like true continuations do.
-        sentences = pc.list_value_length(documents.with_format("arrow")["sentence_ends"]).to_numpy()
+        sentences = self.ends.lengths()
         pair_docs = np.flatnonzero(sentences >= 2)
         self.segments = RandomSegments(pair_docs, sentences[pair_docs])
         if cfg.sentence_task == "none":
             # Documents are shuffled per epoch before packing, so neighbours change from epoch to epoch.
             self.order = np.random.default_rng([cfg.seed, epoch]).permutation(len(documents))
 
-    def fetch(self, index: int) -> Document:
-        return Document.from_row(self.documents[int(index)])
+    def sentence_ends(self, index: int) -> list[int]:
+        return self.ends.row(int(index)).tolist()
 
-    def _documents(self, indices: Any) -> list[Document]:
-        rows = self.documents[indices]
-        columns = (rows["input_ids"], rows["word_ids"], rows["sentence_ends"])
-        return [Document(*row) for row in zip(*columns, strict=True)]
+    def read(self, doc: int, start: int, end: int) -> tuple[list[int], list[int]]:
+        return self.ids.row(doc)[start:end].tolist(), self.words.row(doc)[start:end].tolist()
+
+    def group_recipes(self, group: int) -> list[Recipe]:
+        lo, hi = group * GROUP_SIZE, min((group + 1) * GROUP_SIZE, len(self.ends))
+        if self.order is not None:
+            indices = self.order[lo:hi].tolist()
+            return pack_recipes(indices, [self.sentence_ends(i) for i in indices], self.cfg)
+        recipes = []
+        for index in range(lo, hi):
+            rng = random.Random(f"{self.cfg.seed}-{self.epoch}-{index}")
+            drawn, _ = document_recipes(
+                index, self.sentence_ends(index), self.cfg, rng, self.sentence_ends, self.segments
+            )
+            recipes.extend(drawn)
+        return recipes
+
+    def example(self, recipe: Recipe) -> dict[str, Any]:
+        return build_example(recipe, self.read, self.special)
 
     def group_examples(self, group: int) -> list[dict[str, Any]]:
-        lo, hi = group * GROUP_SIZE, min((group + 1) * GROUP_SIZE, len(self.documents))
-        if self.order is not None:
-            return pack_documents(self._documents(self.order[lo:hi].tolist()), self.cfg, self.special)
-        examples = []
-        for index, doc in enumerate(self._documents(slice(lo, hi)), start=lo):
-            rng = random.Random(f"{self.cfg.seed}-{self.epoch}-{index}")
-            pairs, _ = document_pairs(index, doc, self.cfg, self.special, rng, self.fetch, self.segments)
-            examples.extend(pairs)
-        return examples
-
-    def __call__(self, batch: dict[str, list[int]]) -> dict[str, list[Any]]:
-        out: dict[str, list[Any]] = {name: [] for name in EXAMPLE_FEATURES}
-        for group in batch["group"]:
-            for example in self.group_examples(group):
-                for name in EXAMPLE_FEATURES:
-                    out[name].append(example[name])
-        return out
+        return [self.example(r) for r in self.group_recipes(group)]

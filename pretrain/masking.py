@@ -8,8 +8,10 @@ gives the masks an uninterrupted run would have used.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import chain
 from typing import Any
 
+import numpy as np
 import torch
 
 from berth.core.labels import IGNORE_INDEX
@@ -70,27 +72,27 @@ class MaskingCollator:
 
     def pad(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         multiple = self.cfg.pad_to_multiple_of
-        longest = max(len(e["input_ids"]) for e in examples)
-        length = -(-longest // multiple) * multiple
         batch = len(examples)
-        input_ids = torch.full((batch, length), self.special.pad, dtype=torch.long)
-        token_type_ids = torch.zeros((batch, length), dtype=torch.long)
-        attention_mask = torch.zeros((batch, length), dtype=torch.long)
-        word_ids = torch.full((batch, length), NOT_A_WORD, dtype=torch.long)
-        for row, example in enumerate(examples):
-            n = len(example["input_ids"])
-            input_ids[row, :n] = torch.as_tensor(example["input_ids"])
-            token_type_ids[row, :n] = torch.as_tensor(example["token_type_ids"])
-            attention_mask[row, :n] = 1
-            word_ids[row, :n] = torch.as_tensor(example["word_ids"])
+        lengths = np.fromiter((len(e["input_ids"]) for e in examples), dtype=np.int64, count=batch)
+        length = -(-int(lengths.max()) // multiple) * multiple
+        valid = np.arange(length) < lengths[:, None]  # (B, L) the examples' own tokens, left-aligned
+        total = int(lengths.sum())
+
+        def padded(key: str, fill: int) -> torch.Tensor:
+            # One pass over the examples' lists; row-major assignment puts each example's tokens in its row.
+            out = np.full((batch, length), fill, dtype=np.int64)
+            out[valid] = np.fromiter(chain.from_iterable(e[key] for e in examples), dtype=np.int64, count=total)
+            return torch.from_numpy(out)
+
+        word_ids = padded("word_ids", NOT_A_WORD)
         if not self.cfg.whole_word_mask:
             # Every token a word of its own; specials and padding keep -1.
             word_ids = torch.where(word_ids >= 0, torch.arange(length).expand(batch, length), NOT_A_WORD)
         nsp = torch.tensor([int(e.get("next_sentence_label", IGNORE_INDEX)) for e in examples], dtype=torch.long)
         return {
-            "input_ids": input_ids,
-            "token_type_ids": token_type_ids,
-            "attention_mask": attention_mask,
+            "input_ids": padded("input_ids", self.special.pad),
+            "token_type_ids": padded("token_type_ids", 0),
+            "attention_mask": torch.from_numpy(valid.astype(np.int64)),
             "word_ids": word_ids,
             "next_sentence_label": nsp,
         }
@@ -169,15 +171,17 @@ def pack_batch(
     }
     if "labels" in batch:
         out["labels"] = torch.full((rows, length), IGNORE_INDEX, dtype=torch.long)
-    cls_positions = torch.empty(len(lengths), dtype=torch.long)
-    for i, (row, start) in enumerate(place):
-        n, end = lengths[i], place[i][1] + lengths[i]
-        for key in ("input_ids", "token_type_ids", "attention_mask", "word_ids", "labels"):
-            if key in out:
-                out[key][row, start:end] = batch[key][i, :n]
-        out["position_ids"][row, start:end] = torch.arange(n)
-        out["sequence_ids"][row, start:end] = i
-        cls_positions[i] = row * length + start
+    row_of = torch.tensor([row for row, _ in place], dtype=torch.long)  # (B,)
+    start_of = torch.tensor([start for _, start in place], dtype=torch.long)  # (B,)
+    # Every real token (example i, position j) moves to (row_of[i], start_of[i] + j), all at once.
+    src_i, src_j = batch["attention_mask"].bool().nonzero(as_tuple=True)  # (T,) each
+    dst_r, dst_c = row_of[src_i], start_of[src_i] + src_j
+    for key in ("input_ids", "token_type_ids", "attention_mask", "word_ids", "labels"):
+        if key in out:
+            out[key][dst_r, dst_c] = batch[key][src_i, src_j]
+    out["position_ids"][dst_r, dst_c] = src_j
+    out["sequence_ids"][dst_r, dst_c] = src_i
+    cls_positions = row_of * length + start_of
     out["cls_positions"] = cls_positions
     out["next_sentence_label"] = batch["next_sentence_label"]
     if "labels" in out:

@@ -2,10 +2,11 @@
 
 An epoch is a stream: the document groups (GROUP_SIZE documents each) in an order drawn from (seed, epoch); taken
 CHUNK_GROUPS groups at a time, each group's examples drawn by `ExampleBuilder` (seeded by seed, epoch and document,
-as always), and the examples of a chunk shuffled together by (seed, epoch, chunk). Only a per-group summary is
-stored for each epoch (how many examples, tokens, truncations and labels: a few integers a group), so the
-prepared data stays the size of the tokenized corpus whatever the number of epochs, and a resumed run jumps to
-its chunk without drawing the ones before it.
+as always) as recipes (token ranges), and the recipes of a chunk shuffled together by (seed, epoch, chunk). An
+example's tokens are read only when it is asked for, so a process reads the tokens of its own share alone. Only a
+per-group summary is stored for each epoch (how many examples, tokens, truncations and labels: a few integers a
+group), so the prepared data stays the size of the tokenized corpus whatever the number of epochs, and a resumed
+run jumps to its chunk without drawing the ones before it.
 
 The same seed gives the same stream on every process and for any `num_proc`, so a step holds the same examples
 whatever the number of processes.
@@ -23,7 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from berth.pretrain.config import DataConfig
-from berth.pretrain.data import GROUP_SIZE, ExampleBuilder
+from berth.pretrain.data import GROUP_SIZE, ExampleBuilder, Recipe
 from berth.pretrain.documents import SpecialIds
 
 # Groups whose examples are shuffled together: 8 x 256 documents, some 10^4 examples of the Chinese corpus in
@@ -50,13 +51,12 @@ class GroupSummary:
     def __call__(self, batch: dict[str, list[int]]) -> dict[str, list[int]]:
         out: dict[str, list[int]] = {name: [] for name in SUMMARY_FEATURES}
         for group in batch["group"]:
-            examples = self.builder.group_examples(group)
-            labels = [e["next_sentence_label"] for e in examples]
-            out["examples"].append(len(examples))
-            out["tokens"].append(sum(len(e["input_ids"]) for e in examples))
-            out["truncated"].append(sum(bool(e["truncated"]) for e in examples))
-            out["positives"].append(sum(label == 0 for label in labels))
-            out["labelled"].append(sum(label >= 0 for label in labels))
+            recipes = self.builder.group_recipes(group)
+            out["examples"].append(len(recipes))
+            out["tokens"].append(sum(r.length for r in recipes))
+            out["truncated"].append(sum(r.truncated for r in recipes))
+            out["positives"].append(sum(r.label == 0 for r in recipes))
+            out["labelled"].append(sum(r.label >= 0 for r in recipes))
         return out
 
 
@@ -75,8 +75,8 @@ class Collective(Protocol):
 class EpochStream:
     """The examples of one epoch of a split, in training order: `len`, indexing (int or slice) and iteration.
 
-    Indexing in order is cheap (one chunk drawn at a time, kept until the next is asked for); jumping back and
-    forth between chunks draws them again.
+    Indexing in order is cheap (one chunk's recipes drawn at a time, kept until the next is asked for; an example's
+    tokens read when it is asked for); jumping back and forth between chunks draws them again.
     """
 
     def __init__(
@@ -103,7 +103,7 @@ class EpochStream:
         self.chunk_groups = chunks
         sizes = np.array([per_group[c].sum() for c in chunks], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(sizes)])  # [chunks + 1]
-        self._cached: tuple[int, list[dict[str, Any]]] | None = None
+        self._cached: tuple[int, list[Recipe]] | None = None
 
     def _summarise(self, n_groups: int, path: Path, fingerprint: str, desc: str) -> datasets.Dataset:
         if self.builder is None:
@@ -151,14 +151,14 @@ class EpochStream:
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
-    def chunk(self, index: int) -> list[dict[str, Any]]:
-        """The examples of chunk `index`, shuffled together."""
+    def chunk(self, index: int) -> list[Recipe]:
+        """The recipes of chunk `index`'s examples, shuffled together."""
         if self._cached is not None and self._cached[0] == index:
             return self._cached[1]
         assert self.builder is not None
-        examples = [e for g in self.chunk_groups[index] for e in self.builder.group_examples(int(g))]
-        order = np.random.default_rng([self.data.seed, self.epoch, 3, index]).permutation(len(examples))
-        shuffled = [examples[i] for i in order]
+        recipes = [r for g in self.chunk_groups[index] for r in self.builder.group_recipes(int(g))]
+        order = np.random.default_rng([self.data.seed, self.epoch, 3, index]).permutation(len(recipes))
+        shuffled = [recipes[i] for i in order]
         self._cached = (index, shuffled)
         return shuffled
 
@@ -174,11 +174,13 @@ class EpochStream:
         if not 0 <= index < len(self):
             raise IndexError(f"example {index} of an epoch of {len(self)}")
         chunk = int(np.searchsorted(self.offsets, index, side="right")) - 1
-        return self.chunk(chunk)[index - int(self.offsets[chunk])]
+        assert self.builder is not None
+        return self.builder.example(self.chunk(chunk)[index - int(self.offsets[chunk])])
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for chunk in range(len(self.chunk_groups)):
-            yield from self.chunk(chunk)
+            for recipe in self.chunk(chunk):
+                yield self.builder.example(recipe)  # type: ignore[union-attr]  # chunks exist only with a builder
 
     def stats(self, max_seq_len: int) -> dict[str, Any]:
         """Examples, tokens, mean length, padding if padded to max_seq_len, positive share, truncations."""

@@ -14,6 +14,7 @@ from berth.pretrain.data import (
     Document,
     ExampleBuilder,
     RandomSegments,
+    Span,
     document_pairs,
     pack_documents,
     renumber,
@@ -173,12 +174,15 @@ def doc(*sentence_lengths, first_id=100, first_word=0):
 
 
 def test_truncate_pair_google_way():
-    a, b = list(range(6)), list(range(10, 12))
+    def ranges(*spans):
+        return [(s.start, s.end) for s in spans]
+
+    a, b = Span(0, 0, 6), Span(0, 10, 12)
     assert truncate_pair(a, b, 5, Scripted(0.9)) is True  # >= 0.5: from the back of the longer
-    assert (a, b) == ([0, 1, 2], [10, 11])
-    a, b = list(range(6)), list(range(10, 14))
+    assert ranges(a, b) == [(0, 3), (10, 12)]
+    a, b = Span(0, 0, 6), Span(0, 10, 14)
     assert truncate_pair(a, b, 6, Scripted(0.1)) is True  # < 0.5: from the front of the longer
-    assert (a, b) == ([3, 4, 5], [11, 12, 13])
+    assert ranges(a, b) == [(3, 6), (11, 14)]
     assert truncate_pair(a, b, 6, Scripted(0.1)) is False
 
 
@@ -549,3 +553,39 @@ def test_streamed_corpus_gives_the_same_documents(tmp_path, hand_tokenizer):
     b = prepare_documents(streamed.corpus, streamed.data, hand_tokenizer).documents["train"]
     assert len(a) == 50
     assert a["input_ids"] == b["input_ids"] and a["word_ids"] == b["word_ids"]
+
+
+def test_a_process_reads_the_tokens_of_its_own_examples_only(embedded, monkeypatch):
+    """Every process draws the recipes of a chunk, but builds (reads the tokens of) only the examples of its own
+    micro-batches; the processes together build exactly what one process builds, each example once."""
+    from types import SimpleNamespace
+
+    from berth.pretrain.masking import MaskingCollator
+    from berth.pretrain.train import PretrainingStage
+
+    prepared = embedded()
+    built: list = []
+    example = ExampleBuilder.example
+    monkeypatch.setattr(ExampleBuilder, "example", lambda self, recipe: built.append(recipe) or example(self, recipe))
+
+    def build(processes, rank, steps=3, global_batch=24):
+        cfg = load_config(
+            PretrainConfig,
+            "configs/pretrain/mini_zh.yaml",
+            [f"train.batch_size={global_batch // processes // 2}", "train.grad_accum=2"],
+        )
+        stage = PretrainingStage(cfg)
+        stage.prepared, stage.collective = prepared, None
+        stage.collator = MaskingCollator(cfg.data, prepared.special)
+        acc = SimpleNamespace(process_index=rank, num_processes=processes)
+        built.clear()
+        for k, _ in enumerate(stage.epoch_steps(0, 5, global_batch, acc)):
+            if k + 1 == steps:
+                break
+        return list(built)
+
+    alone = build(1, 0)
+    assert len(alone) == 3 * 24
+    shares = [build(4, rank) for rank in range(4)]
+    assert [len(share) for share in shares] == [3 * 6] * 4
+    assert sorted(r for share in shares for r in share) == sorted(alone)
