@@ -28,7 +28,7 @@ import datasets
 import numpy as np
 
 from berth.core.labels import IGNORE_INDEX
-from berth.pretrain.columns import list_columns
+from berth.pretrain.columns import ListColumn, list_columns
 from berth.pretrain.config import DataConfig
 from berth.pretrain.documents import NOT_A_WORD, SpecialIds
 
@@ -319,28 +319,39 @@ class ExampleBuilder:
     """The examples of an epoch, group by group: recipes drawn from (seed, epoch, document), built on demand."""
 
     def __init__(self, documents: datasets.Dataset, cfg: DataConfig, special: SpecialIds, epoch: int):
+        self.documents = documents
         self.cfg = cfg
         self.special = special
         self.epoch = epoch
         self.order = None
-        columns = list_columns(documents, ("input_ids", "word_ids", "sentence_ends"))
-        self.ids, self.words, self.ends = columns["input_ids"], columns["word_ids"], columns["sentence_ends"]
         # Random B segments come from documents of two sentences or more, like true continuations do.
-        sentences = self.ends.lengths()
+        sentences = self.columns["sentence_ends"].lengths()
         pair_docs = np.flatnonzero(sentences >= 2)
         self.segments = RandomSegments(pair_docs, sentences[pair_docs])
         if cfg.sentence_task == "none":
             # Documents are shuffled per epoch before packing, so neighbours change from epoch to epoch.
             self.order = np.random.default_rng([cfg.seed, epoch]).permutation(len(documents))
 
+    @property
+    def columns(self) -> dict[str, ListColumn]:
+        """Views of the documents' memory-mapped columns, made where they are used: a builder sent to a worker
+        process goes as its dataset (a file name), never as the column views (which would pickle as copies)."""
+        if "_columns" not in self.__dict__:
+            self.__dict__["_columns"] = list_columns(self.documents, ("input_ids", "word_ids", "sentence_ends"))
+        return self.__dict__["_columns"]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_columns"}
+
     def sentence_ends(self, index: int) -> list[int]:
-        return self.ends.row(int(index)).tolist()
+        return self.columns["sentence_ends"].row(int(index)).tolist()
 
     def read(self, doc: int, start: int, end: int) -> tuple[list[int], list[int]]:
-        return self.ids.row(doc)[start:end].tolist(), self.words.row(doc)[start:end].tolist()
+        columns = self.columns
+        return columns["input_ids"].row(doc)[start:end].tolist(), columns["word_ids"].row(doc)[start:end].tolist()
 
     def group_recipes(self, group: int) -> list[Recipe]:
-        lo, hi = group * GROUP_SIZE, min((group + 1) * GROUP_SIZE, len(self.ends))
+        lo, hi = group * GROUP_SIZE, min((group + 1) * GROUP_SIZE, len(self.documents))
         if self.order is not None:
             indices = self.order[lo:hi].tolist()
             return pack_recipes(indices, [self.sentence_ends(i) for i in indices], self.cfg)

@@ -2,7 +2,7 @@
 
 Cache layout under data.cache_dir:
 
-    <documents key>/documents/{train,validation}   tokenized documents (DatasetDict.save_to_disk)
+    <documents key>/documents/{train,validation}   tokenized documents, Arrow shards (`berth.pretrain.shards`)
     <documents key>/documents.json                 what went in, and document statistics
     <documents key>/examples-<examples key>/summary-epoch-<N>-<split>.arrow   a few integers per document group
 
@@ -41,6 +41,7 @@ from berth.pretrain.data import FORMAT_VERSION, GROUP_SIZE
 from berth.pretrain.documents import DOCUMENT_FEATURES, DocumentEncoder, SpecialIds, check_seq_len, check_tokenizer
 from berth.pretrain.masking import EpochExamples, MaskingCollator
 from berth.pretrain.sentences import sentence_ends
+from berth.pretrain.shards import load_split, write_splits
 from berth.pretrain.stream import Collective, EpochStream
 
 logger = logging.getLogger(__name__)
@@ -134,32 +135,39 @@ def prepare_documents(corpus_cfg: CorpusConfig, data: DataConfig, tokenizer: Pre
     meta_path = root / "documents.json"
     if final.is_dir() and meta_path.is_file():
         logger.info("reusing tokenized documents in %s", root)
-        documents = datasets.load_from_disk(str(final))
-        return PreparedData(root, documents, data, special, tokenizer, json.loads(meta_path.read_text()))
+        return PreparedData(root, load_documents(final), data, special, tokenizer, json.loads(meta_path.read_text()))
     start = time.perf_counter()
     # Every intermediate Arrow file (the text read, the chunked documents, the tokenized ones) goes into a work
-    # directory inside the cache, removed once the documents are saved: what stays on disk is the documents.
+    # directory inside the cache, removed once the documents are written: what stays on disk is the documents,
+    # written to a temporary directory and renamed, so an interrupted run never leaves a half-written cache.
     root.mkdir(parents=True, exist_ok=True)
     work = root / f".work-{time.time_ns()}"
+    tmp = root / f".documents-tmp-{time.time_ns()}"
     try:
-        documents, corpus_rows = _tokenize(corpus_cfg, data, tokenizer, root.name, work)
+        encoded, corpus_rows = _tokenize(corpus_cfg, data, tokenizer, root.name, work)
+        write_splits(encoded, tmp, "is_eval", SPLITS)
+        documents = load_documents(tmp)
+        if len(documents["train"]) == 0:
+            raise BerthError(f"no training documents left: sources {', '.join(corpus_cfg.sources)} gave no tokens")
         stats = document_stats(documents, corpus_rows, time.perf_counter() - start)
-        # Written to a temporary directory and renamed, so an interrupted run never leaves a half-written cache;
-        # in shards of at most 100 MB, each of which is held in memory while it is written.
-        tmp = root / f".documents-tmp-{time.time_ns()}"
-        documents.save_to_disk(str(tmp), max_shard_size="100MB")
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
     meta_path.write_text(json.dumps(stats, indent=2) + "\n")
-    return PreparedData(root, datasets.load_from_disk(str(final)), data, special, tokenizer, stats)
+    return PreparedData(root, load_documents(final), data, special, tokenizer, stats)
+
+
+def load_documents(folder: Path) -> datasets.DatasetDict:
+    return datasets.DatasetDict({split: load_split(folder / split) for split in SPLITS})
 
 
 def _tokenize(
     corpus_cfg: CorpusConfig, data: DataConfig, tokenizer: PreTrainedTokenizerBase, key: str, work: Path
-) -> tuple[datasets.DatasetDict, int]:
-    """The corpus read, chunked and tokenized into `work`: (train and validation documents, corpus rows)."""
+) -> tuple[datasets.Dataset, int]:
+    """The corpus read, chunked and tokenized into `work`: (the documents, `is_eval` marking validation; corpus
+    rows)."""
     read_procs = data.num_proc if data.num_proc > 1 else None
     corpus = load_corpus(corpus_cfg, cache_dir=str(work / "read"), num_proc=read_procs)
     if isinstance(corpus, datasets.IterableDataset):
@@ -190,19 +198,7 @@ def _tokenize(
         cache_file_name=str(work / "encoded.arrow"),
         desc="Tokenizing documents",
     )
-    documents = datasets.DatasetDict(
-        {
-            "train": encoded.filter(
-                lambda e: not e, input_columns="is_eval", cache_file_name=str(work / "train-rows.arrow")
-            ),
-            "validation": encoded.filter(
-                lambda e: e, input_columns="is_eval", cache_file_name=str(work / "validation-rows.arrow")
-            ),
-        }
-    )
-    if len(documents["train"]) == 0:
-        raise BerthError(f"no training documents left: sources {', '.join(corpus_cfg.sources)} gave no tokens")
-    return documents, corpus.num_rows
+    return encoded, corpus.num_rows
 
 
 def chunk_documents(batch: dict[str, list[Any]]) -> dict[str, list[str]]:

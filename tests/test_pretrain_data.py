@@ -589,3 +589,31 @@ def test_a_process_reads_the_tokens_of_its_own_examples_only(embedded, monkeypat
     shares = [build(4, rank) for rank in range(4)]
     assert [len(share) for share in shares] == [3 * 6] * 4
     assert sorted(r for share in shares for r in share) == sorted(alone)
+
+
+def test_documents_go_to_their_split_in_order_and_in_shards(tmp_path):
+    import pyarrow as pa
+
+    from berth.pretrain.shards import load_split, write_splits
+
+    rows = synthetic_documents(300).map(
+        lambda batch, idx: {"is_eval": [i % 3 == 0 for i in idx]},
+        batched=True,
+        with_indices=True,
+        cache_file_name=str(tmp_path / "encoded.arrow"),
+        writer_batch_size=50,
+    )
+    write_splits(rows, tmp_path / "out", "is_eval", ("train", "validation"), limit=20_000)
+    train, validation = load_split(tmp_path / "out" / "train"), load_split(tmp_path / "out" / "validation")
+    shards = sorted((tmp_path / "out" / "train").glob("*.arrow"))
+    assert len(shards) > 2  # shards closed at the byte limit
+    # each shard one record batch (this limit is below BATCH_BYTES), not the 50-row batches it was read in
+    assert [len(list(pa.ipc.open_stream(pa.OSFile(str(shard))))) for shard in shards] == [1] * len(shards)
+    assert list(train["input_ids"]) == [r for i, r in enumerate(rows["input_ids"]) if i % 3]
+    assert list(validation["input_ids"]) == list(rows["input_ids"])[::3]
+    assert train.features == rows.features
+    no_eval = synthetic_documents(20).map(lambda b: b, batched=True, cache_file_name=str(tmp_path / "all.arrow"))
+    write_splits(no_eval, tmp_path / "none", "is_eval", ("train", "validation"))
+    assert (len(load_split(tmp_path / "none" / "train")), len(load_split(tmp_path / "none" / "validation"))) == (20, 0)
+    with pytest.raises(RuntimeError, match="not a map result"):  # an in-memory dataset has no files to stream
+        write_splits(synthetic_documents(5), tmp_path / "other", "is_eval", ("train", "validation"))
