@@ -256,7 +256,7 @@ def test_a_two_process_checkpoint_resumes_on_one(setup, launch):  # noqa: F811
     ("launch", "aggregation"),
     [
         pytest.param("deepspeed_zero2", "auto", marks=pytest.mark.slow),
-        ("deepspeed_zero3", "attention"),
+        pytest.param("deepspeed_zero3", "attention", marks=pytest.mark.slow),  # 48 s: DeepSpeed's start-up
         ("fsdp", "attention"),
     ],
 )
