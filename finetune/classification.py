@@ -197,7 +197,7 @@ class ClassificationTask:
         self, model: WindowClassifier, split: str, acc: Any, batch_size: int, aggregation: str | None = None
     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """Document-level metrics (all documents, and those longer than one window), for each aggregation;
-        the headline figures use `aggregation`, or the best of mean and max when the config says auto."""
+        the headline figures use `aggregation`, or the best on this split when the config says auto."""
         encoded = self.splits[split]
         by_aggregation = self.predict_split(model, encoded, acc, batch_size)
         labels = torch.tensor(encoded.doc_labels)
@@ -258,14 +258,12 @@ class ClassificationTask:
         return out
 
     def choose_aggregation(self, results: dict[str, dict[str, float]]) -> str:
-        """The one place `auto` is resolved: the better of mean and max on this split's metric."""
-        configured = self.cfg.data.aggregation
+        """The one place `auto` is resolved (`choose_aggregation` below)."""
         if self.cfg.data.long_text != "windows":
             return "mean"  # one window per text: every aggregation is the same
-        if configured != "auto":
-            return configured
-        metric = self.cfg.train.metric
-        return max(("mean", "max"), key=lambda how: (results[how].get(metric, 0.0), how == "mean"))
+        if self.cfg.data.aggregation != "auto":
+            return self.cfg.data.aggregation
+        return choose_aggregation(results, self.cfg.train.metric)
 
     def _scores(self, logits: torch.Tensor, labels: torch.Tensor, long_docs: list[int]) -> dict[str, float]:
         predicted = logits.argmax(dim=-1)
@@ -285,6 +283,15 @@ class ClassificationTask:
             predictions=predicted.tolist(), references=labels.tolist(), num_labels=len(self.labels)
         )
         return {**accuracy, "macro_f1": f1["macro_f1"], "micro_f1": f1["micro_f1"]}
+
+
+def choose_aggregation(results: dict[str, dict[str, float]], metric: str) -> str:
+    """`auto`: the window aggregation with the best `metric` on the split (validation; lower is better for a loss),
+    among every one computed from window logits alone; a tie goes to the one listed first in WINDOW_AGGREGATIONS
+    (mean first)."""
+    sign = -1.0 if metric.endswith("loss") else 1.0
+    candidates = [how for how in WINDOW_AGGREGATIONS if how in results]
+    return max(candidates, key=lambda how: (sign * results[how][metric], -candidates.index(how)))
 
 
 # -- berth predict -------------------------------------------------------------------------------------------

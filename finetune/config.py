@@ -61,7 +61,8 @@ class TaskData:
     # mean of probabilities weighted by each window's confidence (confidence), the most decided window (margin),
     # attention pooling over the windows' [CLS] vectors (a small learned layer, trained with documents as units),
     # hierarchical (a small transformer over them, with its own [CLS], trained the same way),
-    # or auto: mean or max, whichever scores better on validation. docs/finetuning.md says when each is right.
+    # or auto: whichever of mean, max, prob_mean, confidence and margin scores best on validation.
+    # docs/finetuning.md says when each is right.
     aggregation: Literal["auto", "mean", "max", "prob_mean", "confidence", "margin", "attention", "hierarchical"] = (
         "auto"
     )

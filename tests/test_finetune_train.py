@@ -95,7 +95,7 @@ def review_config(tiny, out, *overrides):
             "data.label_column=sentiment",
             "data.max_seq_len=32",
             "data.stride=16",
-            # the plain path (auto: mean or max); the shipped hidden-text training and margin have own tests
+            # the plain path (auto: the best window aggregation); shipped hidden-text training and margin: own tests
             "data.aggregation=auto",
             "data.hidden_training=0",
             "data.hidden_weight=1",
@@ -187,7 +187,7 @@ def test_classification_run_writes_results_predictions_and_a_loadable_export(rev
     results = json.loads((review_run / "eval_results.json").read_text())
     for split in ("validation", "test"):
         assert results[split]["long_count"] > 0  # texts longer than one 32-token window
-        assert results[split]["aggregation"] in ("mean", "max")
+        assert results[split]["aggregation"] in ("mean", "max", "prob_mean", "confidence", "margin")
     assert results["test"]["aggregation"] == results["validation"]["aggregation"]  # chosen on validation
     assert set(results["test_truncated"]) == {"head", "tail", "head_tail"}
     yardstick = results["yardstick"]
@@ -227,6 +227,35 @@ def test_predict_reproduces_the_runs_test_predictions(review_run, tiny, tmp_path
     assert [p["score"] for p in predicted] == pytest.approx([e["score"] for e in expected], abs=1e-5)
 
 
+def reference_combine(logits, how):
+    """A document's scores [C] from its windows' logits [W, C], written here from the definitions."""
+    probs = torch.softmax(logits.double(), -1)
+    if how == "mean":
+        return logits.mean(0)
+    if how == "max":
+        return logits.max(0).values
+    if how == "prob_mean":
+        return probs.mean(0).log()
+    if how == "confidence":
+        weights = probs.max(-1).values - 1 / logits.shape[-1]
+        weights = weights if weights.sum() > 0 else torch.ones_like(weights)
+        mixed = (probs * weights[:, None]).sum(0)
+        return (mixed / mixed.sum()).log()
+    if how == "margin":
+        top = probs.log().topk(2, -1).values
+        return probs[int((top[:, 0] - top[:, 1]).argmax())].log()
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize("how", ["mean", "max", "prob_mean", "confidence", "margin"])
+def test_the_reference_combination_is_berths_aggregation(how):
+    from berth.finetune.pooling import aggregate
+
+    logits = torch.randn(5, 3, generator=torch.Generator().manual_seed(0)) * 3  # [W, C], one document
+    ours = aggregate(logits, torch.zeros(5, dtype=torch.long), 1, how)[0]
+    assert torch.allclose(torch.softmax(ours.double(), -1), torch.softmax(reference_combine(logits, how), -1).double())
+
+
 def test_predict_on_long_texts_agrees_with_windows_computed_here(review_run, tiny, tmp_path):
     """An independent reference for texts longer than one window: the windows cut here by hand, run through
     AutoModelForSequenceClassification, and their logits combined by the aggregation the export names."""
@@ -245,8 +274,7 @@ def test_predict_on_long_texts_agrees_with_windows_computed_here(review_run, tin
         windows = [[tokenizer.cls_token_id, *ids[a : a + room], tokenizer.sep_token_id] for a in starts]
         with torch.no_grad():
             logits = model(input_ids=torch.tensor(windows)).logits  # [W, C]
-        combined = logits.mean(0) if settings["aggregation"] == "mean" else logits.max(0).values
-        score, label = torch.softmax(combined, -1).max(-1)
+        score, label = torch.softmax(reference_combine(logits, settings["aggregation"]), -1).max(-1)
         expected.append((model.config.id2label[int(label)], float(score)))
     predicted = run_predict(final, texts, tmp_path)
     assert [p["label"] for p in predicted] == [label for label, _ in expected]

@@ -427,3 +427,37 @@ def test_evaluating_turns_dropout_off_and_gives_the_model_back_in_its_own_mode()
     with pytest.raises(RuntimeError), evaluating(model):
         raise RuntimeError("a failed batch")
     assert model.training
+
+
+def test_auto_picks_each_window_aggregation_where_it_is_the_right_one():
+    """For each aggregation in turn, validation documents that it labels right and every other one gets wrong at
+    least once (documents where two aggregations disagree, labelled by the one under test): auto must pick it."""
+    from berth.finetune.classification import choose_aggregation
+    from berth.finetune.pooling import WINDOW_AGGREGATIONS
+
+    rng = np.random.default_rng(0)
+    pool = [torch.tensor(rng.uniform(-4, 4, (rng.integers(2, 5), 3)), dtype=torch.float32) for _ in range(400)]
+
+    def predict(windows, how):  # windows [W, C] of one document
+        return int(aggregate(windows, torch.zeros(len(windows), dtype=torch.long), 1, how).argmax())
+
+    predictions = [{how: predict(w, how) for how in WINDOW_AGGREGATIONS} for w in pool]
+    for right in WINDOW_AGGREGATIONS:
+        documents = []  # (its predictions, label)
+        for other in WINDOW_AGGREGATIONS:
+            if other != right:
+                found = next(p for p in predictions if p[right] != p[other])
+                documents.append((found, found[right]))
+        results = {
+            how: {"accuracy": sum(p[how] == label for p, label in documents) / len(documents)}
+            for how in WINDOW_AGGREGATIONS
+        }
+        assert results[right]["accuracy"] == 1.0 and max(r["accuracy"] for h, r in results.items() if h != right) < 1
+        assert choose_aggregation(results, "accuracy") == right
+        # a loss: lower is better
+        losses = {how: {"loss": 1.0 - r["accuracy"]} for how, r in results.items()}
+        assert choose_aggregation(losses, "loss") == right
+    # a tie goes to the first listed (mean); pooled aggregations are not auto's to pick
+    tie = {how: {"accuracy": 0.5} for how in (*WINDOW_AGGREGATIONS, "attention")}
+    assert choose_aggregation(tie, "accuracy") == "mean"
+    assert choose_aggregation({**tie, "attention": {"accuracy": 1.0}}, "accuracy") == "mean"
