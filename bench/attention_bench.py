@@ -1,11 +1,13 @@
-"""sdpa against eager attention in berth's pretraining step, on the same batches, interleaved in one run.
+"""sdpa against another attention implementation in berth's pretraining step, on the same batches, interleaved.
 
-    .venv/bin/python bench/attention_bench.py [--architecture modernbert|bert] [--steps 30] [--batch-size 32]
+    .venv/bin/python bench/attention_bench.py [--architecture modernbert|bert] [--against eager|flex_attention]
+        [--steps 30] [--batch-size 32] [--precision bf16|fp32]
 
-Backs `model.attn_implementation: auto` (eager when training on CPU without attention dropout): two Loops
-built from configs/pretrain/mini_zh.yaml (no dropout), one per attention implementation, take turns on the
-same micro-batches, and the script reports the median of the per-step speed ratios and, from the profiler,
-the share of an sdpa step spent in the sdpa backward kernel.
+Backs `model.attn_implementation: auto` (eager when training on CPU without attention dropout) and times
+`flex_attention` (packed rows under a FlexAttention document mask; CUDA only) against sdpa with the dense
+block-diagonal mask: two Loops built from configs/pretrain/mini_zh.yaml (packed rows, no dropout), one per
+implementation, take turns on the same micro-batches, and the script reports the median of the per-step speed
+ratios and, on CPU, the share of an sdpa step spent in the sdpa backward kernel (from the profiler).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import statistics
 import time
 
+import torch
 from torch.profiler import ProfilerActivity, profile
 
 from berth.core.config import load_config
@@ -55,26 +58,35 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
+    parser.add_argument("--against", default="eager", choices=["eager", "flex_attention"])
     args = parser.parse_args()
-    loops = {name: build(args, name) for name in ("sdpa", "eager")}
+    other = args.against
+    loops = {name: build(args, name) for name in ("sdpa", other)}
     stream = (batch for step in loops["sdpa"].epoch_steps() for batch in step)
     data = [next(stream) for _ in range(args.steps + 3)]
     speed: dict[str, list[float]] = {name: [] for name in loops}
     for i, batch in enumerate(data):
         for name, loop in loops.items():
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
             start = time.perf_counter()
             loop.train_step([batch])
-            if i >= 3:  # warm-up
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            if i >= 3:  # warm-up (FlexAttention compiles its kernels on the first steps)
                 speed[name].append(1.0 / (time.perf_counter() - start))
-    ratios = [e / s for e, s in zip(speed["eager"], speed["sdpa"], strict=True)]
+    ratios = [e / s for e, s in zip(speed[other], speed["sdpa"], strict=True)]
     quartiles = statistics.quantiles(ratios, n=4)
-    share = sdpa_backward_share(loops["sdpa"], data[:5])
-    print(f"{args.architecture} mini, seq 128, batch {args.batch_size}, {args.precision}, {args.steps} steps")
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    print(f"{args.architecture} mini, seq 128, batch {args.batch_size}, {args.precision}, {args.steps} steps, {device}")
     for name in loops:
-        print(f"  {name:5s} {statistics.median(speed[name]):5.2f} steps/s")
+        print(f"  {name:14s} {statistics.median(speed[name]):6.2f} steps/s")
+    share = ""
+    if not torch.cuda.is_available():
+        share = f"; sdpa backward kernel: {sdpa_backward_share(loops['sdpa'], data[:5]):.0%} of an sdpa step"
     print(
-        f"  eager / sdpa {statistics.median(ratios):.2f}x (median of per-step ratios; quartiles "
-        f"{quartiles[0]:.2f}-{quartiles[2]:.2f}); sdpa backward kernel: {share:.0%} of an sdpa step"
+        f"  {other} / sdpa {statistics.median(ratios):.2f}x (median of per-step ratios; quartiles "
+        f"{quartiles[0]:.2f}-{quartiles[2]:.2f}){share}"
     )
 
 

@@ -87,8 +87,10 @@ class ModelConfig:
     # A checkpoint directory (or hub id) to continue pretraining from; empty: from scratch.
     init: str = ""
     # auto: sdpa, except when training on CPU without attention dropout, where eager is faster (see
-    # pretrain.model.resolve_attention); both compute the same attention (tested).
-    attn_implementation: Literal["auto", "sdpa", "eager"] = "auto"
+    # pretrain.model.resolve_attention); both compute the same attention (tested). flex_attention: packed rows
+    # masked by a FlexAttention block mask of their examples (pretrain.document_mask), on CUDA, without
+    # attention dropout.
+    attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention"] = "auto"
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
     max_position_embeddings: int = 512
@@ -97,6 +99,11 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         check_rates(hidden_dropout=self.hidden_dropout, attention_dropout=self.attention_dropout)
+        if self.attn_implementation == "flex_attention" and self.attention_dropout:
+            raise ValueError(
+                f"model.attn_implementation=flex_attention takes no attention dropout (transformers' FlexAttention "
+                f"path has none); set model.attention_dropout=0 (it is {self.attention_dropout})"
+            )
         if self.max_position_embeddings < 8 or self.pad_vocab_multiple < 1:
             raise ValueError("max_position_embeddings must be at least 8 and pad_vocab_multiple at least 1")
 

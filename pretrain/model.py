@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask
 from transformers import (
     AutoConfig,
     AutoModelForMaskedLM,
@@ -23,6 +24,7 @@ from berth.core.hub import hub_model_id
 from berth.core.labels import IGNORE_INDEX
 from berth.core.models import HFModel
 from berth.pretrain.config import MODEL_SIZES, ModelConfig
+from berth.pretrain.document_mask import document_block_mask
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +88,11 @@ def resolve_attention(cfg: ModelConfig, device_type: str) -> str:
     (bench/attention_bench.py). Eager attention draws its dropout mask with the slow bernoulli_, though, so
     with attention dropout sdpa stays. GPUs keep sdpa (fused kernels).
     """
+    if cfg.attn_implementation == "flex_attention" and device_type != "cuda":
+        raise BerthError(
+            f"model.attn_implementation=flex_attention needs a CUDA device (torch's FlexAttention has no backward on "
+            f"{device_type}); use auto"
+        )
     if cfg.attn_implementation != "auto":
         return cfg.attn_implementation
     return "eager" if device_type == "cpu" and cfg.attention_dropout == 0 else "sdpa"
@@ -200,6 +207,11 @@ class PretrainingObjective(nn.Module):
         # BERT carries its own NSP head (cls.seq_relationship); ModernBERT ships none, so berth adds one.
         self.sentence_head = SentenceHead(model.config.hidden_size) if sentence_task and is_modernbert(model) else None
 
+    @property
+    def flex(self) -> bool:
+        """Packed rows get a FlexAttention block mask rather than a dense (R, 1, L, L) one."""
+        return self.model.config._attn_implementation == "flex_attention"
+
     def forward(
         self,
         input_ids: torch.Tensor,  # (R, L)
@@ -225,7 +237,9 @@ class PretrainingObjective(nn.Module):
                 cls = sequence[:, 0] if cls_positions is None else sequence.flatten(0, 1).index_select(0, cls_positions)
                 out.update(self.sentence_outputs(self.sentence_head(cls), next_sentence_label))  # cls: (B, H)
             return out
-        mask = attention_mask if sequence_ids is None else self.block_diagonal_mask(sequence_ids)
+        mask: torch.Tensor | BlockMask = attention_mask
+        if sequence_ids is not None:
+            mask = document_block_mask(sequence_ids) if self.flex else self.block_diagonal_mask(sequence_ids)
         sequence, pooled = self.model.bert(
             input_ids=input_ids,
             token_type_ids=token_type_ids,
@@ -270,13 +284,20 @@ class PretrainingObjective(nn.Module):
 
     def modernbert_mask(
         self, attention_mask: torch.Tensor, sequence_ids: torch.Tensor | None
-    ) -> torch.Tensor | dict[str, torch.Tensor]:
+    ) -> torch.Tensor | dict[str, torch.Tensor | BlockMask]:
         """The padding mask for unpacked rows; for packed rows, the block-diagonal mask of each layer type
-        (sliding-window layers also keep to their band), which ModernBERT takes as a mapping."""
+        (sliding-window layers also keep to their band), which ModernBERT takes as a mapping: dense, or a
+        FlexAttention block mask under flex_attention."""
         if sequence_ids is None:
             return attention_mask
+        masks: dict[str, torch.Tensor | BlockMask] = {}
+        if self.flex:
+            masks["full_attention"] = document_block_mask(sequence_ids)
+            if "sliding_attention" in self.model.config.layer_types:
+                masks["sliding_attention"] = document_block_mask(sequence_ids, self.model.config.sliding_window)
+            return masks
         allowed = self.block_diagonal_mask(sequence_ids, boolean=True)  # (R, 1, L, L)
-        masks = {"full_attention": self.additive(allowed)}
+        masks["full_attention"] = self.additive(allowed)
         if "sliding_attention" in self.model.config.layer_types:
             index = torch.arange(sequence_ids.shape[1], device=sequence_ids.device)
             band = (index[:, None] - index[None, :]).abs() <= self.model.config.sliding_window  # (L, L)

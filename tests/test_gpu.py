@@ -55,6 +55,34 @@ def test_packed_batches_give_the_unpacked_losses_on_cuda(architecture):
     assert torch.equal(a["mlm_count"], b["mlm_count"])
 
 
+@pytest.mark.parametrize("architecture", ["bert", "modernbert", "sliding"])
+def test_flex_attention_on_packed_rows_gives_the_dense_losses_and_gradients(architecture):
+    """model.attn_implementation=flex_attention: the document block mask against the dense block-diagonal mask
+    (sdpa), same weights, forward and backward."""
+    results = []
+    for impl in ("sdpa", "flex_attention"):
+        if architecture == "bert":
+            torch.manual_seed(0)
+            model = build_model(ModelConfig(size="tiny", attention_dropout=0.0), VOCAB, 0, device_type="cuda")
+        else:
+            model = modernbert("sdpa", **(SLIDING if architecture == "sliding" else {}))
+        model.set_attn_implementation(impl)
+        torch.manual_seed(1)
+        objective = PretrainingObjective(model, VOCAB, sentence_task=True).cuda().eval()  # eval: no dropout
+        packed = pack_batch(batch(seed=5, n=12), capacity=96, pad_id=0)
+        extra = {k: packed[k] for k in ("position_ids", "sequence_ids", "cls_positions")}
+        out = objective(**on_cuda(inputs(packed)), **on_cuda(extra))
+        (out["mlm_loss"] + out["nsp_loss"]).backward()
+        grads = [p.grad.clone() for p in objective.parameters() if p.grad is not None]
+        results.append((out, grads))
+    (dense, dense_grads), (flex, flex_grads) = results
+    for key in ("mlm_loss", "nsp_loss"):
+        torch.testing.assert_close(dense[key], flex[key], rtol=1e-4, atol=1e-4)
+    assert len(dense_grads) == len(flex_grads)
+    for a, b in zip(dense_grads, flex_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
 @pytest.mark.parametrize("architecture", ["bert", "modernbert"])
 def test_sdpa_and_eager_agree_on_cuda(architecture):
     outs = []

@@ -304,3 +304,61 @@ def test_auto_attention_is_eager_only_for_cpu_training_without_attention_dropout
     torch.manual_seed(0)
     model = build_model(no_dropout, VOCAB, 0, device_type="cpu")
     assert model.config._attn_implementation == "eager"
+
+
+# -- FlexAttention's document mask (CUDA-only training; the mask and its block skipping are checked here) ---------
+
+
+def packed_sequence_ids():
+    from berth.pretrain.masking import pack_batch
+
+    return pack_batch(batch(seed=5, n=12), capacity=96, pad_id=0)["sequence_ids"]  # (R, L), -1 padding
+
+
+@pytest.mark.parametrize("window", [None, 1, 8])
+def test_the_flex_document_mask_allows_exactly_the_dense_masks_pairs(window):
+    from torch.nn.attention.flex_attention import create_mask
+
+    from berth.pretrain.document_mask import document_mask_mod
+
+    sequence_ids = packed_sequence_ids()
+    rows, length = sequence_ids.shape
+    flex = create_mask(document_mask_mod(sequence_ids, window), rows, 1, length, length, device="cpu")
+    if window is None:
+        torch.manual_seed(0)
+        bert = PretrainingObjective(build_model(ModelConfig(size="tiny"), VOCAB, 0), VOCAB, sentence_task=True)
+        assert torch.equal(flex, bert.block_diagonal_mask(sequence_ids, boolean=True))
+    objective = PretrainingObjective(modernbert(**{**SLIDING, "sliding_window": window or 8}), VOCAB, False)
+    masks = objective.modernbert_mask(torch.ones_like(sequence_ids), sequence_ids)
+    assert torch.equal(flex, masks["sliding_attention" if window else "full_attention"])
+
+
+def test_flex_attention_with_the_document_block_mask_equals_dense_sdpa():
+    """The block mask skips whole 128 x 128 blocks: rows of 200 tokens whose examples cross a block edge give the
+    attention of the dense mask (torch's FlexAttention forward, which runs on CPU without a gradient)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from berth.pretrain.document_mask import document_block_mask
+
+    sequence_ids = torch.full((3, 200), -1)
+    sequence_ids[0, :130], sequence_ids[0, 130:180] = 0, 1  # an example across the block edge, then padding
+    sequence_ids[1, :] = 2
+    for k, start in enumerate(range(0, 190, 19)):
+        sequence_ids[2, start : start + 19] = 3 + k
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 200, 16, generator=g) for _ in range(3))  # (R, heads, L, head dim)
+    torch.manual_seed(0)
+    objective = PretrainingObjective(build_model(ModelConfig(size="tiny"), VOCAB, 0), VOCAB, sentence_task=True)
+    dense = objective.block_diagonal_mask(sequence_ids, boolean=True)  # (R, 1, L, L)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense)
+    with torch.no_grad():
+        ours = flex_attention(q, k, v, block_mask=document_block_mask(sequence_ids))
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_flex_attention_is_refused_where_it_cannot_train():
+    with pytest.raises(ValueError, match="flex_attention takes no attention dropout"):
+        ModelConfig(attn_implementation="flex_attention")
+    cfg = ModelConfig(size="tiny", attn_implementation="flex_attention", attention_dropout=0.0)
+    with pytest.raises(BerthError, match="needs a CUDA device"):
+        build_model(cfg, VOCAB, 0, device_type="cpu")
