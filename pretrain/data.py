@@ -350,19 +350,24 @@ class ExampleBuilder:
         columns = self.columns
         return columns["input_ids"].row(doc)[start:end].tolist(), columns["word_ids"].row(doc)[start:end].tolist()
 
+    @property
+    def per_document(self) -> bool:
+        """nsp, sop: each document's recipes are drawn from it alone; none: a group's documents are packed together."""
+        return self.order is None
+
+    def document_recipes(self, index: int) -> list[Recipe]:
+        """The recipes of one document (nsp, sop), drawn from (seed, epoch, document)."""
+        rng = random.Random(f"{self.cfg.seed}-{self.epoch}-{index}")
+        return document_recipes(index, self.sentence_ends(index), self.cfg, rng, self.sentence_ends, self.segments)[0]
+
+    def group_documents(self, group: int) -> range:
+        return range(group * GROUP_SIZE, min((group + 1) * GROUP_SIZE, len(self.documents)))
+
     def group_recipes(self, group: int) -> list[Recipe]:
-        lo, hi = group * GROUP_SIZE, min((group + 1) * GROUP_SIZE, len(self.documents))
         if self.order is not None:
-            indices = self.order[lo:hi].tolist()
+            indices = self.order[self.group_documents(group)].tolist()
             return pack_recipes(indices, [self.sentence_ends(i) for i in indices], self.cfg)
-        recipes = []
-        for index in range(lo, hi):
-            rng = random.Random(f"{self.cfg.seed}-{self.epoch}-{index}")
-            drawn, _ = document_recipes(
-                index, self.sentence_ends(index), self.cfg, rng, self.sentence_ends, self.segments
-            )
-            recipes.extend(drawn)
-        return recipes
+        return [r for index in self.group_documents(group) for r in self.document_recipes(index)]
 
     def example(self, recipe: Recipe) -> dict[str, Any]:
         return build_example(recipe, self.read, self.special)

@@ -42,7 +42,7 @@ from berth.pretrain.documents import DOCUMENT_FEATURES, DocumentEncoder, Special
 from berth.pretrain.masking import EpochExamples, MaskingCollator
 from berth.pretrain.sentences import sentence_ends
 from berth.pretrain.shards import load_split, write_splits
-from berth.pretrain.stream import Collective, EpochStream
+from berth.pretrain.stream import SUMMARY_VERSION, Collective, EpochStream
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,8 @@ def documents_key(corpus: CorpusConfig, data: DataConfig, tokenizer: PreTrainedT
 
 def examples_key(data: DataConfig) -> str:
     shape = ("max_seq_len", "sentence_task", "short_seq_prob", "seed")
-    return digest({"format": FORMAT_VERSION, "group": GROUP_SIZE, **{k: getattr(data, k) for k in shape}})
+    versions = {"format": FORMAT_VERSION, "summary": SUMMARY_VERSION, "group": GROUP_SIZE}
+    return digest({**versions, **{k: getattr(data, k) for k in shape}})
 
 
 @dataclass

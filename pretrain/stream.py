@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, overload
 
@@ -31,6 +32,9 @@ from berth.pretrain.documents import SpecialIds
 # memory at a time. Fixed, so the stream does not depend on anything but the seed.
 CHUNK_GROUPS = 8
 
+# Bump when the summary's layout changes (part of the examples key, so older summaries are counted again).
+SUMMARY_VERSION = 2
+COUNTS = ("examples", "tokens", "truncated", "positives", "labelled")
 SUMMARY_FEATURES = datasets.Features(
     {
         "examples": datasets.Value("int64"),
@@ -38,6 +42,9 @@ SUMMARY_FEATURES = datasets.Features(
         "truncated": datasets.Value("int64"),
         "positives": datasets.Value("int64"),  # next_sentence_label 0: true continuation / in order
         "labelled": datasets.Value("int64"),
+        # nsp, sop: the examples of each document of the group, so that a process draws only the documents that
+        # hold its own examples; none (packed across documents): empty
+        "document_examples": datasets.Sequence(datasets.Value("int32")),
     }
 )
 
@@ -48,16 +55,34 @@ class GroupSummary:
     def __init__(self, builder: ExampleBuilder):
         self.builder = builder
 
-    def __call__(self, batch: dict[str, list[int]]) -> dict[str, list[int]]:
-        out: dict[str, list[int]] = {name: [] for name in SUMMARY_FEATURES}
+    def __call__(self, batch: dict[str, list[int]]) -> dict[str, list[Any]]:
+        out: dict[str, list[Any]] = {name: [] for name in SUMMARY_FEATURES}
+        builder = self.builder
         for group in batch["group"]:
-            recipes = self.builder.group_recipes(group)
+            if builder.per_document:
+                by_document = [builder.document_recipes(d) for d in builder.group_documents(group)]
+                recipes = [r for drawn in by_document for r in drawn]
+                out["document_examples"].append([len(drawn) for drawn in by_document])
+            else:
+                recipes = builder.group_recipes(group)
+                out["document_examples"].append([])
             out["examples"].append(len(recipes))
             out["tokens"].append(sum(r.length for r in recipes))
             out["truncated"].append(sum(r.truncated for r in recipes))
             out["positives"].append(sum(r.label == 0 for r in recipes))
             out["labelled"].append(sum(r.label >= 0 for r in recipes))
         return out
+
+
+@dataclass
+class ChunkPlan:
+    """Where chunk's shuffled examples come from: example i is recipe order[i] of the chunk's documents in order,
+    found through their cumulative example counts; each document drawn when one of its examples is asked for."""
+
+    order: np.ndarray  # [examples] the chunk's shuffle
+    documents: np.ndarray  # [documents] in the chunk's order (its groups in epoch order, each in document order)
+    starts: np.ndarray  # [documents + 1] each document's first recipe in the unshuffled chunk
+    drawn: dict[int, list[Recipe]] = field(default_factory=dict)
 
 
 class Collective(Protocol):
@@ -104,6 +129,7 @@ class EpochStream:
         sizes = np.array([per_group[c].sum() for c in chunks], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(sizes)])  # [chunks + 1]
         self._cached: tuple[int, list[Recipe]] | None = None
+        self._plan: tuple[int, ChunkPlan] | None = None
 
     def _summarise(self, n_groups: int, path: Path, fingerprint: str, desc: str) -> datasets.Dataset:
         if self.builder is None:
@@ -151,16 +177,46 @@ class EpochStream:
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
+    def _order(self, index: int, size: int) -> np.ndarray:
+        return np.random.default_rng([self.data.seed, self.epoch, 3, index]).permutation(size)
+
     def chunk(self, index: int) -> list[Recipe]:
-        """The recipes of chunk `index`'s examples, shuffled together."""
+        """The recipes of chunk `index`'s examples, shuffled together (every document of the chunk drawn)."""
         if self._cached is not None and self._cached[0] == index:
             return self._cached[1]
         assert self.builder is not None
         recipes = [r for g in self.chunk_groups[index] for r in self.builder.group_recipes(int(g))]
-        order = np.random.default_rng([self.data.seed, self.epoch, 3, index]).permutation(len(recipes))
-        shuffled = [recipes[i] for i in order]
+        shuffled = [recipes[i] for i in self._order(index, len(recipes))]
         self._cached = (index, shuffled)
         return shuffled
+
+    def plan(self, index: int) -> ChunkPlan:
+        """Chunk `index`'s shuffle and its documents' example counts (from the summary), nothing drawn yet."""
+        if self._plan is not None and self._plan[0] == index:
+            return self._plan[1]
+        assert self.builder is not None
+        groups = [int(g) for g in self.chunk_groups[index]]
+        documents = np.concatenate([np.asarray(self.builder.group_documents(g)) for g in groups])
+        counts = np.concatenate([np.asarray(self.summary[g]["document_examples"], dtype=np.int64) for g in groups])
+        size = int(self.offsets[index + 1] - self.offsets[index])
+        plan = ChunkPlan(self._order(index, size), documents, np.concatenate([[0], np.cumsum(counts)]))
+        self._plan = (index, plan)
+        return plan
+
+    def recipe(self, index: int) -> Recipe:
+        """The recipe of example `index` of the epoch, drawing only the document it comes from (nsp, sop)."""
+        chunk = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        position = index - int(self.offsets[chunk])
+        assert self.builder is not None
+        if not self.builder.per_document:
+            return self.chunk(chunk)[position]
+        plan = self.plan(chunk)
+        r = int(plan.order[position])
+        k = int(np.searchsorted(plan.starts, r, side="right")) - 1
+        document = int(plan.documents[k])
+        if document not in plan.drawn:
+            plan.drawn[document] = self.builder.document_recipes(document)
+        return plan.drawn[document][r - int(plan.starts[k])]
 
     @overload
     def __getitem__(self, index: int) -> dict[str, Any]: ...
@@ -173,9 +229,8 @@ class EpochStream:
             return [self[i] for i in range(*index.indices(len(self)))]
         if not 0 <= index < len(self):
             raise IndexError(f"example {index} of an epoch of {len(self)}")
-        chunk = int(np.searchsorted(self.offsets, index, side="right")) - 1
         assert self.builder is not None
-        return self.builder.example(self.chunk(chunk)[index - int(self.offsets[chunk])])
+        return self.builder.example(self.recipe(index))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for chunk in range(len(self.chunk_groups)):
@@ -184,7 +239,7 @@ class EpochStream:
 
     def stats(self, max_seq_len: int) -> dict[str, Any]:
         """Examples, tokens, mean length, padding if padded to max_seq_len, positive share, truncations."""
-        totals = {name: int(np.asarray(self.summary[name], dtype=np.int64).sum()) for name in SUMMARY_FEATURES}
+        totals = {name: int(np.asarray(self.summary[name], dtype=np.int64).sum()) for name in COUNTS}
         n = totals["examples"]
         return {
             "examples": n,

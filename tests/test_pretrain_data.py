@@ -556,8 +556,9 @@ def test_streamed_corpus_gives_the_same_documents(tmp_path, hand_tokenizer):
 
 
 def test_a_process_reads_the_tokens_of_its_own_examples_only(embedded, monkeypatch):
-    """Every process draws the recipes of a chunk, but builds (reads the tokens of) only the examples of its own
-    micro-batches; the processes together build exactly what one process builds, each example once."""
+    """A process draws only the documents its micro-batches take examples from (nsp: each document's examples are
+    drawn from it alone), and builds (reads the tokens of) only those examples; the processes together build
+    exactly what one process builds, each example once."""
     from types import SimpleNamespace
 
     from berth.pretrain.masking import MaskingCollator
@@ -565,8 +566,12 @@ def test_a_process_reads_the_tokens_of_its_own_examples_only(embedded, monkeypat
 
     prepared = embedded()
     built: list = []
-    example = ExampleBuilder.example
+    drawn: list = []
+    example, document_recipes = ExampleBuilder.example, ExampleBuilder.document_recipes
     monkeypatch.setattr(ExampleBuilder, "example", lambda self, recipe: built.append(recipe) or example(self, recipe))
+    monkeypatch.setattr(
+        ExampleBuilder, "document_recipes", lambda self, d: drawn.append(d) or document_recipes(self, d)
+    )
 
     def build(processes, rank, steps=3, global_batch=24):
         cfg = load_config(
@@ -579,9 +584,12 @@ def test_a_process_reads_the_tokens_of_its_own_examples_only(embedded, monkeypat
         stage.collator = MaskingCollator(cfg.data, prepared.special)
         acc = SimpleNamespace(process_index=rank, num_processes=processes)
         built.clear()
+        drawn.clear()
         for k, _ in enumerate(stage.epoch_steps(0, 5, global_batch, acc)):
             if k + 1 == steps:
                 break
+        # a pair's first piece is from the document it was drawn from (a random B comes from another)
+        assert sorted(drawn) == sorted({r.pieces[0][0] for r in built})  # each once, and no other
         return list(built)
 
     alone = build(1, 0)
