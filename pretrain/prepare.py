@@ -4,7 +4,7 @@ Cache layout under data.cache_dir:
 
     <documents key>/documents/{train,validation}   tokenized documents, Arrow shards (`berth.pretrain.shards`)
     <documents key>/documents.json                 what went in, and document statistics
-    <documents key>/examples-<examples key>/summary-epoch-<N>-<split>.arrow   a few integers per document group
+    <documents key>/examples-<examples key>/summary-epoch-<N>-<split>.arrow   a few integers a group, one a document
 
 The documents key hashes the corpus (with file sizes and times), the tokenizer files, the segmenter and
 the evaluation share; the examples key adds what shapes examples (max_seq_len, the [CLS] task,

@@ -2,11 +2,12 @@
 
 An epoch is a stream: the document groups (GROUP_SIZE documents each) in an order drawn from (seed, epoch); taken
 CHUNK_GROUPS groups at a time, each group's examples drawn by `ExampleBuilder` (seeded by seed, epoch and document,
-as always) as recipes (token ranges), and the recipes of a chunk shuffled together by (seed, epoch, chunk). An
-example's tokens are read only when it is asked for, so a process reads the tokens of its own share alone. Only a
-per-group summary is stored for each epoch (how many examples, tokens, truncations and labels: a few integers a
-group), so the prepared data stays the size of the tokenized corpus whatever the number of epochs, and a resumed
-run jumps to its chunk without drawing the ones before it.
+as always) as recipes (token ranges), and the recipes of a chunk shuffled together by (seed, epoch, chunk). Only a
+summary is stored for each epoch (per group: how many examples, tokens, truncations and labels; per document: how
+many examples), so the prepared data stays the size of the tokenized corpus whatever the number of epochs, and a
+resumed run jumps to its chunk without drawing the ones before it. With the per-document counts, asking for an
+example draws only the document it comes from (nsp, sop), and its tokens are read only then: a process draws and
+reads its own share alone.
 
 The same seed gives the same stream on every process and for any `num_proc`, so a step holds the same examples
 whatever the number of processes.
