@@ -17,11 +17,30 @@ from berth.runtime.schedules import lr_multiplier, planned_curve
         ("constant", [0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]),
         ("noam", [0.25, 0.5, 0.75, 1.0, *(math.sqrt(4 / d) for d in range(5, 11))]),
         ("cosine", [0.25, 0.5, 0.75, 1.0, *(0.5 * (1 + math.cos(math.pi * p / 6)) for p in range(1, 7))]),
+        # warm-up 4, flat, then linear decay over the last 20% (2 of 10 steps)
+        ("wsd", [0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 0.5, 0.0]),
     ],
 )
 def test_schedules_exact(schedule, expected):
     f = lr_multiplier(schedule, warmup_steps=4, total_steps=10)
     assert [f(s) for s in range(10)] == pytest.approx(expected)
+
+
+def test_wsd_decays_over_its_share_and_never_into_the_warmup():
+    f = lr_multiplier("wsd", warmup_steps=0, total_steps=10, min_ratio=0.1, decay_fraction=0.4)
+    assert [f(s) for s in range(10)] == pytest.approx([1.0] * 6 + [0.775, 0.55, 0.325, 0.1])
+    whole, linear = lr_multiplier("wsd", 4, 10, decay_fraction=1.0), lr_multiplier("linear", 4, 10)
+    assert [whole(s) for s in range(10)] == pytest.approx([linear(s) for s in range(10)])
+
+
+def test_decay_fraction_is_refused_where_it_does_nothing():
+    from berth.runtime.config import TrainConfig
+
+    assert TrainConfig(schedule="wsd", decay_fraction=0.1).decay_fraction == 0.1
+    with pytest.raises(ValueError, match=r"decay_fraction=0\.1 does nothing with schedule=linear"):
+        TrainConfig(decay_fraction=0.1)
+    with pytest.raises(ValueError, match=r"decay_fraction must be in \(0, 1\]"):
+        TrainConfig(schedule="wsd", decay_fraction=0.0)
 
 
 def test_min_lr_ratio_and_no_warmup():

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from berth.core.config import check_rates
+from berth.runtime.schedules import DECAY_FRACTION
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,9 @@ class TrainConfig:
     # Warm-up in optimizer steps; 0: warmup_ratio x all optimizer steps (BERT fine-tunes with 10%).
     warmup_steps: int = 0
     warmup_ratio: float = 0.0
-    schedule: Literal["linear", "cosine", "constant", "noam"] = "linear"
+    schedule: Literal["linear", "cosine", "constant", "noam", "wsd"] = "linear"
+    # wsd: the share of the run, at its end, over which the LR decays to min_lr_ratio x lr.
+    decay_fraction: float = DECAY_FRACTION
     min_lr_ratio: float = 0.0
     optimizer: Literal["adamw", "lamb"] = "adamw"
     weight_decay: float = 0.01
@@ -63,6 +66,12 @@ class TrainConfig:
         for name in ("max_steps", "warmup_steps", "eval_every", "save_every", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
+        if not 0 < self.decay_fraction <= 1:
+            raise ValueError(f"decay_fraction must be in (0, 1]; got {self.decay_fraction}")
+        if self.schedule != "wsd" and self.decay_fraction != DECAY_FRACTION:
+            raise ValueError(
+                f"decay_fraction={self.decay_fraction} does nothing with schedule={self.schedule} (wsd only)"
+            )
         if self.prefetch < -1:
             raise ValueError(f"prefetch must be -1 (auto), 0 or more; got {self.prefetch}")
         if not (math.isfinite(self.lr) and self.lr > 0):

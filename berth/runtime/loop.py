@@ -186,7 +186,9 @@ class Loop:
         optimizer = build_optimizer(self.inner, t.optimizer, t.lr, t.weight_decay, betas, t.adam_eps, acc.device.type)
         self.model, self.optimizer = self.engine.prepare(acc, self.inner, optimizer)
         # on the prepared optimizer: ZeRO-3 regroups the parameters of the one it is given
-        self.scheduler = build_scheduler(self.optimizer, t.schedule, self.warmup, self.total_steps, t.min_lr_ratio)
+        self.scheduler = build_scheduler(
+            self.optimizer, t.schedule, self.warmup, self.total_steps, t.min_lr_ratio, t.decay_fraction
+        )
         self.state.global_batch = self.global_batch
         self.state.data_key = self.stage.data_key()
 
@@ -232,7 +234,7 @@ class Loop:
         self.metrics = MetricsLog(self.out, acc.is_main_process, self.state.step if resumed else None)
         if acc.is_main_process:
             save_config(self.cfg, self.out)
-            plan = planned_curve(t.lr, t.schedule, self.warmup, self.total_steps, t.min_lr_ratio)
+            plan = planned_curve(t.lr, t.schedule, self.warmup, self.total_steps, t.min_lr_ratio, t.decay_fraction)
             logger.info(
                 "%s: %d optimizer steps (%d an epoch); planned learning rate (%s, warm-up %d): %s",
                 self.stage.name,

@@ -12,16 +12,26 @@ from collections.abc import Callable
 
 import torch
 
-SCHEDULES = ("linear", "cosine", "constant", "noam")
+SCHEDULES = ("linear", "cosine", "constant", "noam", "wsd")
+# wsd: the share of the run, at its end, over which the LR decays (MiniCPM and Hagele et al. 2024 use 10-20%).
+DECAY_FRACTION = 0.2
 
 
-def lr_multiplier(schedule: str, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> Callable[[int], float]:
+def lr_multiplier(
+    schedule: str,
+    warmup_steps: int,
+    total_steps: int,
+    min_ratio: float = 0.0,
+    decay_fraction: float = DECAY_FRACTION,
+) -> Callable[[int], float]:
     """step -> multiplier of the peak LR. Step 0 is the first optimizer step.
 
     linear (BERT): linear warm-up, then linear decay to min_ratio at total_steps.
     cosine: linear warm-up, then half a cosine down to min_ratio.
     constant: linear warm-up, then flat.
     noam (inverse square root, "Attention is all you need"): linear warm-up, then sqrt(warmup / step).
+    wsd (warm-up, stable, decay): linear warm-up, flat at the peak, then linear decay to min_ratio over the last
+        decay_fraction of the steps (never into the warm-up): a run's weights before the decay can be continued.
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
@@ -35,6 +45,13 @@ def lr_multiplier(schedule: str, warmup_steps: int, total_steps: int, min_ratio:
             return 1.0
         if schedule == "noam":
             return math.sqrt(max(warmup, 1) / done)
+        if schedule == "wsd":
+            decay = max(1, round(decay_fraction * total_steps))
+            start = max(warmup, total_steps - decay)
+            if done <= start:
+                return 1.0
+            progress = min(1.0, (done - start) / max(1, total_steps - start))
+            return min_ratio + (1.0 - min_ratio) * (1.0 - progress)
         progress = min(1.0, (done - warmup) / max(1, total_steps - warmup))
         if schedule == "linear":
             return min_ratio + (1.0 - min_ratio) * (1.0 - progress)
@@ -44,15 +61,27 @@ def lr_multiplier(schedule: str, warmup_steps: int, total_steps: int, min_ratio:
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, schedule: str, warmup_steps: int, total_steps: int, min_ratio: float = 0.0
+    optimizer: torch.optim.Optimizer,
+    schedule: str,
+    warmup_steps: int,
+    total_steps: int,
+    min_ratio: float = 0.0,
+    decay_fraction: float = DECAY_FRACTION,
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(schedule, warmup_steps, total_steps, min_ratio))
+    multiplier = lr_multiplier(schedule, warmup_steps, total_steps, min_ratio, decay_fraction)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
 
 
 def planned_curve(
-    peak_lr: float, schedule: str, warmup_steps: int, total_steps: int, min_ratio: float = 0.0, points: int = 11
+    peak_lr: float,
+    schedule: str,
+    warmup_steps: int,
+    total_steps: int,
+    min_ratio: float = 0.0,
+    decay_fraction: float = DECAY_FRACTION,
+    points: int = 11,
 ) -> list[tuple[int, float]]:
     """(step, lr) at evenly spaced steps, warm-up end included: what the run will do, logged at start."""
-    f = lr_multiplier(schedule, warmup_steps, total_steps, min_ratio)
+    f = lr_multiplier(schedule, warmup_steps, total_steps, min_ratio, decay_fraction)
     steps = sorted({0, max(0, warmup_steps - 1), *(round(i * (total_steps - 1) / (points - 1)) for i in range(points))})
     return [(s, peak_lr * f(s)) for s in steps if s < total_steps]
