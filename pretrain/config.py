@@ -29,6 +29,10 @@ class DataConfig:
     # Share of non-special tokens chosen for prediction; of those, mask_replace_prob become [MASK],
     # random_replace_prob a random token, and the rest stay unchanged (BERT's 80/10/10).
     mask_prob: float = 0.15
+    # A share that moves linearly from mask_prob at the first optimizer step to this at the last (e.g. 0.3 to
+    # 0.15; Wettig et al. 2023 found rates above 15% better); 0: mask_prob throughout. Held-out evaluation masks
+    # at the rate the run ends at.
+    mask_prob_end: float = 0.0
     mask_replace_prob: float = 0.8
     random_replace_prob: float = 0.1
     # Mask whole words: every piece of a chosen word is predicted, with one 80/10/10 draw per word.
@@ -58,6 +62,10 @@ class DataConfig:
                 raise ValueError(f"{name} must be in [0, 1]; got {value}")
         if not 0.0 < self.mask_prob < 1.0:
             raise ValueError(f"mask_prob must be in (0, 1); got {self.mask_prob}")
+        if not 0.0 <= self.mask_prob_end < 1.0:
+            raise ValueError(
+                f"mask_prob_end must be in (0, 1), or 0 for mask_prob throughout; got {self.mask_prob_end}"
+            )
         if self.mask_replace_prob + self.random_replace_prob > 1.0:
             raise ValueError(
                 "mask_replace_prob + random_replace_prob must not exceed 1; "
@@ -65,6 +73,17 @@ class DataConfig:
             )
         if self.num_proc < 1 or self.pad_to_multiple_of < 1:
             raise ValueError("num_proc and pad_to_multiple_of must be at least 1")
+
+    def mask_rate(self, step: int, total_steps: int) -> float:
+        """The masking rate of optimizer step `step` (0-based) of a run of `total_steps`."""
+        if not self.mask_prob_end:
+            return self.mask_prob
+        progress = step / max(1, total_steps - 1)
+        return self.mask_prob + (self.mask_prob_end - self.mask_prob) * min(1.0, progress)
+
+    @property
+    def final_mask_rate(self) -> float:
+        return self.mask_prob_end or self.mask_prob
 
 
 # Google's BERT miniatures (layers, hidden size); heads = hidden / 64, feed-forward = 4 x hidden.

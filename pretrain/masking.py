@@ -116,14 +116,16 @@ class MaskingCollator:
             tokens[row, :n] = torch.randint(len(self.replacement_ids), (n,), generator=generator)
         return choose, action, self.replacement_ids[tokens]
 
-    def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, examples: Sequence[dict[str, Any]], mask_prob: float | None = None) -> dict[str, torch.Tensor]:
+        """`mask_prob`: this batch's masking rate, in place of the config's (a rate that changes over the run)."""
         batch = self.pad(examples)
         input_ids, word_ids = batch["input_ids"], batch["word_ids"]
         if not self.mask:
             return batch
         choose, action, random_tokens = self.draws(examples, input_ids.shape[1])
         starts = word_start_index(word_ids)  # (B, L): one draw per word, read at the word's first token
-        chosen = (choose.gather(1, starts) < self.cfg.mask_prob) & (word_ids != NOT_A_WORD)
+        rate = self.cfg.mask_prob if mask_prob is None else mask_prob
+        chosen = (choose.gather(1, starts) < rate) & (word_ids != NOT_A_WORD)
         act = action.gather(1, starts)
         p_mask, p_random = self.cfg.mask_replace_prob, self.cfg.random_replace_prob
         to_mask = chosen & (act < p_mask)

@@ -150,16 +150,25 @@ class PretrainingStage:
         the process count, and resuming jumps to the position without drawing the examples before it."""
         examples = self.epoch_examples(epoch, acc)  # now, in the calling thread: counting an epoch is collective
         size, rank, procs = self.cfg.train.batch_size, acc.process_index, acc.num_processes
+        data, train = self.cfg.data, self.cfg.train
+        # The optimizer step this epoch starts at (epochs differ in length: each is drawn anew), and the run's
+        # count as the loop makes it (berth.runtime.loop.Loop.build), for a masking rate that changes over the run.
+        start_step, total = skip, 1
+        if data.mask_prob_end:
+            start_step += sum(len(self.epoch_examples(e, acc)) // global_batch for e in range(epoch))
+            total = train.max_steps or train.epochs * self.steps_per_epoch(global_batch, acc)
 
         def steps() -> Iterator[list[Batch]]:
-            for start in range(skip * global_batch, len(examples) - global_batch + 1, global_batch):
+            for step, start in enumerate(range(skip * global_batch, len(examples) - global_batch + 1, global_batch)):
+                rate = data.mask_rate(start_step + step, total)
                 parts = [start + (k * procs + rank) * size for k in range(self.cfg.train.grad_accum)]
-                yield [self.collate([examples[i] for i in range(first, first + size)]) for first in parts]
+                yield [self.collate([examples[i] for i in range(first, first + size)], rate) for first in parts]
 
         return steps()
 
-    def collate(self, examples: list[dict]) -> Batch:
-        batch = self.collator(examples)
+    def collate(self, examples: list[dict], mask_prob: float | None = None) -> Batch:
+        """Masked (at `mask_prob`, or the rate the run ends at) and, with data.pack_sequences, packed."""
+        batch = self.collator(examples, self.cfg.data.final_mask_rate if mask_prob is None else mask_prob)
         if not self.cfg.data.pack_sequences:
             return batch
         return pack_batch(batch, self.cfg.data.max_seq_len, self.collator.special.pad, self.cfg.data.pad_to_multiple_of)

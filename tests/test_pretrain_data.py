@@ -625,3 +625,54 @@ def test_documents_go_to_their_split_in_order_and_in_shards(tmp_path):
     assert (len(load_split(tmp_path / "none" / "train")), len(load_split(tmp_path / "none" / "validation"))) == (20, 0)
     with pytest.raises(RuntimeError, match="not a map result"):  # an in-memory dataset has no files to stream
         write_splits(synthetic_documents(5), tmp_path / "other", "is_eval", ("train", "validation"))
+
+
+def test_a_falling_mask_rate_follows_the_optimizer_step_across_epochs_and_resumes(embedded, monkeypatch):
+    """data.mask_prob_end: each step's batches are masked at the rate of its optimizer step, counted over the
+    epochs (each drawn anew, so of its own length), the same when a run resumes mid-epoch; evaluation masks at the
+    end rate."""
+    from types import SimpleNamespace
+
+    from berth.pretrain.masking import MaskingCollator
+    from berth.pretrain.train import PretrainingStage
+
+    prepared = embedded()
+    global_batch = 2048  # a few steps an epoch
+    cfg = load_config(
+        PretrainConfig,
+        "configs/pretrain/mini_zh.yaml",
+        ["data.mask_prob=0.4", "data.mask_prob_end=0.1", "train.max_steps=20", f"train.batch_size={global_batch}"],
+    )
+    stage = PretrainingStage(cfg)
+    stage.prepared, stage.collective = prepared, None
+    rates: list = []
+    call = MaskingCollator.__call__  # records each batch's rate, and masks two examples of it (quicker)
+    monkeypatch.setattr(
+        MaskingCollator,
+        "__call__",
+        lambda self, examples, rate=None: rates.append(rate) or call(self, examples[:2], rate),
+    )
+    stage.collator = MaskingCollator(cfg.data, prepared.special)
+    acc = SimpleNamespace(process_index=0, num_processes=1)
+    per_epoch = [len(prepared.examples("train", e)) // global_batch for e in range(2)]
+
+    def epoch_rates(epoch, skip=0):
+        rates.clear()
+        list(stage.epoch_steps(epoch, skip, global_batch, acc))
+        return list(rates)
+
+    expected = [0.4 - 0.3 * min(s, 19) / 19 for s in range(per_epoch[0] + per_epoch[1])]  # held after step 19
+    assert epoch_rates(0) == pytest.approx(expected[: per_epoch[0]])
+    assert epoch_rates(1) == pytest.approx(expected[per_epoch[0] :])  # epoch 1 goes on from epoch 0's steps
+    assert epoch_rates(1, skip=2) == pytest.approx(expected[per_epoch[0] + 2 :])  # a resumed run
+    rates.clear()
+    stage.collate([{**prepared.examples("validation", 0)[0], "mask_seed": 0}])
+    assert rates == [0.1]
+
+
+def test_the_mask_rate_of_a_step():
+    falling = DataConfig(mask_prob=0.3, mask_prob_end=0.15)
+    assert [falling.mask_rate(s, 4) for s in range(5)] == pytest.approx([0.3, 0.25, 0.2, 0.15, 0.15])
+    assert (falling.final_mask_rate, DataConfig().final_mask_rate, DataConfig().mask_rate(3, 4)) == (0.15, 0.15, 0.15)
+    with pytest.raises(ValueError, match="mask_prob_end must be in"):
+        DataConfig(mask_prob_end=1.0)
