@@ -22,6 +22,7 @@ import logging
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, NamedTuple
 
 import datasets
@@ -332,16 +333,14 @@ class ExampleBuilder:
             # Documents are shuffled per epoch before packing, so neighbours change from epoch to epoch.
             self.order = np.random.default_rng([cfg.seed, epoch]).permutation(len(documents))
 
-    @property
+    @cached_property
     def columns(self) -> dict[str, ListColumn]:
         """Views of the documents' memory-mapped columns, made where they are used: a builder sent to a worker
         process goes as its dataset (a file name), never as the column views (which would pickle as copies)."""
-        if "_columns" not in self.__dict__:
-            self.__dict__["_columns"] = list_columns(self.documents, ("input_ids", "word_ids", "sentence_ends"))
-        return self.__dict__["_columns"]
+        return list_columns(self.documents, ("input_ids", "word_ids", "sentence_ends"))
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "_columns"}
+        return {k: v for k, v in self.__dict__.items() if k != "columns"}
 
     def sentence_ends(self, index: int) -> list[int]:
         return self.columns["sentence_ends"].row(int(index)).tolist()

@@ -676,3 +676,15 @@ def test_the_mask_rate_of_a_step():
     assert (falling.final_mask_rate, DataConfig().final_mask_rate, DataConfig().mask_rate(3, 4)) == (0.15, 0.15, 0.15)
     with pytest.raises(ValueError, match="mask_prob_end must be in"):
         DataConfig(mask_prob_end=1.0)
+
+
+def test_a_builder_goes_to_worker_processes_as_its_file_not_as_copies_of_the_tokens(tmp_path):
+    import pickle
+
+    documents = synthetic_documents(300).map(lambda b: b, batched=True, cache_file_name=str(tmp_path / "d.arrow"))
+    builder = ExampleBuilder(documents, DataConfig(max_seq_len=64), SPECIAL, epoch=0)
+    examples = builder.group_examples(0)  # the column views exist now
+    tokens = sum(len(ids) for ids in documents["input_ids"])
+    sent = pickle.dumps(builder)
+    assert len(sent) < tokens  # the views would pickle as copies: 2 x 4 bytes a token
+    assert pickle.loads(sent).group_examples(0) == examples
