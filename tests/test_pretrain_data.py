@@ -358,6 +358,7 @@ def test_cls_label_cannot_be_read_off_segment_edges(embedded, task):
     assert edge_accuracy(rows) < 0.54
 
 
+@pytest.mark.slow  # 12-20 s: the control of the slow segment-edge probes above, run with them
 def test_edge_detector_flags_a_leaky_builder(embedded):
     # Control: draw random B segments uniformly over documents (as Google's builder does) instead of over
     # sentences: short reviews then supply most of them, which end without a stop far more often than
