@@ -146,18 +146,18 @@ def prepare_documents(corpus_cfg: CorpusConfig, data: DataConfig, tokenizer: Pre
     tmp = root / f".documents-tmp-{time.time_ns()}"
     try:
         encoded, corpus_rows = _tokenize(corpus_cfg, data, tokenizer, root.name, work)
-        write_splits(encoded, tmp, "is_eval", SPLITS)
-        documents = load_documents(tmp)
-        if len(documents["train"]) == 0:
+        if not write_splits(encoded, tmp, "is_eval", SPLITS)["train"]:
             raise BerthError(f"no training documents left: sources {', '.join(corpus_cfg.sources)} gave no tokens")
-        stats = document_stats(documents, corpus_rows, time.perf_counter() - start)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(tmp, ignore_errors=True)
+    documents = load_documents(final)
+    stats = document_stats(documents, corpus_rows, time.perf_counter() - start)
+    # written last: a cache without it is prepared again (the reuse check above)
     meta_path.write_text(json.dumps(stats, indent=2) + "\n")
-    return PreparedData(root, load_documents(final), data, special, tokenizer, stats)
+    return PreparedData(root, documents, data, special, tokenizer, stats)
 
 
 def load_documents(folder: Path) -> datasets.DatasetDict:

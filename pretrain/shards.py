@@ -29,7 +29,7 @@ class ShardWriter:
     def __init__(self, folder: Path, schema: pa.Schema, limit: int = SHARD_BYTES):
         self.folder, self.schema, self.limit = folder, schema, limit
         folder.mkdir(parents=True, exist_ok=True)
-        self.shards = 0
+        self.shards = self.rows = 0
         self.pending: list[pa.RecordBatch] = []  # rows not yet written, gathered into one record batch
         self.pending_bytes = 0
         self._open()
@@ -45,6 +45,7 @@ class ShardWriter:
             return
         self.pending.append(batch)
         self.pending_bytes += batch.nbytes
+        self.rows += batch.num_rows
         if self.pending_bytes >= min(BATCH_BYTES, self.limit):
             self._flush()
 
@@ -68,8 +69,9 @@ class ShardWriter:
 
 def write_splits(
     dataset: datasets.Dataset, folder: Path, split_column: str, names: tuple[str, str], limit: int = SHARD_BYTES
-) -> None:
-    """`dataset`'s rows into folder/names[0] (where `split_column` is false) and folder/names[1] (true), in order.
+) -> dict[str, int]:
+    """`dataset`'s rows into folder/names[0] (where `split_column` is false) and folder/names[1] (true), in order;
+    returns the rows each got.
 
     Reads the dataset's own cache files, which must hold its rows in order (a `map` result: no indices mapping)."""
     files = [Path(f["filename"]) for f in dataset.cache_files]
@@ -89,6 +91,7 @@ def write_splits(
             writer.close()
     if rows != len(dataset):
         raise RuntimeError(f"the cache files of a dataset of {len(dataset)} rows hold {rows}: not a map result")
+    return {name: writer.rows for name, writer in writers.items()}
 
 
 def load_split(folder: Path) -> datasets.Dataset:

@@ -155,8 +155,9 @@ class PretrainingStage:
         # count as the loop makes it (berth.runtime.loop.Loop.build), for a masking rate that changes over the run.
         start_step, total = skip, 1
         if data.mask_prob_end:
-            start_step += sum(len(self.epoch_examples(e, acc)) // global_batch for e in range(epoch))
-            total = train.max_steps or train.epochs * self.steps_per_epoch(global_batch, acc)
+            before = [len(self.epoch_examples(e, acc)) // global_batch for e in range(epoch)]
+            start_step += sum(before)
+            total = train.max_steps or train.epochs * (before[0] if before else len(examples) // global_batch)
 
         def steps() -> Iterator[list[Batch]]:
             for step, start in enumerate(range(skip * global_batch, len(examples) - global_batch + 1, global_batch)):

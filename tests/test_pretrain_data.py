@@ -419,6 +419,20 @@ def test_cache_miss_when_a_corpus_file_changes(tmp_path, hand_tokenizer):
     assert len(second.documents["train"]) == 2
 
 
+def test_a_corpus_with_no_training_documents_is_refused_and_leaves_no_cache(tmp_path, hand_tokenizer):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("我爱北京。天安门很大！\n")
+    cfg = load_config(
+        PretrainConfig,
+        None,
+        [f"corpus.sources=[{corpus}]", f"data.cache_dir={tmp_path / 'cache'}", "data.eval_fraction=1"],
+    )
+    with pytest.raises(BerthError, match="no training documents left"):
+        prepare_documents(cfg.corpus, cfg.data, hand_tokenizer)
+    (root,) = (tmp_path / "cache").iterdir()
+    assert list(root.iterdir()) == []  # no documents, no statistics, no temporary directory
+
+
 def test_preparation_leaves_only_the_documents_on_disk(tmp_path, hand_tokenizer, monkeypatch):
     """The text read, the chunked and the tokenized Arrow files are intermediate: none stays in datasets' cache or
     beside the documents, whose statistics are counted batch by batch."""
@@ -612,7 +626,8 @@ def test_documents_go_to_their_split_in_order_and_in_shards(tmp_path):
         cache_file_name=str(tmp_path / "encoded.arrow"),
         writer_batch_size=50,
     )
-    write_splits(rows, tmp_path / "out", "is_eval", ("train", "validation"), limit=20_000)
+    written = write_splits(rows, tmp_path / "out", "is_eval", ("train", "validation"), limit=20_000)
+    assert written == {"train": 200, "validation": 100}
     train, validation = load_split(tmp_path / "out" / "train"), load_split(tmp_path / "out" / "validation")
     shards = sorted((tmp_path / "out" / "train").glob("*.arrow"))
     assert len(shards) > 2  # shards closed at the byte limit
