@@ -20,6 +20,11 @@ class TokenizerRef:
 
 @dataclass(frozen=True)
 class DataConfig:
+    # mlm: masked LM on the chosen tokens. rtd: replaced-token detection (ELECTRA): a small generator learns masked
+    # LM, and the exported encoder learns on every token whether the generator replaced it (berth.pretrain.rtd).
+    objective: Literal["mlm", "rtd"] = "mlm"
+    # rtd: the weight of the discriminator's mean loss beside the generator's mean MLM loss (ELECTRA's 50).
+    rtd_weight: float = 50.0
     max_seq_len: int = 128
     # The [CLS] task: nsp (B is the next text half the time, else from another document), sop (A and B in
     # order or swapped), none (MLM only: full sentences packed across documents with [SEP] between).
@@ -73,6 +78,10 @@ class DataConfig:
             )
         if self.num_proc < 1 or self.pad_to_multiple_of < 1:
             raise ValueError("num_proc and pad_to_multiple_of must be at least 1")
+        if not self.rtd_weight > 0:
+            raise ValueError(f"rtd_weight must be above 0; got {self.rtd_weight}")
+        if self.objective == "mlm" and self.rtd_weight != DataConfig.rtd_weight:
+            raise ValueError(f"rtd_weight={self.rtd_weight} does nothing with objective=mlm (no discriminator)")
 
     def mask_rate(self, step: int, total_steps: int) -> float:
         """The masking rate of optimizer step `step` (0-based) of a run of `total_steps`."""
@@ -115,6 +124,9 @@ class ModelConfig:
     max_position_embeddings: int = 512
     # The embedding matrix is padded to a multiple of this (faster matmuls); padding rows are never predicted.
     pad_vocab_multiple: int = 64
+    # data.objective=rtd: the generator's width (hidden size, heads and feed-forward) as a share of the
+    # discriminator's, with as many layers (ELECTRA: 1/4 to 1/3).
+    generator_width: float = 0.25
 
     def __post_init__(self) -> None:
         check_rates(hidden_dropout=self.hidden_dropout, attention_dropout=self.attention_dropout)
@@ -125,6 +137,17 @@ class ModelConfig:
             )
         if self.max_position_embeddings < 8 or self.pad_vocab_multiple < 1:
             raise ValueError("max_position_embeddings must be at least 8 and pad_vocab_multiple at least 1")
+        if not 0 < self.generator_width <= 1:
+            raise ValueError(f"generator_width must be in (0, 1]; got {self.generator_width}")
+
+
+def generator_shape(cfg: ModelConfig) -> tuple[int, int]:
+    """(hidden size, heads) of the replaced-token generator: `generator_width` of the discriminator's, with an
+    even head width (rotary positions need one) of at least 8."""
+    _, hidden = MODEL_SIZES[cfg.size]
+    heads = max(1, round(hidden // 64 * cfg.generator_width))
+    head_width = max(8, 2 * round(hidden * cfg.generator_width / heads / 2))
+    return heads * head_width, heads
 
 
 @dataclass(frozen=True)
@@ -169,6 +192,20 @@ class PretrainConfig:
             raise ValueError(
                 f"data.word_segmenter={data.word_segmenter} does nothing with data.whole_word_mask=false "
                 "(every token is masked on its own)"
+            )
+        if data.objective == "mlm" and self.model.generator_width != ModelConfig.generator_width:
+            raise ValueError(
+                f"model.generator_width={self.model.generator_width} does nothing with data.objective=mlm "
+                "(no generator)"
+            )
+        if data.objective == "rtd" and self.model.init:
+            raise ValueError(
+                "model.init with data.objective=rtd: berth starts replaced-token detection from random weights (its "
+                "generator and discriminator train together); continue a checkpoint with data.objective=mlm"
+            )
+        if data.objective == "rtd" and self.model.attn_implementation == "flex_attention":
+            raise ValueError(
+                "model.attn_implementation=flex_attention is tested with data.objective=mlm only; use auto or sdpa"
             )
         if not data.eval_fraction and train.eval_batches != PretrainTrainConfig.eval_batches:
             raise ValueError(

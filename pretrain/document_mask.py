@@ -4,7 +4,7 @@ A packed row holds several examples, each of which must see only itself. The den
 (R, 1, L, L) mask, so attention computes every cross-example score and then masks it, and SDPA cannot take its
 FlashAttention kernel. A FlexAttention `BlockMask` names the (128 x 128) blocks that hold any allowed pair, so
 the kernel skips the others and masks within the rest by `document_mask_mod`: the same rule as the dense mask
-(`PretrainingObjective.block_diagonal_mask`), which `tests/test_pretrain_model.py` checks pair for pair.
+(`berth.pretrain.backbone.block_diagonal_mask`), which `tests/test_pretrain_model.py` checks pair for pair.
 
 FlexAttention trains on CUDA only (torch 2.13 has no FlexAttention backward on CPU), and transformers' FlexAttention
 path takes no attention dropout; `model.attn_implementation=flex_attention` is refused elsewhere in one line.

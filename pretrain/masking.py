@@ -7,6 +7,7 @@ gives the masks an uninterrupted run would have used.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from itertools import chain
 from typing import Any
@@ -43,6 +44,18 @@ class EpochExamples(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return {**self.examples[int(index)], "mask_seed": mask_seed(self.seed, self.epoch, int(index))}
+
+
+def sample_buckets(vocab_size: int) -> tuple[int, int]:
+    """(buckets, bucket size) of the two-level sampling of replaced-token detection: about sqrt(V) each."""
+    size = math.isqrt(vocab_size - 1) + 1
+    return -(-vocab_size // size), size
+
+
+def sample_draw_count(vocab_size: int) -> int:
+    """Uniform draws per masked position for one sample from a vocabulary of `vocab_size`: one per bucket and
+    one per token of a bucket (`berth.pretrain.rtd.sample_replacements`)."""
+    return sum(sample_buckets(vocab_size))
 
 
 def word_start_index(word_ids: torch.Tensor) -> torch.Tensor:
@@ -116,6 +129,18 @@ class MaskingCollator:
             tokens[row, :n] = torch.randint(len(self.replacement_ids), (n,), generator=generator)
         return choose, action, self.replacement_ids[tokens]
 
+    def sample_draws(self, examples: Sequence[dict[str, Any]], chosen: torch.Tensor) -> torch.Tensor:
+        """(N, K) uniform draws for the generator's samples at the chosen positions of (B, L) `chosen`, in their
+        flat order: K = `sample_draw_count` per position, from a stream of the example's own (a second stream
+        seeded from its mask seed, so masked LM's masks stay as they are)."""
+        count = sample_draw_count(self.special.vocab_size)
+        generator = torch.Generator()
+        rows = []
+        for row, example in enumerate(examples):
+            generator.manual_seed(mask_seed(int(example["mask_seed"]), 1, 0))
+            rows.append(torch.rand(int(chosen[row].sum()), count, generator=generator))
+        return torch.cat(rows)
+
     def __call__(self, examples: Sequence[dict[str, Any]], mask_prob: float | None = None) -> dict[str, torch.Tensor]:
         """`mask_prob`: this batch's masking rate, in place of the config's (a rate that changes over the run)."""
         batch = self.pad(examples)
@@ -134,13 +159,16 @@ class MaskingCollator:
         masked = torch.where(to_mask, self.special.mask, input_ids)
         masked = torch.where(to_random, random_tokens, masked)
         positions = chosen.flatten().nonzero().squeeze(1)  # (N,) flat indices into (B * L)
-        return {
+        out = {
             **batch,
             "input_ids": masked,
             "labels": labels,
             "mlm_positions": positions,
             "mlm_labels": input_ids.flatten()[positions],
         }
+        if self.cfg.objective == "rtd":
+            out["mlm_draws"] = self.sample_draws(examples, chosen)  # (N, K)
+        return out
 
 
 def pack_batch(
@@ -190,4 +218,10 @@ def pack_batch(
         flat = out["labels"].flatten()
         out["mlm_positions"] = (flat != IGNORE_INDEX).nonzero().squeeze(1)
         out["mlm_labels"] = flat[out["mlm_positions"]]
+    if "mlm_draws" in batch:
+        # each masked position's draws go with it: where it lands, in the packed rows' flat order
+        width = batch["attention_mask"].shape[1]
+        example, column = batch["mlm_positions"] // width, batch["mlm_positions"] % width
+        landing = row_of[example] * length + start_of[example] + column  # (N,)
+        out["mlm_draws"] = batch["mlm_draws"][landing.argsort()]
     return out

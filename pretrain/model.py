@@ -1,4 +1,4 @@
-"""The encoders berth pretrains (transformers' BERT and ModernBERT) and the objective with a masked-only MLM head."""
+"""The encoders berth pretrains (transformers' BERT and ModernBERT) and masked LM, with a masked-only MLM head."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
-from torch.nn.attention.flex_attention import BlockMask
 from transformers import (
     AutoConfig,
     AutoModelForMaskedLM,
@@ -23,8 +22,9 @@ from berth.core.errors import BerthError
 from berth.core.hub import hub_model_id
 from berth.core.labels import IGNORE_INDEX
 from berth.core.models import HFModel
+from berth.pretrain.backbone import encode
 from berth.pretrain.config import MODEL_SIZES, ModelConfig
-from berth.pretrain.document_mask import document_block_mask
+from berth.pretrain.objective import Export, Objective
 
 logger = logging.getLogger(__name__)
 
@@ -189,8 +189,53 @@ def load_sentence_head(head: SentenceHead, init: str) -> bool:
     return True
 
 
-class PretrainingObjective(nn.Module):
-    """Masked-LM (+ NSP/SOP) sums for one batch, running the MLM head on the masked positions only.
+def encoder_flops(body: HFModel, seq_len: int) -> float:
+    """Training FLOPs per token of an encoder body without its embeddings (nanoGPT's 6N + 12 L H T)."""
+    cfg = body.config
+    weights = sum(p.numel() for p in body.parameters()) - sum(p.numel() for p in body.embeddings.parameters())
+    return 6 * weights + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
+
+
+def vocab_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """(N, H) -> (N, V) fp32 logits over the real vocabulary: the padding rows of the tied output matrix are
+    left out of the matmul, never predicted and given no gradient. Cutting the weight rather than the logits
+    keeps the logits contiguous; log-softmax on a strided slice was a tenth of a CPU step."""
+    return F.linear(hidden, weight[:vocab_size], bias[:vocab_size]).float()
+
+
+def mlm_outputs(logits: torch.Tensor, mlm_labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Sums over the N masked positions: logits (N, V), labels (N,)."""
+    return {
+        "mlm_loss": F.cross_entropy(logits, mlm_labels, reduction="sum"),
+        "mlm_correct": (logits.argmax(-1) == mlm_labels).sum(),
+        "mlm_count": torch.tensor(mlm_labels.numel(), device=logits.device),
+    }
+
+
+def sentence_outputs(
+    logits: torch.Tensor,  # (B, 2)
+    labels: torch.Tensor,  # (B,), -100 where there is no [CLS] task
+) -> dict[str, torch.Tensor]:
+    logits, valid = logits.float(), labels >= 0
+    return {
+        "nsp_loss": F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum"),
+        "nsp_correct": ((logits.argmax(-1) == labels) & valid).sum(),
+        "nsp_count": valid.sum(),
+    }
+
+
+def cls_vectors(sequence: torch.Tensor, cls_positions: torch.Tensor | None) -> torch.Tensor:
+    """(R, L, H) -> (B, H): each example's [CLS] vector, at row starts or, packed, at `cls_positions`."""
+    return sequence[:, 0] if cls_positions is None else sequence.flatten(0, 1).index_select(0, cls_positions)
+
+
+def sentence_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return (batch["next_sentence_label"] >= 0).sum().float()
+
+
+class MaskedLMObjective(Objective):
+    """Masked LM (+ NSP/SOP) sums for one batch, running the MLM head on the masked positions only
+    (`berth.pretrain.objective.Objective`).
 
     Gathering the N masked positions before the prediction head turns its (B * L, H) x (H, V) matmul into
     (N, H) x (H, V), about 15% of the work. Returns sums and counts, not means, so the caller can normalise
@@ -206,11 +251,8 @@ class PretrainingObjective(nn.Module):
         self.sentence_task = sentence_task
         # BERT carries its own NSP head (cls.seq_relationship); ModernBERT ships none, so berth adds one.
         self.sentence_head = SentenceHead(model.config.hidden_size) if sentence_task and is_modernbert(model) else None
-
-    @property
-    def flex(self) -> bool:
-        """Packed rows get a FlexAttention block mask rather than a dense (R, 1, L, L) one."""
-        return self.model.config._attn_implementation == "flex_attention"
+        tasks = ("mlm", "nsp") if sentence_task else ("mlm",)
+        self.figure_names = tuple(f"{task}_{figure}" for task in tasks for figure in ("loss", "correct", "count"))
 
     def forward(
         self,
@@ -224,109 +266,51 @@ class PretrainingObjective(nn.Module):
         sequence_ids: torch.Tensor | None = None,  # (R, L) example of each token, -1 padding; packed only
         cls_positions: torch.Tensor | None = None,  # (B,) flat indices of each example's [CLS]; packed only
     ) -> dict[str, torch.Tensor]:
-        if is_modernbert(self.model):
-            sequence = self.model.model(
-                input_ids=input_ids,
-                attention_mask=self.modernbert_mask(attention_mask, sequence_ids),
-                position_ids=position_ids,
-            )[0]  # (R, L, H); ModernBERT has no token types
-            hidden = sequence.flatten(0, 1).index_select(0, mlm_positions)  # (N, H)
-            logits = self.vocab_logits(self.model.head(hidden), self.model.decoder)  # (N, V)
-            out = self.mlm_outputs(logits, mlm_labels)
-            if self.sentence_head is not None:
-                cls = sequence[:, 0] if cls_positions is None else sequence.flatten(0, 1).index_select(0, cls_positions)
-                out.update(self.sentence_outputs(self.sentence_head(cls), next_sentence_label))  # cls: (B, H)
-            return out
-        mask: torch.Tensor | BlockMask = attention_mask
-        if sequence_ids is not None:
-            mask = document_block_mask(sequence_ids) if self.flex else self.block_diagonal_mask(sequence_ids)
-        sequence, pooled = self.model.bert(
-            input_ids=input_ids,
-            token_type_ids=token_type_ids,
-            attention_mask=mask,
-            position_ids=position_ids,
-            return_dict=False,
-        )[:2]  # (R, L, H), (R, H)
+        modern = is_modernbert(self.model)
+        body = self.model.model if modern else self.model.bert
+        sequence = encode(body, input_ids, token_type_ids, attention_mask, position_ids, sequence_ids)  # (R, L, H)
         hidden = sequence.flatten(0, 1).index_select(0, mlm_positions)  # (N, H)
+        head, decoder = (self.model.head, self.model.decoder) if modern else self.mlm_head()
+        logits = vocab_logits(head(hidden), decoder.weight, decoder.bias, self.vocab_size)  # (N, V)
+        out = mlm_outputs(logits, mlm_labels)
+        if not self.sentence_task:
+            return out
+        cls = cls_vectors(sequence, cls_positions)  # (B, H)
+        if self.sentence_head is not None:
+            return {**out, **sentence_outputs(self.sentence_head(cls), next_sentence_label)}
+        pooler = self.model.bert.pooler  # BERT's own pooler and NSP head, on every example's [CLS]
+        logits = self.model.cls.seq_relationship(pooler.activation(pooler.dense(cls)))  # (B, 2)
+        return {**out, **sentence_outputs(logits, next_sentence_label)}
+
+    def mlm_head(self) -> tuple[nn.Module, nn.Linear]:
         predictions = self.model.cls.predictions
-        logits = self.vocab_logits(predictions.transform(hidden), predictions.decoder)  # (N, V)
-        out = self.mlm_outputs(logits, mlm_labels)
-        if self.sentence_task:
-            if cls_positions is not None:  # packed: the pooler on every example's [CLS], not only row starts
-                pooler = self.model.bert.pooler
-                pooled = pooler.activation(pooler.dense(sequence.flatten(0, 1).index_select(0, cls_positions)))
-            out.update(self.sentence_outputs(self.model.cls.seq_relationship(pooled), next_sentence_label))
-        return out
+        return predictions.transform, predictions.decoder
+
+    def targets(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        mlm = torch.tensor(float(batch["mlm_labels"].numel()), device=batch["mlm_labels"].device)
+        return torch.stack([mlm, sentence_targets(batch)])  # [2]
+
+    def loss_terms(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.stack([out["mlm_loss"], out.get("nsp_loss", torch.zeros_like(out["mlm_loss"]))])  # [2]
 
     def external_parameters(self) -> list[tuple[nn.Module, list[nn.Parameter]]]:
-        """Weights read outside their own module's forward (the output matrix, cut in `vocab_logits`), with the
-        module whose forward uses them: ZeRO-3 must gather them there."""
+        """The output matrix is cut in `vocab_logits`, outside its own module's forward: ZeRO-3 must gather it
+        in this module's."""
         decoder = self.model.decoder if is_modernbert(self.model) else self.model.cls.predictions.decoder
         return [(self, [p for p in (decoder.weight, decoder.bias) if p is not None])]
 
-    def vocab_logits(self, hidden: torch.Tensor, decoder: nn.Linear) -> torch.Tensor:
-        """(N, H) -> (N, V) fp32 logits over the real vocabulary: the padding rows of the tied output matrix
-        are left out of the matmul, never predicted and given no gradient. Cutting the weight rather than the
-        logits keeps the logits contiguous; log-softmax on a strided slice was a tenth of a CPU step."""
-        return F.linear(hidden, decoder.weight[: self.vocab_size], decoder.bias[: self.vocab_size]).float()
+    def exports(self, weights: dict[str, torch.Tensor]) -> list[Export]:
+        inner = {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")}
+        head = {k.removeprefix("sentence_head."): v for k, v in weights.items() if k.startswith("sentence_head.")}
+        role = "The encoder with its masked-LM head"
+        return [Export("", self.model, inner, "fill-mask", role, {SENTENCE_HEAD: head} if head else {})]
 
-    @staticmethod
-    def sentence_outputs(
-        logits: torch.Tensor,  # (B, 2)
-        labels: torch.Tensor,  # (B,), -100 where there is no [CLS] task
-    ) -> dict[str, torch.Tensor]:
-        logits, valid = logits.float(), labels >= 0
-        return {
-            "nsp_loss": F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum"),
-            "nsp_correct": ((logits.argmax(-1) == labels) & valid).sum(),
-            "nsp_count": valid.sum(),
-        }
+    def flops_per_token(self, seq_len: int, mask_prob: float) -> float:
+        """With the MLM head's share only on masked tokens."""
+        return encoder_flops(self.model.base_model, seq_len) + 6 * self.model.config.hidden_size * (
+            self.model.config.vocab_size * mask_prob
+        )
 
-    def modernbert_mask(
-        self, attention_mask: torch.Tensor, sequence_ids: torch.Tensor | None
-    ) -> torch.Tensor | dict[str, torch.Tensor | BlockMask]:
-        """The padding mask for unpacked rows; for packed rows, the block-diagonal mask of each layer type
-        (sliding-window layers also keep to their band), which ModernBERT takes as a mapping: dense, or a
-        FlexAttention block mask under flex_attention."""
-        if sequence_ids is None:
-            return attention_mask
-        masks: dict[str, torch.Tensor | BlockMask] = {}
-        if self.flex:
-            masks["full_attention"] = document_block_mask(sequence_ids)
-            if "sliding_attention" in self.model.config.layer_types:
-                masks["sliding_attention"] = document_block_mask(sequence_ids, self.model.config.sliding_window)
-            return masks
-        allowed = self.block_diagonal_mask(sequence_ids, boolean=True)  # (R, 1, L, L)
-        masks["full_attention"] = self.additive(allowed)
-        if "sliding_attention" in self.model.config.layer_types:
-            index = torch.arange(sequence_ids.shape[1], device=sequence_ids.device)
-            band = (index[:, None] - index[None, :]).abs() <= self.model.config.sliding_window  # (L, L)
-            masks["sliding_attention"] = self.additive(allowed & band)
-        return masks
-
-    @staticmethod
-    def mlm_outputs(logits: torch.Tensor, mlm_labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {
-            "mlm_loss": F.cross_entropy(logits, mlm_labels, reduction="sum"),
-            "mlm_correct": (logits.argmax(-1) == mlm_labels).sum(),
-            "mlm_count": torch.tensor(mlm_labels.numel(), device=logits.device),
-        }
-
-    def block_diagonal_mask(self, sequence_ids: torch.Tensor, boolean: bool = False) -> torch.Tensor:
-        """(R, L) example ids -> (R, 1, L, L) mask: a token attends to the tokens of its own example only.
-
-        Padding attends to itself alone, so that no softmax row is empty (an empty row is NaN, and NaN
-        times a zero attention weight still spreads).
-        """
-        same = sequence_ids[:, :, None] == sequence_ids[:, None, :]  # (R, L, L)
-        real = (sequence_ids >= 0)[:, :, None]
-        eye = torch.eye(sequence_ids.shape[1], dtype=torch.bool, device=sequence_ids.device)
-        allowed = ((same & real) | eye)[:, None]  # (R, 1, L, L)
-        return allowed if boolean else self.additive(allowed)
-
-    def additive(self, allowed: torch.Tensor) -> torch.Tensor:
-        """sdpa takes the boolean mask; eager attention adds the mask to its scores."""
-        if self.model.config._attn_implementation == "sdpa":
-            return allowed
-        blocked = torch.finfo(self.model.dtype).min
-        return torch.zeros(allowed.shape, dtype=self.model.dtype, device=allowed.device).masked_fill(~allowed, blocked)
+    def load_heads(self, init: str) -> None:
+        if self.sentence_head is not None:
+            load_sentence_head(self.sentence_head, init)

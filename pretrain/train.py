@@ -1,9 +1,9 @@
-"""Pretraining as a stage of the shared loop: masked-LM (+ NSP/SOP) on prepared examples, exported to final/."""
+"""Pretraining as a stage of the shared loop: masked LM or replaced-token detection (+ NSP/SOP) on prepared
+examples, exported to final/."""
 
 from __future__ import annotations
 
 import logging
-import math
 import re
 import shutil
 from collections.abc import Callable, Iterator
@@ -16,14 +16,15 @@ from transformers import PreTrainedTokenizerBase
 
 from berth.core.errors import BerthError
 from berth.core.hub import push_folder
-from berth.core.models import HFModel
 from berth.core.vocab import load_tokenizer, tokenizer_fingerprint
 from berth.pretrain.config import PretrainConfig
-from berth.pretrain.documents import check_seq_len
+from berth.pretrain.documents import SpecialIds, check_seq_len
 from berth.pretrain.export import export_pretrained
 from berth.pretrain.masking import EpochExamples, MaskingCollator, pack_batch
-from berth.pretrain.model import PretrainingObjective, build_model, load_sentence_head
+from berth.pretrain.model import MaskedLMObjective, build_model
+from berth.pretrain.objective import Objective, evaluation_fields, figure_fields
 from berth.pretrain.prepare import corpus_fingerprint, digest, prepare
+from berth.pretrain.rtd import ReplacedTokenObjective
 from berth.runtime.collective import Collective, shared_everywhere
 from berth.runtime.engines import Engine, ShardingHints
 from berth.runtime.lockstep import lockstep_batches
@@ -39,6 +40,7 @@ MODEL_INPUTS = (
     "attention_mask",
     "mlm_positions",
     "mlm_labels",
+    "mlm_draws",
     "next_sentence_label",
     "position_ids",
     "sequence_ids",
@@ -59,15 +61,6 @@ PEAK_TFLOPS = {
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: batch[name] for name in MODEL_INPUTS if name in batch}
-
-
-def flops_per_token(model: HFModel, seq_len: int, mask_prob: float) -> float:
-    """Training FLOPs per token (nanoGPT's 6N + 12 L H T), with the MLM head's share only on masked tokens."""
-    cfg = model.config
-    embeddings = model.base_model.embeddings
-    encoder = sum(p.numel() for p in model.base_model.parameters()) - sum(p.numel() for p in embeddings.parameters())
-    head = cfg.hidden_size * cfg.vocab_size
-    return 6 * encoder + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len + 6 * head * mask_prob
 
 
 def peak_tflops_of(device_name: str) -> float:
@@ -107,15 +100,11 @@ class PretrainingStage:
         first = acc.main_process_first if shared else acc.local_main_process_first
         with first():
             self.prepared = prepare(cfg, self.tokenizer_source())
-        special = self.prepared.special
-        model = build_model(cfg.model, special.vocab_size, special.pad, special.cls, special.sep, acc.device.type)
-        check_seq_len(cfg.data.max_seq_len, model.config.max_position_embeddings, "the model's position embeddings")
-        self.flops_per_token = flops_per_token(model, cfg.data.max_seq_len, cfg.data.mask_prob)
+        self.objective = build_objective(cfg, self.prepared.special, acc.device.type)
+        self.objective.load_heads(cfg.model.init)
+        self.flops_per_token = self.objective.flops_per_token(cfg.data.max_seq_len, cfg.data.mask_prob)
         self.peak_flops = peak_flops(cfg) * acc.num_processes
-        self.objective = PretrainingObjective(model, special.vocab_size, cfg.data.sentence_task != "none")
-        if self.objective.sentence_head is not None:
-            load_sentence_head(self.objective.sentence_head, cfg.model.init)
-        self.collator = MaskingCollator(cfg.data, special)
+        self.collator = MaskingCollator(cfg.data, self.prepared.special)
         with first():
             self.validation = EpochExamples(self.prepared.examples("validation", 0), cfg.data.seed, epoch=0)
         if not len(self.validation):
@@ -175,25 +164,15 @@ class PretrainingStage:
         return pack_batch(batch, self.cfg.data.max_seq_len, self.collator.special.pad, self.cfg.data.pad_to_multiple_of)
 
     def targets(self, batch: Batch) -> torch.Tensor:
-        mlm = torch.tensor(float(batch["mlm_labels"].numel()), device=batch["mlm_labels"].device)
-        return torch.stack([mlm, (batch["next_sentence_label"] >= 0).sum().float()])  # [2]
+        return self.objective.targets(batch)
 
     def forward(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        out = model(**model_inputs(batch))
-        zero = torch.zeros((), device=out["mlm_loss"].device)
-        losses = torch.stack([out["mlm_loss"], out.get("nsp_loss", zero)])  # [2]
-        return losses, {k: v.detach().float() for k, v in out.items()}
+        out = model(**model_inputs(batch))  # `model` is the objective as the engine spread it
+        return self.objective.loss_terms(out), {k: v.detach().float() for k, v in out.items()}
 
     def log_fields(self, sums: dict[str, float], seconds: float) -> dict[str, float]:
-        mlm = max(sums.get("mlm_count", 1), 1)
-        fields = {
-            "mlm_loss": sums["mlm_loss"] / mlm,
-            "mlm_accuracy": sums["mlm_correct"] / mlm,
-            "packing_efficiency": sums["tokens"] / max(sums["slots"], 1.0),
-        }
-        if "nsp_count" in sums:
-            fields["nsp_loss"] = sums["nsp_loss"] / max(sums["nsp_count"], 1)
-            fields["nsp_accuracy"] = sums["nsp_correct"] / max(sums["nsp_count"], 1)
+        fields = figure_fields(sums)
+        fields["packing_efficiency"] = sums["tokens"] / max(sums["slots"], 1.0)
         if self.peak_flops:
             fields["mfu"] = sums["tokens"] / seconds * self.flops_per_token / self.peak_flops
         return fields
@@ -201,7 +180,7 @@ class PretrainingStage:
     def evaluate(self, model: torch.nn.Module, acc: Accelerator) -> dict[str, Any]:
         if not len(self.validation):
             return {}  # no figures at all rather than a perplexity of 1.0 over nothing
-        return evaluate(model, self.validation, self.cfg, self.collate, acc)
+        return evaluate(model, self.objective.figure_names, self.validation, self.cfg, self.collate, acc)
 
     def save_best(self, model: torch.nn.Module, state: TrainState, acc: Accelerator) -> None:
         raise NotImplementedError("pretraining has no best-so-far metric")
@@ -215,7 +194,7 @@ class PretrainingStage:
         branch = f"step-{state.step}"
         out = Path(self.cfg.output_dir)
         folder = export_pretrained(
-            acc, self.engine, model, self.objective.model, self.prepared.tokenizer, self.cfg, out, f".hub-{branch}"
+            acc, self.engine, model, self.objective, self.prepared.tokenizer, self.cfg, out, f".hub-{branch}"
         )
         if acc.is_main_process:
             push_folder(folder, hub.repo_id, branch, hub.private, f"berth: checkpoint {branch}")
@@ -225,7 +204,7 @@ class PretrainingStage:
     def finish(self, model: torch.nn.Module, state: TrainState, acc: Accelerator) -> Path:
         cfg = self.cfg
         final = export_pretrained(
-            acc, self.engine, model, self.objective.model, self.prepared.tokenizer, cfg, Path(cfg.output_dir)
+            acc, self.engine, model, self.objective, self.prepared.tokenizer, cfg, Path(cfg.output_dir)
         )
         if cfg.hub.push and acc.is_main_process:
             push_folder(final, cfg.hub.repo_id, cfg.hub.revision, cfg.hub.private, "berth: final pretrained model")
@@ -235,12 +214,14 @@ class PretrainingStage:
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
+    names: tuple[str, ...],
     examples: EpochExamples,
     cfg: PretrainConfig,
     collate: Callable[[list[dict]], Batch],
     acc: Accelerator,
 ) -> dict[str, float]:
-    """Held-out MLM loss, perplexity, masked-token accuracy and [CLS]-task accuracy, with a fixed mask.
+    """Held-out figures of the objective (`names`: the sums its forward returns) with a fixed mask: MLM loss,
+    perplexity and masked-token accuracy, [CLS]-task and replaced-token figures.
 
     The validation examples of epoch 0 are masked by their own (seed, 0, index) generators, so every
     evaluation of a run (and of a resumed run) sees the very same masks. Dropout is off. Every process runs as
@@ -249,32 +230,32 @@ def evaluate(
     parts = lockstep_batches(
         len(examples), cfg.train.batch_size, acc.process_index, acc.num_processes, limit=cfg.train.eval_batches
     )
-    sums = torch.zeros(5, device=acc.device)  # mlm loss, mlm correct, mlm count, nsp correct, nsp count
+    sums = torch.zeros(len(names), device=acc.device)  # [F]
     model.eval()
     for part in parts:
         rows = collate([examples[i] for i in part.rows])
         out = model(**model_inputs({k: v.to(acc.device) for k, v in rows.items()}))
-        if not part.own:
-            continue  # a filler batch: run only to keep the processes' collectives in step
-        sums += torch.stack(
-            [
-                out["mlm_loss"],
-                out["mlm_correct"].float(),
-                out["mlm_count"].float(),
-                out.get("nsp_correct", torch.zeros((), device=acc.device)).float(),
-                out.get("nsp_count", torch.zeros((), device=acc.device)).float(),
-            ]
-        )
+        if part.own:  # else a filler batch: run only to keep the processes' collectives in step
+            sums += torch.stack([out[name].float() for name in names])
     model.train()
-    loss, correct, count, nsp_correct, nsp_count = acc.reduce(sums, reduction="sum").tolist()
-    result = {
-        "mlm_loss": loss / max(count, 1),
-        "perplexity": math.exp(min(loss / max(count, 1), 50.0)),
-        "mlm_accuracy": correct / max(count, 1),
-    }
-    if nsp_count:
-        result["nsp_accuracy"] = nsp_correct / nsp_count
-    return result
+    return evaluation_fields(dict(zip(names, acc.reduce(sums, reduction="sum").tolist(), strict=True)))
+
+
+def build_objective(cfg: PretrainConfig, special: SpecialIds, device_type: str) -> Objective:
+    """The module to train for `data.objective`, its encoder checked against the sequence length."""
+    sentence_task = cfg.data.sentence_task != "none"
+    if cfg.data.objective == "rtd":
+        ids = {"pad": special.pad, "cls": special.cls, "sep": special.sep}
+        objective: Objective = ReplacedTokenObjective(
+            cfg.model, special.vocab_size, ids, sentence_task, cfg.data.rtd_weight, device_type
+        )
+        positions = cfg.model.max_position_embeddings
+    else:
+        model = build_model(cfg.model, special.vocab_size, special.pad, special.cls, special.sep, device_type)
+        positions = model.config.max_position_embeddings
+        objective = MaskedLMObjective(model, special.vocab_size, sentence_task)
+    check_seq_len(cfg.data.max_seq_len, positions, "the model's position embeddings")
+    return objective
 
 
 def pretrain(cfg: PretrainConfig, tokenizer_source: TokenizerSource | None = None) -> Path:

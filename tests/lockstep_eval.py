@@ -60,6 +60,7 @@ def pretraining(path: str) -> dict[str, Any]:
         examples = EpochExamples([held_out[i] for i in range(n)], cfg.data.seed, epoch=0)
         out[n] = evaluate(
             loop.model,
+            stage.objective.figure_names,
             examples,
             replace(cfg, train=replace(cfg.train, batch_size=BATCH)),
             stage.collate,

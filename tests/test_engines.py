@@ -12,11 +12,11 @@ from safetensors.torch import load_file
 from tamper import forget_optimizer_moments, shift_data_position
 from test_finetune_train import _flat_overrides, review_config, step_figures, tiny  # noqa: F401
 from test_pretrain_train import assert_same_weights, config, setup, weights  # noqa: F401
-from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification
+from transformers import AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification
 
 from berth.core.errors import BerthError
 from berth.finetune.train import finetune
-from berth.pretrain.model import PretrainingObjective, build_model
+from berth.pretrain.model import MaskedLMObjective, build_model
 from berth.pretrain.train import pretrain
 from berth.runtime import accel
 from berth.runtime.engines import FullyShard, shard_units, untied
@@ -38,7 +38,7 @@ def test_fsdp_groups_are_the_models_own_layer_classes(architecture, layer, count
     from berth.pretrain.config import ModelConfig
 
     model = build_model(ModelConfig(architecture=architecture, size="tiny"), 100, 0, 2, 3, "cpu")
-    units = shard_units(PretrainingObjective(model, 100, True))
+    units = shard_units(MaskedLMObjective(model, 100, True))
     assert [type(u).__name__ for u in units] == [layer] * count
     # the embeddings are a layer class too (_no_split_modules), but hold the matrix tied to the MLM output: root
     embeddings = model.base_model.embeddings
@@ -110,12 +110,18 @@ COMMON += ["train.keep_checkpoints=3"]
 _references: dict = {}
 
 
-def reference(setup, architecture):  # noqa: F811
+def variant_args(variant):
+    """ "bert", "modernbert", or either with "-rtd" (replaced-token detection) -> its config overrides."""
+    architecture, _, objective = variant.partition("-")
+    return [f"model.architecture={architecture}", f"data.objective={objective or 'mlm'}"]
+
+
+def reference(setup, variant):  # noqa: F811
     """One process, global batch 8 in one micro-batch."""
-    if architecture not in _references:
-        cfg = config(setup, f"engines-one-{architecture}", f"model.architecture={architecture}", *COMMON)
-        _references[architecture] = pretrain(cfg).parent
-    return _references[architecture]
+    if variant not in _references:
+        cfg = config(setup, f"engines-one-{variant}", *variant_args(variant), *COMMON)
+        _references[variant] = pretrain(cfg).parent
+    return _references[variant]
 
 
 def figures(run_dir, name):
@@ -132,6 +138,10 @@ def figures(run_dir, name):
         pytest.param("deepspeed_zero3", "modernbert", "DeepSpeed ZeRO-3", marks=pytest.mark.slow),
         pytest.param("fsdp", "bert", "FSDP2", marks=pytest.mark.slow),
         ("fsdp", "modernbert", "FSDP2"),
+        # replaced-token detection: ZeRO-3 gathers the generator's output matrices read outside their modules;
+        # FSDP2 shards two encoders that share the token embeddings
+        pytest.param("deepspeed_zero3", "bert-rtd", "DeepSpeed ZeRO-3", marks=pytest.mark.slow),
+        pytest.param("fsdp", "modernbert-rtd", "FSDP2", marks=pytest.mark.slow),
     ],
 )
 def test_engine_pretrains_like_one_process_resumes_exactly_and_exports(setup, launch, architecture, engine):  # noqa: F811
@@ -139,7 +149,7 @@ def test_engine_pretrains_like_one_process_resumes_exactly_and_exports(setup, la
     root, base = setup
     run = root / f"engines-{launch}-{architecture}"
     # 2 per micro-batch x 2 processes x 2 accumulation = the reference's 8
-    args = ["configs/pretrain/mini_zh.yaml", *base, f"output_dir={run}", f"model.architecture={architecture}"]
+    args = ["configs/pretrain/mini_zh.yaml", *base, f"output_dir={run}", *variant_args(architecture)]
     args += [*COMMON, "train.batch_size=2", "train.grad_accum=2"]
     accelerate_config = f"configs/accelerate/{launch}.yaml"
     result = launch_two_processes("pretrain", args, config=accelerate_config)
@@ -152,7 +162,8 @@ def test_engine_pretrains_like_one_process_resumes_exactly_and_exports(setup, la
     assert figures(run, "loss") == pytest.approx(figures(one, "loss"), rel=1e-5)  # the logged loss is global
     assert figures(run, "grad_norm") == pytest.approx(figures(one, "grad_norm"), rel=NORM_REL)
     assert figures(run, "eval_mlm_loss") == pytest.approx(figures(one, "eval_mlm_loss"), rel=1e-5)
-    _, info = AutoModelForMaskedLM.from_pretrained(run / "final", output_loading_info=True)
+    loader = AutoModel if architecture.endswith("-rtd") else AutoModelForMaskedLM
+    _, info = loader.from_pretrained(run / "final", output_loading_info=True)
     assert not (info["missing_keys"] or info["mismatched_keys"]), info  # unexpected: BERT's NSP head, not MLM
 
     # Resume from step 2 of the same launch: every later step's loss and the end must be the uninterrupted

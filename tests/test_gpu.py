@@ -13,7 +13,7 @@ from test_pretrain_train import config, setup  # noqa: F401
 
 from berth.pretrain.config import ModelConfig
 from berth.pretrain.masking import pack_batch
-from berth.pretrain.model import PretrainingObjective, build_model
+from berth.pretrain.model import MaskedLMObjective, build_model
 from berth.pretrain.train import PretrainingStage, peak_tflops_of, pretrain
 from berth.runtime.loop import Loop
 from berth.runtime.tracking import read_metrics
@@ -43,7 +43,7 @@ def test_packed_batches_give_the_unpacked_losses_on_cuda(architecture):
     else:
         model = modernbert("sdpa", **(SLIDING if architecture == "sliding" else {}))
     torch.manual_seed(1)
-    objective = PretrainingObjective(model, VOCAB, sentence_task=True).cuda().eval()
+    objective = MaskedLMObjective(model, VOCAB, sentence_task=True).cuda().eval()
     unpacked = batch(seed=5, n=12)
     packed = pack_batch(unpacked, capacity=96, pad_id=0)
     extra = {k: packed[k] for k in ("position_ids", "sequence_ids", "cls_positions")}
@@ -68,7 +68,7 @@ def test_flex_attention_on_packed_rows_gives_the_dense_losses_and_gradients(arch
             model = modernbert("sdpa", **(SLIDING if architecture == "sliding" else {}))
         model.set_attn_implementation(impl)
         torch.manual_seed(1)
-        objective = PretrainingObjective(model, VOCAB, sentence_task=True).cuda().eval()  # eval: no dropout
+        objective = MaskedLMObjective(model, VOCAB, sentence_task=True).cuda().eval()  # eval: no dropout
         packed = pack_batch(batch(seed=5, n=12), capacity=96, pad_id=0)
         extra = {k: packed[k] for k in ("position_ids", "sequence_ids", "cls_positions")}
         out = objective(**on_cuda(inputs(packed)), **on_cuda(extra))
@@ -92,7 +92,7 @@ def test_sdpa_and_eager_agree_on_cuda(architecture):
             model = build_model(ModelConfig(size="tiny", attn_implementation=impl), VOCAB, 0)
         else:
             model = modernbert(impl)
-        objective = PretrainingObjective(model, VOCAB, True).cuda().eval()
+        objective = MaskedLMObjective(model, VOCAB, True).cuda().eval()
         with torch.no_grad():
             outs.append(objective(**on_cuda(inputs(batch(seed=3)))))
     for key in ("mlm_loss", "nsp_loss"):

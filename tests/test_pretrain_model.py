@@ -3,10 +3,11 @@ import torch
 from transformers import AutoModelForPreTraining
 
 from berth.core.errors import BerthError
+from berth.pretrain.backbone import block_diagonal_mask, modernbert_mask
 from berth.pretrain.config import DataConfig, ModelConfig
 from berth.pretrain.documents import SpecialIds
 from berth.pretrain.masking import MaskingCollator, mask_seed
-from berth.pretrain.model import NEVER, PretrainingObjective, build_model
+from berth.pretrain.model import NEVER, MaskedLMObjective, build_model
 
 VOCAB = 300
 SPECIAL = SpecialIds(0, 1, 2, 3, 4, VOCAB)
@@ -52,7 +53,7 @@ def test_masked_only_head_equals_transformers_full_sequence_loss():
     torch.manual_seed(0)
     model = build_model(ModelConfig(size="tiny", pad_vocab_multiple=1), VOCAB, 0).eval()
     b = batch()
-    objective = PretrainingObjective(model, VOCAB, sentence_task=True)
+    objective = MaskedLMObjective(model, VOCAB, sentence_task=True)
     ours = objective(**inputs(b))
     reference = model(
         input_ids=b["input_ids"],
@@ -71,7 +72,7 @@ def test_masked_only_head_equals_transformers_full_sequence_loss():
 def test_padding_rows_are_never_predicted_and_get_no_gradient():
     torch.manual_seed(0)
     model = build_model(ModelConfig(size="tiny"), VOCAB, 0)  # 300 -> 320 rows
-    out = PretrainingObjective(model, VOCAB, sentence_task=False)(**inputs(batch()))
+    out = MaskedLMObjective(model, VOCAB, sentence_task=False)(**inputs(batch()))
     out["mlm_loss"].backward()
     assert model.cls.predictions.bias.grad[VOCAB:].abs().sum() == 0
     assert model.bert.embeddings.word_embeddings.weight.grad[VOCAB:].abs().sum() == 0
@@ -83,7 +84,7 @@ def test_sdpa_and_eager_attention_agree_on_padded_batches():
     for impl in ("sdpa", "eager"):
         torch.manual_seed(0)
         model = build_model(ModelConfig(size="tiny", attn_implementation=impl), VOCAB, 0).eval()
-        outs.append(PretrainingObjective(model, VOCAB, True)(**inputs(batch(seed=3))))
+        outs.append(MaskedLMObjective(model, VOCAB, True)(**inputs(batch(seed=3))))
     for key in ("mlm_loss", "nsp_loss"):
         assert torch.allclose(outs[0][key], outs[1][key], rtol=1e-5)
 
@@ -98,15 +99,15 @@ def test_padding_does_not_change_the_real_tokens():
         padded[key] = torch.nn.functional.pad(b[key], (0, extra))
     length = b["input_ids"].shape[1]
     padded["mlm_positions"] = b["mlm_positions"] // length * (length + extra) + b["mlm_positions"] % length
-    a = PretrainingObjective(model, VOCAB, True)(**inputs(b))
-    c = PretrainingObjective(model, VOCAB, True)(**inputs(padded))
+    a = MaskedLMObjective(model, VOCAB, True)(**inputs(b))
+    c = MaskedLMObjective(model, VOCAB, True)(**inputs(padded))
     assert torch.allclose(a["mlm_loss"], c["mlm_loss"], atol=1e-5)
 
 
 def test_dropout_only_in_training():
     torch.manual_seed(0)
     model = build_model(ModelConfig(size="tiny"), VOCAB, 0)
-    objective = PretrainingObjective(model, VOCAB, True)
+    objective = MaskedLMObjective(model, VOCAB, True)
     b = inputs(batch())
     objective.eval()
     assert torch.equal(objective(**b)["mlm_loss"], objective(**b)["mlm_loss"])
@@ -125,7 +126,7 @@ def test_dropout_only_in_training():
     assert (seen[0] == 0).sum() == 0
     # with every rate at 0, training mode is evaluation mode: the only difference is dropout
     torch.manual_seed(0)
-    plain = PretrainingObjective(
+    plain = MaskedLMObjective(
         build_model(ModelConfig(size="tiny", hidden_dropout=0, attention_dropout=0), VOCAB, 0), VOCAB, True
     )
     assert torch.equal(plain.train()(**b)["mlm_loss"], plain.eval()(**b)["mlm_loss"])
@@ -227,7 +228,7 @@ def test_packed_batch_gives_the_losses_of_the_unpacked_one(architecture, impl):
     else:  # a ModernBERT whose second layer attends within +-8 tokens: packing keeps that band per example
         model = modernbert(impl, **SLIDING)
     torch.manual_seed(1)
-    objective = PretrainingObjective(model, VOCAB, sentence_task=True).eval()
+    objective = MaskedLMObjective(model, VOCAB, sentence_task=True).eval()
     unpacked = batch(seed=5, n=12)
     packed = pack_batch(unpacked, capacity=96, pad_id=0)
     assert packed["input_ids"].shape[0] < 12  # several examples share a row
@@ -243,17 +244,17 @@ def test_packed_batch_gives_the_losses_of_the_unpacked_one(architecture, impl):
 def test_sliding_window_layers_see_only_their_band():
     """The packed equivalence above only means something if the band changes the loss well beyond that
     test's tolerance (1e-5 + 1e-5 x loss)."""
-    full = PretrainingObjective(modernbert(initializer_range=SLIDING["initializer_range"]), VOCAB, False)
-    sliding = PretrainingObjective(modernbert(**SLIDING), VOCAB, sentence_task=False)
+    full = MaskedLMObjective(modernbert(initializer_range=SLIDING["initializer_range"]), VOCAB, False)
+    sliding = MaskedLMObjective(modernbert(**SLIDING), VOCAB, sentence_task=False)
     b = inputs(batch(seed=5, n=12))
     a, c = full(**b)["mlm_loss"], sliding(**b)["mlm_loss"]
     assert (a - c).abs() > 20 * (1e-5 + 1e-5 * a.abs())
 
 
 def test_packed_modernbert_masks_exact():
-    objective = PretrainingObjective(modernbert(**{**SLIDING, "sliding_window": 1}), VOCAB, sentence_task=False)
+    body = modernbert(**{**SLIDING, "sliding_window": 1}).model
     sequence_ids = torch.tensor([[0, 0, 0, 1, 1, -1]])
-    masks = objective.modernbert_mask(torch.ones_like(sequence_ids), sequence_ids)
+    masks = modernbert_mask(body, torch.ones_like(sequence_ids), sequence_ids)
     full = [
         [1, 1, 1, 0, 0, 0],
         [1, 1, 1, 0, 0, 0],
@@ -272,15 +273,15 @@ def test_packed_modernbert_masks_exact():
     ]
     assert masks["full_attention"][0, 0].int().tolist() == full
     assert masks["sliding_attention"][0, 0].int().tolist() == sliding
-    assert torch.equal(objective.modernbert_mask(sequence_ids >= 0, None), sequence_ids >= 0)  # unpacked rows
+    assert torch.equal(modernbert_mask(body, sequence_ids >= 0, None), sequence_ids >= 0)  # unpacked rows
 
 
 def test_modernbert_sentence_task_uses_berths_head_on_the_final_cls_vector():
     model = modernbert()
     torch.manual_seed(1)
-    objective = PretrainingObjective(model, VOCAB, sentence_task=True).eval()
+    objective = MaskedLMObjective(model, VOCAB, sentence_task=True).eval()
     assert objective.sentence_head is not None
-    assert PretrainingObjective(model, VOCAB, sentence_task=False).sentence_head is None
+    assert MaskedLMObjective(model, VOCAB, sentence_task=False).sentence_head is None
     b = batch(seed=2)
     out = objective(**inputs(b))
     cls = model.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state[:, 0]  # (B, H)
@@ -326,10 +327,10 @@ def test_the_flex_document_mask_allows_exactly_the_dense_masks_pairs(window):
     flex = create_mask(document_mask_mod(sequence_ids, window), rows, 1, length, length, device="cpu")
     if window is None:
         torch.manual_seed(0)
-        bert = PretrainingObjective(build_model(ModelConfig(size="tiny"), VOCAB, 0), VOCAB, sentence_task=True)
-        assert torch.equal(flex, bert.block_diagonal_mask(sequence_ids, boolean=True))
-    objective = PretrainingObjective(modernbert(**{**SLIDING, "sliding_window": window or 8}), VOCAB, False)
-    masks = objective.modernbert_mask(torch.ones_like(sequence_ids), sequence_ids)
+        bert = build_model(ModelConfig(size="tiny"), VOCAB, 0).bert
+        assert torch.equal(flex, block_diagonal_mask(bert, sequence_ids, boolean=True))
+    body = modernbert(**{**SLIDING, "sliding_window": window or 8}).model
+    masks = modernbert_mask(body, torch.ones_like(sequence_ids), sequence_ids)
     assert torch.equal(flex, masks["sliding_attention" if window else "full_attention"])
 
 
@@ -348,8 +349,7 @@ def test_flex_attention_with_the_document_block_mask_equals_dense_sdpa():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(3, 2, 200, 16, generator=g) for _ in range(3))  # (R, heads, L, head dim)
     torch.manual_seed(0)
-    objective = PretrainingObjective(build_model(ModelConfig(size="tiny"), VOCAB, 0), VOCAB, sentence_task=True)
-    dense = objective.block_diagonal_mask(sequence_ids, boolean=True)  # (R, 1, L, L)
+    dense = block_diagonal_mask(build_model(ModelConfig(size="tiny"), VOCAB, 0).bert, sequence_ids, boolean=True)
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense)
     with torch.no_grad():
         ours = flex_attention(q, k, v, block_mask=document_block_mask(sequence_ids))

@@ -290,13 +290,13 @@ def test_modernbert_pretrains_with_berths_sentence_head_exports_and_fills_masks(
 
 
 def test_continued_modernbert_pretraining_starts_from_the_saved_head(setup, modern):
-    from berth.pretrain.model import PretrainingObjective, SentenceHead, build_model, load_sentence_head
+    from berth.pretrain.model import MaskedLMObjective, SentenceHead, build_model, load_sentence_head
 
     _, final = modern
     cfg = config(setup, "continued", f"model.init={final}")
     model = build_model(cfg.model, 300, 0)
     assert model.config.model_type == "modernbert"
-    objective = PretrainingObjective(model, 300, sentence_task=True)
+    objective = MaskedLMObjective(model, 300, sentence_task=True)
     load_sentence_head(objective.sentence_head, cfg.model.init)
     saved = load_file(str(final / "sentence_head.safetensors"))
     assert all(torch.equal(objective.state_dict()[f"sentence_head.{k}"], v) for k, v in saved.items())
