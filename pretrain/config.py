@@ -207,6 +207,11 @@ class PretrainConfig:
             raise ValueError(
                 "model.attn_implementation=flex_attention is tested with data.objective=mlm only; use auto or sdpa"
             )
+        if data.mask_prob_end and train.budget_minutes:
+            raise ValueError(
+                "data.mask_prob_end with train.budget_minutes: a falling mask rate needs the run's step count before "
+                "the first step, and a budget fixes it after timing steps; set train.max_steps"
+            )
         if not data.eval_fraction and train.eval_batches != PretrainTrainConfig.eval_batches:
             raise ValueError(
                 f"train.eval_batches={train.eval_batches} does nothing with data.eval_fraction=0 (nothing held out)"

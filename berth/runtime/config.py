@@ -18,6 +18,9 @@ from berth.runtime.schedules import DECAY_FRACTION
 class TrainConfig:
     # Optimizer steps; 0: epochs x the steps of one epoch.
     max_steps: int = 0
+    # Minutes of optimizer steps: the run times its first steps and fixes the step count that fits (at most
+    # max_steps, or the steps of `epochs`); warm-up and decay follow that count. 0: no budget.
+    budget_minutes: float = 0.0
     epochs: int = 1
     # Units per process per micro-batch; the global batch is batch_size x processes x grad_accum.
     batch_size: int = 32
@@ -71,6 +74,13 @@ class TrainConfig:
         if self.schedule != "wsd" and self.decay_fraction != DECAY_FRACTION:
             raise ValueError(
                 f"decay_fraction={self.decay_fraction} does nothing with schedule={self.schedule} (wsd only)"
+            )
+        if not (math.isfinite(self.budget_minutes) and self.budget_minutes >= 0):
+            raise ValueError(f"budget_minutes must be a finite number >= 0; got {self.budget_minutes}")
+        if self.budget_minutes and self.warmup_ratio:
+            raise ValueError(
+                f"warmup_ratio={self.warmup_ratio} with budget_minutes: the step count is not known before the first "
+                "step; give the warm-up in steps (warmup_steps)"
             )
         if self.prefetch < -1:
             raise ValueError(f"prefetch must be -1 (auto), 0 or more; got {self.prefetch}")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import resource
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -26,6 +25,7 @@ from berth.core.errors import BerthError
 from berth.core.files import recover
 from berth.core.hub import HubConfig, check_push
 from berth.runtime.accel import build_accelerator
+from berth.runtime.budget import StepBudget
 from berth.runtime.checkpoint import checkpoint_dir, load_checkpoint, resolve_resume, save_checkpoint
 from berth.runtime.collective import check_output_shared
 from berth.runtime.config import TrainConfig
@@ -34,7 +34,7 @@ from berth.runtime.engines import Engine, ShardingHints, build_engine
 from berth.runtime.optim import build_optimizer
 from berth.runtime.prefetch import PREFETCH_AUTO, Prefetched, pinned
 from berth.runtime.schedules import build_scheduler, planned_curve
-from berth.runtime.tracking import MetricsLog
+from berth.runtime.tracking import MetricsLog, flat_config, peak_memory_mb
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,8 @@ class TrainState:
     stopped_early: bool = False
     data_key: dict[str, str] = field(default_factory=dict)  # what the data was made of: a resume must match it
     elapsed: float = 0.0  # seconds of training before this process started (resumed runs)
+    step_seconds: float = 0.0  # of those, the optimizer steps' (their batches included; evaluations left out)
+    planned_steps: int = 0  # train.budget_minutes: the step count the budget fits, once timed
 
 
 class RunConfig(Protocol):
@@ -129,23 +131,6 @@ class Stage(Protocol):
         """Evaluate and export once training is over; returns the export directory."""
 
 
-def peak_memory_mb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def flat_config(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """section.key -> value, as trackers (wandb, tensorboard hparams) take a config."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flat_config(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = str(value) if isinstance(value, list) else value
-    return out
-
-
 class Loop:
     """One run: the stage's model trained with the config's `train` section; `run` reads top to bottom."""
 
@@ -191,6 +176,7 @@ class Loop:
         )
         self.state.global_batch = self.global_batch
         self.state.data_key = self.stage.data_key()
+        self.budget = StepBudget(t.budget_minutes, self.total_steps, self.warmup) if t.budget_minutes else None
 
     @property
     def saved_objects(self) -> dict[str, Any]:
@@ -219,14 +205,11 @@ class Loop:
             )
         self.state = state
         self.checkpointed_at = state.step
+        if state.planned_steps:  # the budget's count, timed by the interrupted run
+            self.plan(state.planned_steps)
         if self.accelerator.is_main_process:
-            logger.info(
-                "resumed from %s at step %d (epoch %d, step %d of it)",
-                checkpoint,
-                state.step,
-                state.epoch,
-                state.epoch_step,
-            )
+            where = f"at step {state.step} (epoch {state.epoch}, step {state.epoch_step} of it)"
+            logger.info("resumed from %s %s", checkpoint, where)
 
     def start_logging(self) -> None:
         t, acc = self.train, self.accelerator
@@ -371,14 +354,8 @@ class Loop:
             state.evals_since_best += 1
             patience = self.stage.patience
             state.stopped_early = bool(patience) and state.evals_since_best >= patience
-        logger.info(
-            "step %d: validation %s %.4f (best %.4f at step %d)",
-            state.step,
-            name,
-            value,
-            state.best_metric,
-            state.best_step,
-        )
+        so_far = f"best {state.best_metric:.4f} at step {state.best_step}"
+        logger.info("step %d: validation %s %.4f (%s)", state.step, name, value, so_far)
 
     def maybe_checkpoint(self, force: bool = False) -> None:
         t, step = self.train, self.state.step
@@ -393,6 +370,24 @@ class Loop:
             self.accelerator, self.engine, self.out, step, self.saved_objects, state, config, t.keep_checkpoints
         )
         self.stage.checkpoint_saved(self.model, self.state, self.accelerator)
+
+    def plan(self, total: int) -> None:
+        """Fix the run's step count (train.budget_minutes): the schedule follows it from the next step on."""
+        t = self.train
+        self.total_steps = self.state.planned_steps = total
+        self.scheduler = build_scheduler(
+            self.optimizer, t.schedule, self.warmup, total, t.min_lr_ratio, t.decay_fraction, self.state.step
+        )
+        if hasattr(self, "bar"):
+            self.bar.total = total
+
+    def count_time(self) -> None:
+        """Add the step just done to the steps' time; the budget fixes the step count at the end of its probe."""
+        self.state.step_seconds += time.perf_counter() - self.tick
+        if self.budget is not None and not self.state.planned_steps:
+            planned = self.budget.observe(self.state.step, self.state.step_seconds, self.accelerator)
+            if planned:
+                self.plan(planned)
 
     def done(self) -> bool:
         return self.state.step >= self.total_steps or self.state.stopped_early
@@ -419,14 +414,17 @@ class Loop:
             disable=not (self.accelerator.is_main_process and self.train.progress_bar),
             dynamic_ncols=True,
         )
+        self.tick = time.perf_counter()
         while not self.done():
             with self.steps() as steps:
                 for micro_batches in steps:
                     self.train_step(micro_batches)
                     self.bar.update(1)
                     self.maybe_log()
+                    self.count_time()
                     self.maybe_eval()
                     self.maybe_checkpoint()
+                    self.tick = time.perf_counter()  # evaluations and checkpoints are not the steps' time
                     if self.done():
                         break
                 else:
@@ -434,6 +432,7 @@ class Loop:
                     if not self.train.eval_every:
                         self.maybe_eval(force=True)
                         self.maybe_checkpoint()
+                        self.tick = time.perf_counter()
         self.bar.close()
         self.maybe_eval(force=True)
         self.maybe_checkpoint(force=True)

@@ -67,9 +67,12 @@ def build_scheduler(
     total_steps: int,
     min_ratio: float = 0.0,
     decay_fraction: float = DECAY_FRACTION,
+    start: int = 0,
 ) -> torch.optim.lr_scheduler.LambdaLR:
+    """`start`: the optimizer steps already taken, for a schedule that takes over from another on the same optimizer
+    (its LR is set for step `start` at once)."""
     multiplier = lr_multiplier(schedule, warmup_steps, total_steps, min_ratio, decay_fraction)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier, last_epoch=start - 1)
 
 
 def planned_curve(

@@ -7,8 +7,11 @@ import logging
 import math
 import netrc
 import os
+import resource
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from berth.core.errors import BerthError
 
@@ -73,3 +76,20 @@ def configure_wandb() -> str:
     if "WANDB_MODE" not in os.environ:
         os.environ["WANDB_MODE"] = "online" if wandb_logged_in() else "offline"
     return os.environ["WANDB_MODE"]
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def flat_config(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """section.key -> value, as trackers (wandb, tensorboard hparams) take a config."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = str(value) if isinstance(value, list) else value
+    return out

@@ -1,0 +1,67 @@
+"""`train.budget_minutes`: a run sized by time rather than by steps (academic-budget-bert's budgets).
+
+The run times its first optimizer steps, fixes the step count that fits the budget and keeps it in the run's state:
+the learning-rate schedule (warm-up and decay) follows that count from then on, every process takes the same
+count (the slowest process's timing), and a resumed run reads it back instead of timing again. The budget covers
+the optimizer steps (their batches, forward, backward and update); held-out evaluations and checkpoints come on
+top and are logged apart.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from accelerate import Accelerator
+
+from berth.core.errors import BerthError
+
+logger = logging.getLogger(__name__)
+
+# The first steps allocate memory and draw the first chunk of examples: timed, but not used for the rate.
+PROBE_SKIP = 2
+# The step after which the count is fixed: until then the schedule assumes the run's cap.
+PROBE_STEPS = 12
+
+
+class StepBudget:
+    """The optimizer steps a run of `minutes` takes, fixed from the time of steps PROBE_SKIP + 1 .. PROBE_STEPS."""
+
+    def __init__(self, minutes: float, cap: int, warmup: int):
+        self.seconds = minutes * 60
+        self.cap = cap  # train.max_steps, or the steps of train.epochs
+        self.warmup = warmup
+        self.skipped_at = 0.0  # step seconds after the first PROBE_SKIP steps
+
+    def observe(self, step: int, step_seconds: float, acc: Accelerator) -> int:
+        """After optimizer step `step` (1-based), with the run's step seconds so far: the run's step count when it
+        is fixed now, else 0. At the fix every process must call it (the timing is agreed in a collective)."""
+        if step == PROBE_SKIP:
+            self.skipped_at = step_seconds
+        if step != PROBE_STEPS:
+            return 0
+        local = torch.tensor((step_seconds - self.skipped_at) / (PROBE_STEPS - PROBE_SKIP), device=acc.device)
+        per_step = acc.reduce(local.reshape(1), reduction="max").item()  # every process takes the same count
+        return self.fit(step, step_seconds, per_step, acc.is_main_process)
+
+    def fit(self, step: int, step_seconds: float, per_step: float, log: bool = True) -> int:
+        """The step count whose remaining steps at `per_step` seconds fill what is left of the budget."""
+        fits = step + math.floor(max(0.0, self.seconds - step_seconds) / max(per_step, 1e-9))
+        total = min(fits, self.cap)
+        if total < max(self.warmup, step):
+            raise BerthError(
+                f"train.budget_minutes={self.seconds / 60:g} fits {fits} optimizer steps at {per_step:.3f} s each, "
+                f"fewer than the warm-up ({self.warmup}) or the steps timed ({step}); raise the budget"
+            )
+        if log:
+            capped = f", capped at {self.cap} (train.max_steps or train.epochs)" if fits > self.cap else ""
+            logger.info(
+                "budget %g min: %.3f s an optimizer step, %d steps fit%s; the schedule follows %d steps",
+                self.seconds / 60,
+                per_step,
+                fits,
+                capped,
+                total,
+            )
+        return total

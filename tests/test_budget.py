@@ -1,0 +1,111 @@
+"""train.budget_minutes: the step count fixed from timed steps, the schedule that follows it, and exact resume."""
+
+import json
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+from test_pretrain_train import assert_same_weights, config, setup, weights  # noqa: F401
+
+from berth.core.errors import BerthError
+from berth.pretrain.config import PretrainConfig
+from berth.pretrain.train import pretrain
+from berth.runtime import loop as loop_module
+from berth.runtime.budget import PROBE_SKIP, PROBE_STEPS, StepBudget
+from berth.runtime.config import TrainConfig
+from berth.runtime.schedules import lr_multiplier
+from berth.runtime.tracking import read_metrics
+
+
+def test_the_steps_that_fit_what_is_left_of_the_budget():
+    budget = StepBudget(minutes=1, cap=1000, warmup=5)
+    assert budget.fit(step=12, step_seconds=3.0, per_step=0.5, log=False) == 12 + 114  # (60 - 3) / 0.5
+    assert StepBudget(minutes=1, cap=100, warmup=5).fit(12, 3.0, 0.5, log=False) == 100  # the cap
+    with pytest.raises(BerthError, match=r"budget_minutes=0\.1 fits 13 optimizer steps .* fewer than the warm-up"):
+        StepBudget(minutes=0.1, cap=1000, warmup=50).fit(12, 5.5, 0.5, log=False)
+
+
+def test_the_count_is_fixed_once_from_the_probes_steps_and_the_slowest_process():
+    class TwoProcesses:  # the other process took 0.3 s a step
+        device = torch.device("cpu")
+        is_main_process = True
+
+        @staticmethod
+        def reduce(tensor, reduction):
+            assert reduction == "max"
+            return torch.maximum(tensor, torch.tensor([0.3]))
+
+    budget = StepBudget(minutes=1, cap=10_000, warmup=0)
+    seconds, fixed = 0.0, []
+    for step in range(1, 30):
+        seconds += 5.0 if step <= PROBE_SKIP else 0.1  # slow first steps are left out of the rate
+        fixed.append(budget.observe(step, seconds, TwoProcesses()))
+    at_probe_end = PROBE_SKIP * 5.0 + (PROBE_STEPS - PROBE_SKIP) * 0.1
+    assert [f for f in fixed if f] == [PROBE_STEPS + int((60 - at_probe_end) / 0.3)]
+    assert [i + 1 for i, f in enumerate(fixed) if f] == [PROBE_STEPS]  # fixed once, after the probe's last step
+
+
+def test_settings_a_budget_cannot_use_are_refused():
+    with pytest.raises(ValueError, match=r"warmup_ratio=0\.1 with budget_minutes"):
+        TrainConfig(budget_minutes=5, warmup_ratio=0.1)
+    with pytest.raises(ValueError, match="budget_minutes must be"):
+        TrainConfig(budget_minutes=-1)
+    from berth.pretrain.config import DataConfig, PretrainTrainConfig
+
+    with pytest.raises(ValueError, match=r"mask_prob_end with train\.budget_minutes"):
+        PretrainConfig(data=DataConfig(mask_prob_end=0.15, mask_prob=0.3), train=PretrainTrainConfig(budget_minutes=5))
+
+
+class Clock:
+    """perf_counter that advances 20 ms a call: every run sees the same step times."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        self.now += 0.02
+        return self.now
+
+
+BUDGET = ["train.budget_minutes=0.03", "train.max_steps=500", "train.warmup_steps=4", "train.save_every=20"]
+BUDGET += ["train.keep_checkpoints=10", "train.eval_every=0", "train.log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def budgeted(setup):  # noqa: F811
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loop_module, "time", SimpleNamespace(perf_counter=Clock().perf_counter))
+        final = pretrain(config(setup, "budget", *BUDGET))
+    return final.parent
+
+
+def test_a_budgeted_run_fixes_its_step_count_and_its_schedule_follows_it(budgeted):
+    state = json.loads((sorted((budgeted / "checkpoints").glob("step-*"))[-1] / "state.json").read_text())
+    total = state["planned_steps"]
+    assert PROBE_STEPS < total < 500 and state["step"] == total
+    logged = [m for m in read_metrics(budgeted) if "loss" in m]
+    assert logged[-1]["step"] == total
+    # the LR after step k is the one step k + 1 uses: linear warm-up over 4 steps, decay to 0 at the fixed count
+    multiplier = lr_multiplier("linear", 4, total)
+    for m in logged[PROBE_STEPS:]:
+        assert m["lr"] == pytest.approx(1e-3 * multiplier(m["step"]), abs=1e-12), m["step"]
+    assert state["step_seconds"] == pytest.approx(0.03 * 60, rel=0.05)  # the steps' time, by the fake clock
+
+
+def test_a_resumed_budgeted_run_keeps_the_count_and_ends_with_the_same_weights(setup, budgeted):  # noqa: F811
+    root, _ = setup
+    resumed = root / "budget-resumed"
+    shutil.copytree(budgeted, resumed)
+    checkpoints = sorted((resumed / "checkpoints").glob("step-*"))
+    assert len(checkpoints) >= 3
+    for later in checkpoints[2:]:  # stopped after step 40: the rest of the run learns (LR above zero)
+        shutil.rmtree(later)
+    shutil.rmtree(resumed / "final")
+    with pytest.MonkeyPatch.context() as patch:  # a resumed run does not time again: a clock 10x slower
+        patch.setattr(loop_module, "time", SimpleNamespace(perf_counter=lambda: Clock().perf_counter() * 10))
+        pretrain(config(setup, resumed.name, *BUDGET, "train.resume=auto"))
+    logged = [m for m in read_metrics(resumed) if "loss" in m]
+    # the LR logged after step k is the one step k + 1 uses: steps 41 to 44 learn (the last ends the decay at 0)
+    assert [m["step"] for m in logged[39:43]] == [40, 41, 42, 43] and all(m["lr"] > 0 for m in logged[39:43])
+    assert_same_weights(weights(budgeted), weights(resumed))
