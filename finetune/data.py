@@ -48,12 +48,15 @@ def load_splits(data: TaskData) -> dict[str, Split]:
             for name, key in SPLIT_FILES.items()
             if getattr(data, key)
         }
-    if data.max_examples:
-        # a seeded shuffle first: datasets are often sorted by label, and the first N rows would be one class
-        splits = {
-            name: Split(name, s.rows.shuffle(seed=0).select(range(min(data.max_examples, s.rows.num_rows))), s.where)
-            for name, s in splits.items()
-        }
+    for keep, names in ((data.max_examples, tuple(splits)), (data.train_examples, ("train",))):
+        if keep:  # a seeded shuffle first: datasets are often sorted by label, and the first N rows would be one class
+            splits.update(
+                {
+                    name: Split(name, s.rows.shuffle(seed=0).select(range(min(keep, s.rows.num_rows))), s.where)
+                    for name, s in splits.items()
+                    if name in names
+                }
+            )
     for required in ("train", "validation"):
         if required not in splits:
             raise BerthError(

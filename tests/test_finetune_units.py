@@ -461,3 +461,23 @@ def test_auto_picks_each_window_aggregation_where_it_is_the_right_one():
     tie = {how: {"accuracy": 0.5} for how in (*WINDOW_AGGREGATIONS, "attention")}
     assert choose_aggregation(tie, "accuracy") == "mean"
     assert choose_aggregation({**tie, "attention": {"accuracy": 1.0}}, "accuracy") == "mean"
+
+
+def test_train_examples_keeps_n_training_rows_and_every_evaluation_row(tmp_path):
+    import json as _json
+
+    from berth.finetune.config import TaskData
+    from berth.finetune.data import load_splits
+
+    files = {}
+    for split, n in (("train", 50), ("validation", 20), ("test", 30)):
+        files[split] = tmp_path / f"{split}.jsonl"
+        rows = [{"text": f"{split} {i}", "label": str(i % 2)} for i in range(n)]
+        files[split].write_text("\n".join(_json.dumps(r) for r in rows) + "\n")
+    paths = {"dataset": "", **{f"{s}_file": str(p) for s, p in files.items()}}
+    splits = load_splits(TaskData(**paths, train_examples=10))
+    assert {name: s.rows.num_rows for name, s in splits.items()} == {"train": 10, "validation": 20, "test": 30}
+    kept = set(splits["train"].rows["text"])
+    assert kept != {f"train {i}" for i in range(10)}  # a seeded draw, not the first rows
+    assert kept == set(load_splits(TaskData(**paths, train_examples=10))["train"].rows["text"])
+    assert load_splits(TaskData(**paths, max_examples=10))["test"].rows.num_rows == 10
