@@ -151,6 +151,13 @@ def load_checkpoint_model(path_or_id: str, attn_implementation: str) -> HFModel:
     return AutoModelForPreTraining.from_pretrained(path_or_id, attn_implementation=attn_implementation)
 
 
+def init_linear(*layers: nn.Linear, std: float = 0.02) -> None:
+    """BERT's initialisation of a head berth adds: normal weights, zero biases."""
+    for layer in layers:
+        nn.init.normal_(layer.weight, std=std)
+        nn.init.zeros_(layer.bias)
+
+
 class SentenceHead(nn.Module):
     """The [CLS]-task (NSP / SOP) head for encoders that ship none: BERT's pooler (dense + tanh) and a
     two-way classifier on the final [CLS] vector. Saved as sentence_head.safetensors beside the model, so
@@ -160,9 +167,7 @@ class SentenceHead(nn.Module):
         super().__init__()
         self.dense = nn.Linear(hidden_size, hidden_size)
         self.classifier = nn.Linear(hidden_size, 2)
-        for layer in (self.dense, self.classifier):
-            nn.init.normal_(layer.weight, std=initializer_range)
-            nn.init.zeros_(layer.bias)
+        init_linear(self.dense, self.classifier, std=initializer_range)
 
     def forward(self, cls: torch.Tensor) -> torch.Tensor:  # (B, H) -> (B, 2)
         return self.classifier(torch.tanh(self.dense(cls)))

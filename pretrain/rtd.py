@@ -44,6 +44,7 @@ from berth.pretrain.model import (
     SentenceHead,
     cls_vectors,
     encoder_flops,
+    init_linear,
     load_sentence_head,
     mlm_outputs,
     modernbert_config,
@@ -88,9 +89,7 @@ class DiscriminatorHead(nn.Module):
         super().__init__()
         self.dense = nn.Linear(hidden_size, hidden_size)
         self.dense_prediction = nn.Linear(hidden_size, 1)
-        for layer in (self.dense, self.dense_prediction):
-            nn.init.normal_(layer.weight, std=initializer_range)
-            nn.init.zeros_(layer.bias)
+        init_linear(self.dense, self.dense_prediction, std=initializer_range)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # (..., H) -> (...)
         return self.dense_prediction(F.gelu(self.dense(hidden))).squeeze(-1)

@@ -13,14 +13,15 @@ VOCAB = 300
 SPECIAL = SpecialIds(0, 1, 2, 3, 4, VOCAB)
 
 
-def batch(seed=0, n=6):
+def examples(seed=0, n=6):
+    """n hand-built A/B examples of 10-40 random tokens, each with its mask seed."""
     g = torch.Generator().manual_seed(seed)
-    examples = []
+    out = []
     for i in range(n):
         length = int(torch.randint(10, 40, (1,), generator=g))
         ids = torch.randint(5, VOCAB, (length,), generator=g).tolist()
         cut = length // 2
-        examples.append(
+        out.append(
             {
                 "input_ids": [2, *ids[:cut], 3, *ids[cut:], 3],
                 "token_type_ids": [0] * (cut + 2) + [1] * (length - cut + 1),
@@ -29,7 +30,11 @@ def batch(seed=0, n=6):
                 "mask_seed": mask_seed(seed, 0, i),
             }
         )
-    return MaskingCollator(DataConfig(mask_prob=0.3), SPECIAL)(examples)
+    return out
+
+
+def batch(seed=0, n=6):
+    return MaskingCollator(DataConfig(mask_prob=0.3), SPECIAL)(examples(seed, n))
 
 
 def inputs(b):

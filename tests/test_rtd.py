@@ -8,7 +8,7 @@ import torch
 from conftest import launch_two_processes
 from safetensors.torch import load_file
 from test_finetune_train import tiny  # noqa: F401
-from test_pretrain_model import SPECIAL, VOCAB
+from test_pretrain_model import SPECIAL, VOCAB, examples
 from test_pretrain_train import assert_same_weights, config, setup, weights  # noqa: F401
 from transformers import (
     AutoModel,
@@ -23,7 +23,7 @@ from transformers import (
 from berth.core.config import load_config
 from berth.core.labels import IGNORE_INDEX
 from berth.pretrain.config import DataConfig, ModelConfig, PretrainConfig, generator_shape
-from berth.pretrain.masking import MaskingCollator, mask_seed, pack_batch, sample_buckets, sample_draw_count
+from berth.pretrain.masking import MaskingCollator, pack_batch, sample_buckets, sample_draw_count
 from berth.pretrain.rtd import RTD_HEAD, ReplacedTokenObjective, sample_replacements
 from berth.pretrain.train import pretrain
 from berth.runtime.engines import tied_pairs
@@ -33,25 +33,6 @@ INPUTS = ("input_ids", "token_type_ids", "attention_mask", "mlm_positions", "mlm
 INPUTS += ("next_sentence_label",)
 PACKING = ("position_ids", "sequence_ids", "cls_positions")
 IDS = {"pad": 0, "cls": 2, "sep": 3}
-
-
-def examples(seed=0, n=6):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        length = int(torch.randint(10, 40, (1,), generator=g))
-        ids = torch.randint(5, VOCAB, (length,), generator=g).tolist()
-        cut = length // 2
-        out.append(
-            {
-                "input_ids": [2, *ids[:cut], 3, *ids[cut:], 3],
-                "token_type_ids": [0] * (cut + 2) + [1] * (length - cut + 1),
-                "word_ids": [-1, *range(cut), -1, *range(cut, length), -1],
-                "next_sentence_label": i % 2,
-                "mask_seed": mask_seed(seed, 0, i),
-            }
-        )
-    return out
 
 
 def collate(rows, objective="rtd"):
