@@ -228,9 +228,7 @@ class ClassificationTask:
         if t.compare_truncation and data.long_text == "windows" and not data.text_pair_column:
             extras["test_truncated"] = self.evaluate_truncated(model, "test", acc, batch_size)
         if data.robustness_docs and data.long_text == "windows" and not data.text_pair_column and "test" in self.texts:
-            robustness = evaluate_robustness(self, model, acc, batch_size)
-            if robustness:
-                extras["robustness"] = robustness
+            extras.update(evaluate_robustness(self, model, acc, batch_size))
         if t.yardstick and acc.is_main_process:
             labels = {name: encoded.doc_labels for name, encoded in self.splits.items()}
             long_docs = {name: self.long_documents(name) for name in self.splits}

@@ -85,6 +85,10 @@ class TaskData:
     # The unrelated paragraphs: auto (People's Daily, for a tokenizer that covers Chinese), a UTF-8 file with one
     # paragraph a line, or empty (no robustness evaluation).
     distractors: str = "auto"
+    # The in-domain robustness evaluation beside it: the same test texts hidden among sentences of the task's own
+    # validation texts that a TF-IDF model trained on the training split leaves undecided
+    # (berth.finetune.neutral_text): the text a reader of the task's domain writes around a verdict.
+    in_domain_robustness: bool = True
     # Outlier exposure: windows of unrelated text trained towards a flat distribution, this many per training
     # window each epoch (0: off), so that text without the task's signal stops voting among the windows.
     outlier_exposure: float = 0.0
@@ -98,6 +102,10 @@ class TaskData:
     hidden_weight: float = 1.0
     # Where the unrelated text of both comes from: auto (People's Daily's train share, for a tokenizer that covers
     # Chinese; never the test share the robustness evaluation uses), or a UTF-8 file with one paragraph a line.
+    # What hidden-text training hides training texts among: unrelated (data.outlier_text), in_domain (sentences of
+    # the training texts that a TF-IDF model trained on the other half leaves undecided: berth.finetune.neutral_text)
+    # or both (half the documents each).
+    hidden_filler: Literal["unrelated", "in_domain", "both"] = "unrelated"
     outlier_text: str = "auto"
 
     def __post_init__(self) -> None:
@@ -181,9 +189,11 @@ CLASSIFICATION_ONLY = (
     "data.max_train_windows",
     "data.robustness_docs",
     "data.distractors",
+    "data.in_domain_robustness",
     "data.outlier_exposure",
     "data.hidden_training",
     "data.hidden_weight",
+    "data.hidden_filler",
     "data.outlier_text",
     "train.yardstick",
     "train.compare_truncation",
@@ -226,13 +236,19 @@ def dead_option(cfg: FinetuneConfig) -> str:
         ),
         ("data.robustness_docs", _single_windows(data)),
         ("data.distractors", _single_windows(data) or ("" if data.robustness_docs else "data.robustness_docs=0")),
+        (
+            "data.in_domain_robustness",
+            _single_windows(data) or ("" if data.robustness_docs else "data.robustness_docs=0"),
+        ),
         ("train.compare_truncation", _single_windows(data)),
         ("data.hidden_weight", "" if data.hidden_training else "data.hidden_training=0"),
+        ("data.hidden_filler", "" if data.hidden_training else "data.hidden_training=0"),
         (
             "data.outlier_text",
             ""
-            if data.outlier_exposure or data.hidden_training
-            else "data.outlier_exposure=0 and data.hidden_training=0",
+            if data.outlier_exposure or (data.hidden_training and data.hidden_filler != "in_domain")
+            else "data.outlier_exposure=0 and "
+            + ("data.hidden_filler=in_domain" if data.hidden_training else "data.hidden_training=0"),
         ),
     )
     for key, why in rules:

@@ -2,9 +2,11 @@
 
 - Outlier exposure (Hendrycks et al. 2019): windows of unrelated text trained towards a flat distribution, a fresh
   draw of them every epoch (`data.outlier_exposure`).
-- Hidden-text training (`data.hidden_training`): training texts hidden among unrelated paragraphs
-  (`berth.finetune.hidden_text`). Window aggregations train each window of such a document on what it holds;
-  the pooled ones (attention, hierarchical) train the whole document with its text's label.
+- Hidden-text training (`data.hidden_training`): training texts hidden among unrelated paragraphs, among neutral
+  sentences of the training texts themselves (`data.hidden_filler=in_domain`, `berth.finetune.neutral_text`), or
+  half among each (`both`) (`berth.finetune.hidden_text`). Window aggregations train each window of such a
+  document on what it holds; the pooled ones (attention, hierarchical) train the whole document with its text's
+  label.
 
 `build_extra_text` builds both once; `ClassificationTask.train_units` and `collate` read the one `ExtraText`.
 """
@@ -21,6 +23,7 @@ from transformers import PreTrainedTokenizerBase
 from berth.core.errors import BerthError
 from berth.finetune.config import TaskData
 from berth.finetune.hidden_text import HiddenSet, build_documents, outlier_paragraphs, text_windows
+from berth.finetune.neutral_text import MIN_NEUTRAL_SENTENCES, training_sentences
 from berth.finetune.windows import Encoded, WindowSettings, encode_texts
 
 logger = logging.getLogger(__name__)
@@ -93,23 +96,34 @@ def build_extra_text(
     extra = ExtraText(base=len(train.window_ids), outlier_share=data.outlier_exposure, hidden_weight=data.hidden_weight)
     if not (data.outlier_exposure or data.hidden_training):
         return extra
-    paragraphs, source = outlier_paragraphs(data.outlier_text, tokenizer)  # read once for both
-    if not paragraphs:
+    unrelated = data.outlier_exposure or data.hidden_filler != "in_domain"
+    paragraphs, source = outlier_paragraphs(data.outlier_text, tokenizer) if unrelated else ([], "")  # read once
+    if unrelated and not paragraphs:
         key = "data.outlier_exposure" if data.outlier_exposure else "data.hidden_training"
         raise BerthError(
             f"{key}: no unrelated text (data.outlier_text=auto takes People's Daily only for a tokenizer that "
-            "covers Chinese; name a file with one paragraph a line)"
+            "covers Chinese; name a file with one paragraph a line, or use data.hidden_filler=in_domain)"
         )
     if data.outlier_exposure:
         extra.encoded = encode_texts(tokenizer, paragraphs, settings, labels=[UNIFORM] * len(paragraphs))
         extra.outlier_windows = len(extra.encoded.window_ids)
         logger.info("outlier exposure: %d windows of %s", extra.outlier_windows, source)
     if data.hidden_training:
+        pools = [(paragraphs, f"{source} paragraphs")] if data.hidden_filler != "in_domain" else []
+        if data.hidden_filler != "unrelated":
+            sentences = training_sentences(train_texts, train.doc_labels, seed)
+            if len(sentences) < MIN_NEUTRAL_SENTENCES:
+                raise BerthError(
+                    f"data.hidden_filler={data.hidden_filler}: {len(sentences)} neutral sentences in the training "
+                    f"texts, fewer than {MIN_NEUTRAL_SENTENCES} (berth.finetune.neutral_text); use "
+                    "data.hidden_filler=unrelated"
+                )
+            pools.append((sentences, "neutral sentences of the training texts"))
         count = round(data.hidden_training * len(train.doc_labels))
-        docs = build_documents(
-            train_texts, train.doc_labels, paragraphs, tokenizer, settings, count, seed, every_position=False
+        docs = hidden_documents(train_texts, train.doc_labels, pools, tokenizer, settings, count, seed)
+        logger.info(
+            "hidden-text training: %d training texts among %s", len(docs.texts), " and ".join(n for _, n in pools)
         )
-        logger.info("hidden-text training: %d training texts among %s paragraphs", len(docs.texts), source)
         extra.hidden = docs
         hidden = (
             encode_texts(tokenizer, docs.texts, settings, labels=docs.labels)
@@ -118,6 +132,39 @@ def build_extra_text(
         )
         extra.encoded.extend(hidden)
     return extra
+
+
+def hidden_documents(
+    texts: list[str],
+    labels: list[int],
+    pools: list[tuple[list[str], str]],
+    tokenizer: PreTrainedTokenizerBase,
+    settings: WindowSettings,
+    count: int,
+    seed: int,
+) -> HiddenSet:
+    """`count` training texts, each hidden at one drawn position among the text of one pool. With two pools the
+    texts are dealt into two seeded halves, each hidden among one pool's text (half the documents each), so no
+    text is hidden twice."""
+    if len(pools) == 1:
+        return build_documents(texts, labels, pools[0][0], tokenizer, settings, count, seed, every_position=False)
+    half = np.random.default_rng([seed, 23]).permutation(len(texts)) % len(pools)  # [N] the pool of each text
+    out = HiddenSet()
+    for part, (pool, _) in enumerate(pools):
+        chosen = [i for i in range(len(texts)) if half[i] == part]
+        share = count // len(pools) + (part < count % len(pools))
+        docs = build_documents(
+            [texts[i] for i in chosen],
+            [labels[i] for i in chosen],
+            pool,
+            tokenizer,
+            settings,
+            share,
+            seed,
+            every_position=False,
+        )
+        out.extend(docs, chosen)
+    return out
 
 
 def hidden_windows(docs: HiddenSet, tokenizer: PreTrainedTokenizerBase, settings: WindowSettings, seed: int) -> Encoded:

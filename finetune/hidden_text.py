@@ -37,6 +37,16 @@ class HiddenSet:
     alone: list[str] = field(default_factory=list)  # the test texts used, in order
     alone_labels: list[int] = field(default_factory=list)
 
+    def extend(self, other: HiddenSet, indices: list[int]) -> None:
+        """Append `other`, built from a subset of the texts: indices[i] is the number of its text i in the whole."""
+        self.texts += other.texts
+        self.labels += other.labels
+        self.positions += other.positions
+        self.source += [indices[i] for i in other.source]
+        self.spans += other.spans
+        self.alone += other.alone
+        self.alone_labels += other.alone_labels
+
 
 def distractor_paragraphs(setting: str, tokenizer: PreTrainedTokenizerBase) -> tuple[list[str], str]:
     """(paragraphs, their source's name); no paragraphs when the setting is empty, or auto with a tokenizer

@@ -2,16 +2,23 @@
 
 Natural long reviews mostly say what they think early, so windows and head truncation score alike on them. The
 case sliding windows exist for is a verdict anywhere in a long text. Each document here is one test text placed at
-the start, in the middle or at the end of paragraphs from another source (People's Daily's test share by default,
-or `data.distractors` = a file of one paragraph a line), filled to between 3 and 8 windows
-(`berth.finetune.hidden_text`). The same texts are also scored alone, so the loss from the surrounding text shows
-directly. Everything is drawn from a fixed seed (ROBUSTNESS_SEED), so every run, whatever its train.seed, and
-every aggregation sees the same documents. This module only evaluates; hidden-text training
-(`berth.finetune.extra_text`) builds its own documents from the training split and the train share.
+the start, in the middle or at the end of other text, filled to between 3 and 8 windows
+(`berth.finetune.hidden_text`), in two evaluations:
+
+- news: paragraphs from another source (People's Daily's test share by default, or `data.distractors` = a file of
+  one paragraph a line);
+- in_domain (`data.in_domain_robustness`): sentences of the task's own validation texts that carry no verdict by
+  the rule of `berth.finetune.neutral_text`, the text a reader of the task's domain writes around a verdict.
+
+The same texts are also scored alone, so the loss from the surrounding text shows directly. Everything is drawn
+from a fixed seed (ROBUSTNESS_SEED), so every run, whatever its train.seed, and every aggregation sees the same
+documents. This module only evaluates; hidden-text training (`berth.finetune.extra_text`) builds its own documents
+from the training split.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Protocol
 
 import numpy as np
@@ -21,12 +28,17 @@ from transformers import PreTrainedTokenizerBase
 from berth.finetune.batching import evaluating
 from berth.finetune.config import FinetuneConfig
 from berth.finetune.hidden_text import POSITIONS, HiddenSet, build_documents, distractor_paragraphs, encode_hidden
+from berth.finetune.neutral_text import MIN_NEUTRAL_SENTENCES, evaluation_sentences
 from berth.finetune.pooling import WINDOW_AGGREGATIONS, combine_windows, document_logits, window_outputs
 from berth.finetune.windows import Encoded, WindowSettings, encode_texts
+
+logger = logging.getLogger(__name__)
 
 # The evaluation's draw, fixed: it does not move with train.seed, so runs of different seeds (and their
 # differences) are measured on the same documents, pairwise.
 ROBUSTNESS_SEED = 0
+# results.json keys of the two evaluations
+NEWS, IN_DOMAIN = "robustness", "robustness_in_domain"
 
 
 class EvaluatedTask(Protocol):
@@ -40,13 +52,32 @@ class EvaluatedTask(Protocol):
     splits: dict[str, Encoded]
 
 
-def robustness_set(task: EvaluatedTask) -> tuple[HiddenSet, str]:
-    """The test texts hidden among distractor paragraphs, and the paragraphs' source; empty without them.
-    Drawn from ROBUSTNESS_SEED, not train.seed: runs of different seeds are scored on the same documents."""
-    paragraphs, source = distractor_paragraphs(task.cfg.data.distractors, task.tokenizer)
-    if not paragraphs:
-        return HiddenSet(), ""
-    docs = build_documents(
+def robustness_sets(task: EvaluatedTask) -> dict[str, tuple[HiddenSet, str]]:
+    """results key -> (the test texts hidden among the evaluation's surrounding text, that text's source), for the
+    evaluations the config asks for and has text for. Drawn from ROBUSTNESS_SEED, not train.seed: runs of
+    different seeds are scored on the same documents."""
+    data, out = task.cfg.data, {}
+    paragraphs, source = distractor_paragraphs(data.distractors, task.tokenizer)
+    if paragraphs:
+        out[NEWS] = (robustness_set(task, paragraphs), source)
+    if data.in_domain_robustness:
+        sentences = evaluation_sentences(
+            task.texts["train"], task.splits["train"].doc_labels, task.texts["validation"], ROBUSTNESS_SEED
+        )
+        if len(sentences) >= MIN_NEUTRAL_SENTENCES:
+            out[IN_DOMAIN] = (robustness_set(task, sentences), "validation sentences left undecided")
+        else:
+            logger.warning(
+                "in-domain robustness skipped: %d neutral validation sentences, fewer than %d",
+                len(sentences),
+                MIN_NEUTRAL_SENTENCES,
+            )
+    return out
+
+
+def robustness_set(task: EvaluatedTask, paragraphs: list[str]) -> HiddenSet:
+    """The test texts hidden among `paragraphs`."""
+    return build_documents(
         task.texts["test"],
         task.splits["test"].doc_labels,
         paragraphs,
@@ -55,17 +86,23 @@ def robustness_set(task: EvaluatedTask) -> tuple[HiddenSet, str]:
         task.cfg.data.robustness_docs,
         ROBUSTNESS_SEED,
     )
-    return docs, source
 
 
 def evaluate_robustness(task: EvaluatedTask, model: torch.nn.Module, acc: Any, batch_size: int) -> dict[str, Any]:
-    """Accuracy by aggregation on test texts hidden at the start, middle and end of unrelated text 3-8 windows
-    long, beside the same texts alone; empty without distractor paragraphs. Each document window runs through
-    the model once."""
+    """results key -> `evaluate_hidden` of each evaluation the config asks for (none without their text)."""
+    return {
+        key: evaluate_hidden(task, model, acc, batch_size, docs, source)
+        for key, (docs, source) in robustness_sets(task).items()
+        if docs.alone
+    }
+
+
+def evaluate_hidden(
+    task: EvaluatedTask, model: torch.nn.Module, acc: Any, batch_size: int, docs: HiddenSet, source: str
+) -> dict[str, Any]:
+    """Accuracy by aggregation on test texts hidden at the start, middle and end of other text 3-8 windows
+    long, beside the same texts alone. Each document window runs through the model once."""
     data = task.cfg.data
-    docs, source = robustness_set(task)
-    if not docs.alone:
-        return {}
     pad = task.tokenizer.pad_token_id
     hows = (*WINDOW_AGGREGATIONS, task.pooling) if task.pooling else WINDOW_AGGREGATIONS
     encoded, found = encode_hidden(task.tokenizer, docs, task.settings)
@@ -108,6 +145,7 @@ def evaluate_robustness(task: EvaluatedTask, model: torch.nn.Module, acc: Any, b
         "source": source,
         "hidden_training": data.hidden_training,  # what the model was trained with, for the report
         "hidden_weight": data.hidden_weight,
+        "hidden_filler": data.hidden_filler,
         "texts": len(docs.alone),
         "windows": {"min": min(windows), "mean": round(sum(windows) / len(windows), 2), "max": max(windows)},
         "accuracy": by_position(hidden),

@@ -134,11 +134,18 @@ def test_quick_demo_runs_every_stage_writes_the_report_then_reuses(tmp_path, cap
         assert (tmp_path / run / "final" / "model.safetensors").is_file()
     assert "berth finetune configs/finetune/peoples_daily_ner.yaml" in report
     assert "trained with `data.hidden_training=0.3` and `data.hidden_weight=0.75`" in report  # the shipped config's
-    # the exported aggregation's row ends with the reviews at the end scored from their own windows only
-    robustness = json.loads((tmp_path / "sentiment" / "eval_results.json").read_text())["robustness"]
-    own = robustness["text_windows_only"]["end"]["margin"]
+    # the exported aggregation's row: the reviews alone, then per evaluation (news, in-domain) each position and
+    # the reviews at the end scored from their own windows only
+    evaluated = json.loads((tmp_path / "sentiment" / "eval_results.json").read_text())
+    assert evaluated["robustness_in_domain"]["source"] == "validation sentences left undecided"
+    cells = [evaluated["robustness"]["alone"]["margin"]]
+    for key in ("robustness", "robustness_in_domain"):
+        found = evaluated[key]
+        cells += [found["accuracy"][place]["margin"] for place in ("start", "middle", "end")]
+        cells.append(found["text_windows_only"]["end"]["margin"])
     [row] = [line for line in report.splitlines() if line.startswith("| most decided window (exported) |")]
-    assert row.endswith(f" | {100 * robustness['accuracy']['end']['margin']:.1f}% | {100 * own:.1f}% |")
+    assert row == "| most decided window (exported) | " + " | ".join(f"{100 * v:.1f}%" for v in cells) + " |"
+    assert "test reviews at the end of 3-8 windows of in-domain neutral sentences (most decided window" in first
     assert "building every stage" in report and "reusing" not in report
     # where the minutes went: one row per stage, in order
     section = report.split("## Where the time went")[1].split("\n## ")[0]

@@ -243,6 +243,21 @@ NEEDS_WINDOWS = "trains on single texts among unrelated text; it needs data.long
             "data.distractors=news.txt does nothing with data.robustness_docs=0",
         ),
         (
+            ["data.in_domain_robustness=false", "data.robustness_docs=0"],
+            ["data.in_domain_robustness=false"],
+            "data.in_domain_robustness=false does nothing with data.robustness_docs=0",
+        ),
+        (
+            ["data.hidden_filler=in_domain"],
+            ["data.hidden_filler=in_domain", "data.hidden_training=0.3"],
+            "data.hidden_filler=in_domain does nothing with data.hidden_training=0",
+        ),
+        (
+            ["data.outlier_text=news.txt", "data.hidden_training=0.3", "data.hidden_filler=in_domain"],
+            ["data.outlier_text=news.txt", "data.hidden_training=0.3", "data.hidden_filler=both"],
+            "data.outlier_text=news.txt does nothing with data.outlier_exposure=0 and data.hidden_filler=in_domain",
+        ),
+        (
             ["train.compare_truncation=true", "data.text_pair_column=b"],
             ["train.compare_truncation=true"],
             f"train.compare_truncation=true does nothing with {SINGLE}",

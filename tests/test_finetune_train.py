@@ -847,12 +847,13 @@ def test_the_robustness_documents_do_not_move_with_the_training_seed(tiny, tmp_p
     """Runs of different train.seed are compared on the same hidden documents."""
     from berth.finetune.classification import ClassificationTask
     from berth.finetune.hidden_text import build_documents, distractor_paragraphs
-    from berth.finetune.robustness import robustness_set
+    from berth.finetune.robustness import NEWS, robustness_sets
 
     tokenizer = load_tokenizer(tiny / "ckpt")
 
     def documents(*overrides: str) -> list[str]:
-        docs, source = robustness_set(ClassificationTask(review_config(tiny, tmp_path / "r", *overrides), tokenizer))
+        sets = robustness_sets(ClassificationTask(review_config(tiny, tmp_path / "r", *overrides), tokenizer))
+        docs, source = sets[NEWS]
         assert source == "peoples_daily"
         return docs.texts
 

@@ -70,7 +70,7 @@ def test_every_evaluation_under_a_sharding_engine_finishes_and_equals_one_proces
     two = json.loads((tmp_path / "two.json").read_text())
     assert two["pretraining"]["1"]["mlm_loss"] > 0
     assert two["classification"]["17"]["metrics"]["long_count"] > 0  # documents longer than one window
-    assert two["classification"]["robustness"]  # the hidden-text documents were built and evaluated
+    assert two["classification"]["robustness"]["robustness"]["texts"] > 0  # hidden-text documents were evaluated
     _close(two, one)
 
 

@@ -167,67 +167,91 @@ def plot_long_texts(run: Path, target: Path) -> None:
 
 
 PLACES = ("alone", "start", "middle", "end")
+# eval_results.json keys of the two robustness evaluations (berth.finetune.robustness), and what each hides among
+EVALUATIONS = (("robustness", "news"), ("robustness_in_domain", "in-domain neutral sentences"))
+HIDDEN_FILLERS = {
+    "unrelated": "paragraphs of People's Daily's train share",
+    "in_domain": "neutral sentences of the training reviews",
+    "both": "People's Daily paragraphs (half of them) and neutral sentences of the training reviews (the other half)",
+}
 
 
-def robustness_rows(run: Path) -> list[tuple[str, list[float | None]]]:
-    """(aggregation, accuracy of the test reviews alone and hidden at the start, middle, end of unrelated text)."""
-    found = results(run).get("robustness", {})
+def robustness_rows(run: Path, key: str = "robustness") -> list[tuple[str, list[float | None]]]:
+    """(aggregation, accuracy of the test reviews alone and hidden at the start, middle, end of the evaluation's
+    surrounding text); empty when the run has no such evaluation."""
+    found = results(run).get(key, {})
     if not found:
         return []
     table = {"alone": found["alone"], **found["accuracy"]}
     return [(how, [table[place].get(how) for place in PLACES]) for how in found["alone"]]
 
 
-def own_windows_at_end(run: Path) -> dict[str, float]:
-    """Accuracy at the end with only the windows that hold the review, by aggregation (empty for older runs)."""
-    return results(run).get("robustness", {}).get("text_windows_only", {}).get("end", {})
+def own_windows_at_end(run: Path, key: str = "robustness") -> dict[str, float]:
+    """Accuracy at the end with only the windows that hold the review, by aggregation."""
+    return results(run).get(key, {}).get("text_windows_only", {}).get("end", {})
 
 
 def plot_robustness(run: Path, target: Path) -> None:
+    """One panel per robustness evaluation the run has, the same axes."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    for how, values in robustness_rows(run):
-        ax.plot(range(len(PLACES)), values, marker="o", label=AGGREGATION_NAMES.get(how, how))
-    ax.axhline(0.5, color="gray", linestyle=":", linewidth=1)  # chance for two balanced classes
-    ax.set_xticks(range(len(PLACES)), ["review alone", "at the start", "in the middle", "at the end"])
-    ax.set(ylim=(0, 1.05), ylabel="accuracy", title="A review hidden in 3-8 windows of People's Daily")
-    ax.legend(fontsize=7, loc="lower left")
+    panels = [(key, name) for key, name in EVALUATIONS if robustness_rows(run, key)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 3.6), squeeze=False)
+    for ax, (key, name) in zip(axes[0], panels, strict=True):
+        for how, values in robustness_rows(run, key):
+            ax.plot(range(len(PLACES)), values, marker="o", label=AGGREGATION_NAMES.get(how, how))
+        ax.axhline(0.5, color="gray", linestyle=":", linewidth=1)  # chance for two balanced classes
+        ax.set_xticks(range(len(PLACES)), ["review alone", "at the start", "in the middle", "at the end"])
+        ax.set(ylim=(0, 1.05), ylabel="accuracy", title=f"A review hidden in 3-8 windows of {name}")
+        ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     fig.savefig(target, dpi=110)
     plt.close(fig)
 
 
 def robustness_section(run: Path) -> str:
-    rows = robustness_rows(run)
-    if not rows:
+    news, domain = (robustness_rows(run, key) for key, _ in EVALUATIONS)
+    if not (news or domain):
         return ""
-    found = results(run)["robustness"]
+    first = results(run)[EVALUATIONS[0][0] if news else EVALUATIONS[1][0]]
     chosen = results(run).get("test", {}).get("aggregation", "")
+    rows = news or domain
     marked = {how: AGGREGATION_NAMES.get(how, how) + (" (exported)" if how == chosen else "") for how, _ in rows}
-    own = own_windows_at_end(run)
-    lines = "\n".join(
-        f"| {marked[how]} | " + " | ".join(_pct(v) for v in [*values, own.get(how)]) + " |" for how, values in rows
+    by_key = {key: dict(robustness_rows(run, key)) for key, _ in EVALUATIONS}
+    own = {key: own_windows_at_end(run, key) for key, _ in EVALUATIONS}
+    present = [(key, name) for key, name in EVALUATIONS if by_key[key]]
+    header = "| aggregation | alone | " + " | ".join(
+        f"{name}: start | middle | end | end, own windows" for _, name in present
     )
-    windows = found["windows"]
-    share, weight = found.get("hidden_training", 0), found.get("hidden_weight", 1.0)
+    cells = []
+    for how, values in rows:
+        cells.append(
+            f"| {marked[how]} | {_pct(values[0])} | "
+            + " | ".join(" | ".join(_pct(v) for v in [*by_key[key][how][1:], own[key].get(how)]) for key, _ in present)
+            + " |"
+        )
+    windows = first["windows"]
+    share, weight = first.get("hidden_training", 0), first.get("hidden_weight", 1.0)
+    filler = HIDDEN_FILLERS[first.get("hidden_filler", "unrelated")]
     weighed = f" and `data.hidden_weight={weight}`" if weight != 1.0 else ""
     trained = (
         f"The model was trained with `data.hidden_training={share}`{weighed}: {share} x the training reviews also "
-        "hidden among paragraphs of People's Daily's train share (docs/finetuning.md, hidden-text training)."
+        f"hidden among {filler} (docs/finetuning.md, hidden-text training)."
         if share
         else "The model was trained on the reviews alone."
     )
     return f"""### Long documents whose verdict comes late
 
-{found["texts"]} test reviews, each hidden at the start, in the middle and at the end of unrelated People's Daily
-paragraphs from its test share ({windows["min"]}-{windows["max"]} windows, {windows["mean"]} on average), beside the
-same reviews alone; the same fine-tuned model, each way of combining its windows. {trained} The last column
-scores the reviews at the end from only the windows that hold some of the review: what stays below `alone` there is
-lost inside those windows, which no way of combining windows can win back.
+{first["texts"]} test reviews, each hidden at the start, in the middle and at the end of other text
+({windows["min"]}-{windows["max"]} windows, {windows["mean"]} on average), beside the same reviews alone; the same
+fine-tuned model, each way of combining its windows. Two kinds of surrounding text: **news** (People's Daily
+paragraphs from its test share) and **in-domain** (sentences of the validation reviews that a TF-IDF model trained
+on the training reviews leaves undecided: the description a reviewer writes around a verdict, docs/finetuning.md).
+{trained} The "own windows" columns score the reviews at the end from only the windows that hold some of the
+review: what stays below `alone` there is lost inside those windows, which no way of combining windows can win back.
 
-| aggregation | alone | start | middle | end | end, the review's windows only |
-|---|---|---|---|---|---|
-{lines}
+{header} |
+|{"---|" * (2 + 4 * len(present))}
+{chr(10).join(cells)}
 
 ![robustness](plots/robustness.png)
 """
@@ -290,11 +314,13 @@ def summary_table(runs: DemoRuns) -> str:
         ("Long test reviews: head truncation", _pct(truncated.get("head", {}).get("long_accuracy"))),
         ("Long test reviews: TF-IDF yardstick", _pct(yard.get("long_accuracy"))),
     ]
-    hidden = sentiment.get("robustness", {})
-    if chosen in hidden.get("alone", {}):
+    for key, name in EVALUATIONS:
+        hidden = sentiment.get(key, {})
+        if chosen not in hidden.get("alone", {}):
+            continue
         rows.append(
             (
-                f"{hidden['texts']} test reviews at the end of 3-8 windows of news ({named}; alone: "
+                f"{hidden['texts']} test reviews at the end of 3-8 windows of {name} ({named}; alone: "
                 f"{_pct(hidden['alone'][chosen])})",
                 _pct(hidden["accuracy"]["end"][chosen]),
             )
