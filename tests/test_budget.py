@@ -12,7 +12,7 @@ from berth.core.errors import BerthError
 from berth.pretrain.config import PretrainConfig
 from berth.pretrain.train import pretrain
 from berth.runtime import loop as loop_module
-from berth.runtime.budget import PROBE_SKIP, PROBE_STEPS, StepBudget
+from berth.runtime.budget import PROBE_MAX_STEPS, PROBE_SKIP, PROBE_STEPS, StepBudget
 from berth.runtime.config import TrainConfig
 from berth.runtime.schedules import lr_multiplier
 from berth.runtime.tracking import read_metrics
@@ -44,6 +44,49 @@ def test_the_count_is_fixed_once_from_the_probes_steps_and_the_slowest_process()
     at_probe_end = PROBE_SKIP * 5.0 + (PROBE_STEPS - PROBE_SKIP) * 0.1
     assert [f for f in fixed if f] == [PROBE_STEPS + int((60 - at_probe_end) / 0.3)]
     assert [i + 1 for i, f in enumerate(fixed) if f] == [PROBE_STEPS]  # fixed once, after the probe's last step
+
+
+@pytest.mark.parametrize(("warmup", "end"), [(0, PROBE_STEPS), (40, 40), (300, PROBE_MAX_STEPS)])
+def test_the_probe_times_the_warm_up_between_its_shortest_and_longest(warmup, end):
+    """The probe runs to the end of the warm-up (whose LR does not depend on the count), at least PROBE_STEPS and at
+    most PROBE_MAX_STEPS; its rate is the mean of every step after the first PROBE_SKIP."""
+
+    class OneProcess:
+        device = torch.device("cpu")
+        is_main_process = True
+
+        @staticmethod
+        def reduce(tensor, reduction):
+            return tensor
+
+    budget = StepBudget(minutes=10, cap=100_000, warmup=warmup)
+    seconds, fixed = 0.0, []
+    for step in range(1, 150):
+        seconds += 5.0 if step <= PROBE_SKIP else (0.125 if step % 2 else 0.375)  # two lengths in turn, exact in binary
+        fixed.append(budget.observe(step, seconds, OneProcess()))
+    assert [i + 1 for i, f in enumerate(fixed) if f] == [end]
+    timed = [0.125 if step % 2 else 0.375 for step in range(PROBE_SKIP + 1, end + 1)]
+    rate = sum(timed) / len(timed)
+    left = 600 - (PROBE_SKIP * 5.0 + sum(timed))
+    assert [f for f in fixed if f] == [end + int(left / rate)]
+
+
+def test_a_run_resumed_inside_the_probe_times_the_steps_after_its_own_first():
+    class OneProcess:
+        device = torch.device("cpu")
+        is_main_process = True
+
+        @staticmethod
+        def reduce(tensor, reduction):
+            return tensor
+
+    budget = StepBudget(minutes=10, cap=100_000, warmup=300)
+    seconds, fixed = 100.0, []  # the time of the 50 steps before the checkpoint, slow ones included
+    for step in range(51, 120):
+        seconds += 4.0 if step == 51 else 0.25  # the resumed run's first step loads and draws
+        fixed.append(budget.observe(step, seconds, OneProcess()))
+    left = 600 - (100.0 + 4.0 + 49 * 0.25)
+    assert [f for f in fixed if f] == [PROBE_MAX_STEPS + int(left / 0.25)]
 
 
 def test_settings_a_budget_cannot_use_are_refused():
