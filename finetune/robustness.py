@@ -151,4 +151,12 @@ def evaluate_hidden(
         "accuracy": by_position(hidden),
         "text_windows_only": by_position(own_logits),
         "alone": {how: accuracy(alone_logits[how], torch.tensor(docs.alone_labels)) for how in hows},
+        # per document, in the draw's order (the same for every run): for paired comparisons between runs
+        "right": {how: right(hidden[how], labels) for how in hows},
+        "alone_right": {how: right(alone_logits[how], torch.tensor(docs.alone_labels)) for how in hows},
     }
+
+
+def right(logits: torch.Tensor, labels: torch.Tensor) -> str:
+    """[D, C] logits and [D] labels -> one character per document, 1 where the argmax is the label, else 0."""
+    return "".join("1" if ok else "0" for ok in (logits.argmax(-1) == labels).tolist())

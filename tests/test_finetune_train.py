@@ -820,6 +820,13 @@ def test_robustness_is_reported_and_predict_agrees_on_its_documents(review_run, 
         rows = [d for d, p in enumerate(docs.positions) if p == position]
         right = sum(index[predicted[d]["label"]] == docs.labels[d] for d in rows) / len(rows)
         assert robustness["accuracy"][position][chosen] == pytest.approx(right, abs=1e-9)
+    # document by document, for paired comparisons between runs
+    marks = "".join("1" if index[predicted[d]["label"]] == docs.labels[d] else "0" for d in range(len(docs.texts)))
+    assert robustness["right"][chosen] == marks
+    for how, alone in robustness["alone_right"].items():
+        assert len(alone) == robustness["texts"] and alone.count("1") / len(alone) == pytest.approx(
+            robustness["alone"][how]
+        )
 
     # the same documents from only the windows holding some of the review: the export's window logits, by hand
     from berth.finetune.hidden_text import text_windows
