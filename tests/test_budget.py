@@ -152,3 +152,23 @@ def test_a_resumed_budgeted_run_keeps_the_count_and_ends_with_the_same_weights(s
     # the LR logged after step k is the one step k + 1 uses: steps 41 to 44 learn (the last ends the decay at 0)
     assert [m["step"] for m in logged[39:43]] == [40, 41, 42, 43] and all(m["lr"] > 0 for m in logged[39:43])
     assert_same_weights(weights(budgeted), weights(resumed))
+
+
+@pytest.mark.slow
+def test_two_processes_of_unequal_clocks_fix_one_count_and_end_together(setup, tmp_path):  # noqa: F811
+    """Launched on 2 processes whose clocks differ (the second's runs 1.5x fast: tests/budget_ranks.py), each
+    times its own steps; both take the slowest rate, plan the same count, run it and end. A process planning its
+    own count would stop while the other waits in a collective."""
+    from conftest import launch_two_processes
+
+    _, base = setup
+    run = tmp_path / "run"
+    args = ["configs/pretrain/mini_zh.yaml", *base, f"output_dir={run}", "train.budget_minutes=0.25"]
+    args += ["train.max_steps=100000", "train.warmup_steps=4", "train.eval_every=0", "train.save_every=100000"]
+    result = launch_two_processes("tests/budget_ranks.py", args, script=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [line] = [x for x in result.stderr.splitlines() if "the schedule follows" in x]  # logged once, by the main one
+    total = int(line.rsplit("follows ", 1)[1].split()[0])
+    state = json.loads((sorted((run / "checkpoints").glob("step-*"))[-1] / "state.json").read_text())
+    assert state["planned_steps"] == state["step"] == total > PROBE_STEPS
+    assert "2 processes" in result.stderr

@@ -50,9 +50,11 @@ class StepBudget:
             return 0
         after, at = self.skipped or (0, 0.0)
         timed = step - after
-        local = torch.tensor((step_seconds - at) / timed if timed else step_seconds / step, device=acc.device)
-        per_step = acc.reduce(local.reshape(1), reduction="max").item()  # every process takes the same count
-        return self.fit(step, step_seconds, per_step, acc.is_main_process)
+        rate = (step_seconds - at) / timed if timed else step_seconds / step
+        # every process fits the count from the same figures, the slowest process's: each times its own steps, and
+        # counts fitted from figures a few ms apart can differ by one, which leaves a process waiting forever
+        agreed = acc.reduce(torch.tensor([rate, step_seconds], device=acc.device), reduction="max")
+        return self.fit(step, float(agreed[1]), float(agreed[0]), acc.is_main_process)
 
     def fit(self, step: int, step_seconds: float, per_step: float, log: bool = True) -> int:
         """The step count whose remaining steps at `per_step` seconds fill what is left of the budget."""
