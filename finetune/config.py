@@ -100,12 +100,12 @@ class TaskData:
     # The weight of each hidden-text unit in the loss (0-1], the training texts' being 1: below 1 it trades some
     # accuracy where the verdict comes late for less drift on natural text (docs/finetuning.md).
     hidden_weight: float = 1.0
-    # Where the unrelated text of both comes from: auto (People's Daily's train share, for a tokenizer that covers
-    # Chinese; never the test share the robustness evaluation uses), or a UTF-8 file with one paragraph a line.
     # What hidden-text training hides training texts among: unrelated (data.outlier_text), in_domain (sentences of
     # the training texts that a TF-IDF model trained on the other half leaves undecided: berth.finetune.neutral_text)
     # or both (half the documents each).
     hidden_filler: Literal["unrelated", "in_domain", "both"] = "unrelated"
+    # Where the unrelated text of both comes from: auto (People's Daily's train share, for a tokenizer that covers
+    # Chinese; never the test share the robustness evaluation uses), or a UTF-8 file with one paragraph a line.
     outlier_text: str = "auto"
 
     def __post_init__(self) -> None:
