@@ -12,7 +12,7 @@ from berth.core.errors import BerthError
 from berth.pretrain.config import PretrainConfig
 from berth.pretrain.train import pretrain
 from berth.runtime import loop as loop_module
-from berth.runtime.budget import PROBE_MAX_STEPS, PROBE_SKIP, PROBE_STEPS, StepBudget
+from berth.runtime.budget import PROBE_SKIP, PROBE_STEPS, StepBudget
 from berth.runtime.config import TrainConfig
 from berth.runtime.schedules import lr_multiplier
 from berth.runtime.tracking import read_metrics
@@ -46,10 +46,10 @@ def test_the_count_is_fixed_once_from_the_probes_steps_and_the_slowest_process()
     assert [i + 1 for i, f in enumerate(fixed) if f] == [PROBE_STEPS]  # fixed once, after the probe's last step
 
 
-@pytest.mark.parametrize(("warmup", "end"), [(0, PROBE_STEPS), (40, 40), (300, PROBE_MAX_STEPS)])
+@pytest.mark.parametrize(("warmup", "end"), [(0, PROBE_STEPS), (40, 40), (300, 300)])
 def test_the_probe_times_the_warm_up_between_its_shortest_and_longest(warmup, end):
-    """The probe runs to the end of the warm-up (whose LR does not depend on the count), at least PROBE_STEPS and at
-    most PROBE_MAX_STEPS; its rate is the mean of every step after the first PROBE_SKIP."""
+    """The probe runs to the end of the warm-up (whose LR does not depend on the count), at least PROBE_STEPS; its
+    rate is the mean of every step after the first PROBE_SKIP."""
 
     class OneProcess:
         device = torch.device("cpu")
@@ -61,7 +61,7 @@ def test_the_probe_times_the_warm_up_between_its_shortest_and_longest(warmup, en
 
     budget = StepBudget(minutes=10, cap=100_000, warmup=warmup)
     seconds, fixed = 0.0, []
-    for step in range(1, 150):
+    for step in range(1, 400):
         seconds += 5.0 if step <= PROBE_SKIP else (0.125 if step % 2 else 0.375)  # two lengths in turn, exact in binary
         fixed.append(budget.observe(step, seconds, OneProcess()))
     assert [i + 1 for i, f in enumerate(fixed) if f] == [end]
@@ -82,11 +82,11 @@ def test_a_run_resumed_inside_the_probe_times_the_steps_after_its_own_first():
 
     budget = StepBudget(minutes=10, cap=100_000, warmup=300)
     seconds, fixed = 100.0, []  # the time of the 50 steps before the checkpoint, slow ones included
-    for step in range(51, 120):
+    for step in range(51, 320):
         seconds += 4.0 if step == 51 else 0.25  # the resumed run's first step loads and draws
         fixed.append(budget.observe(step, seconds, OneProcess()))
-    left = 600 - (100.0 + 4.0 + 49 * 0.25)
-    assert [f for f in fixed if f] == [PROBE_MAX_STEPS + int(left / 0.25)]
+    left = 600 - (100.0 + 4.0 + 249 * 0.25)
+    assert [f for f in fixed if f] == [300 + int(left / 0.25)]
 
 
 def test_settings_a_budget_cannot_use_are_refused():
