@@ -26,21 +26,27 @@ def test_the_steps_that_fit_what_is_left_of_the_budget():
         StepBudget(minutes=0.1, cap=1000, warmup=50).fit(12, 5.5, 0.5, log=False)
 
 
+class Processes:
+    """What StepBudget reads of an Accelerator: this process alone, or beside another whose figures are `other`
+    (every figure is max-reduced across processes)."""
+
+    device = torch.device("cpu")
+    is_main_process = True
+
+    def __init__(self, other: float | None = None):
+        self.other = other
+
+    def reduce(self, tensor, reduction):
+        assert reduction == "max"
+        return tensor if self.other is None else torch.maximum(tensor, torch.tensor([self.other]))
+
+
 def test_the_count_is_fixed_once_from_the_probes_steps_and_the_slowest_process():
-    class TwoProcesses:  # the other process took 0.3 s a step
-        device = torch.device("cpu")
-        is_main_process = True
-
-        @staticmethod
-        def reduce(tensor, reduction):
-            assert reduction == "max"
-            return torch.maximum(tensor, torch.tensor([0.3]))
-
     budget = StepBudget(minutes=1, cap=10_000, warmup=0)
     seconds, fixed = 0.0, []
     for step in range(1, 30):
         seconds += 5.0 if step <= PROBE_SKIP else 0.1  # slow first steps are left out of the rate
-        fixed.append(budget.observe(step, seconds, TwoProcesses()))
+        fixed.append(budget.observe(step, seconds, Processes(other=0.3)))  # the other took 0.3 s a step
     at_probe_end = PROBE_SKIP * 5.0 + (PROBE_STEPS - PROBE_SKIP) * 0.1
     assert [f for f in fixed if f] == [PROBE_STEPS + int((60 - at_probe_end) / 0.3)]
     assert [i + 1 for i, f in enumerate(fixed) if f] == [PROBE_STEPS]  # fixed once, after the probe's last step
@@ -51,19 +57,11 @@ def test_the_probe_times_the_warm_up_between_its_shortest_and_longest(warmup, en
     """The probe runs to the end of the warm-up (whose LR does not depend on the count), at least PROBE_STEPS; its
     rate is the mean of every step after the first PROBE_SKIP."""
 
-    class OneProcess:
-        device = torch.device("cpu")
-        is_main_process = True
-
-        @staticmethod
-        def reduce(tensor, reduction):
-            return tensor
-
     budget = StepBudget(minutes=10, cap=100_000, warmup=warmup)
     seconds, fixed = 0.0, []
     for step in range(1, 400):
         seconds += 5.0 if step <= PROBE_SKIP else (0.125 if step % 2 else 0.375)  # two lengths in turn, exact in binary
-        fixed.append(budget.observe(step, seconds, OneProcess()))
+        fixed.append(budget.observe(step, seconds, Processes()))
     assert [i + 1 for i, f in enumerate(fixed) if f] == [end]
     timed = [0.125 if step % 2 else 0.375 for step in range(PROBE_SKIP + 1, end + 1)]
     rate = sum(timed) / len(timed)
@@ -72,19 +70,11 @@ def test_the_probe_times_the_warm_up_between_its_shortest_and_longest(warmup, en
 
 
 def test_a_run_resumed_inside_the_probe_times_the_steps_after_its_own_first():
-    class OneProcess:
-        device = torch.device("cpu")
-        is_main_process = True
-
-        @staticmethod
-        def reduce(tensor, reduction):
-            return tensor
-
     budget = StepBudget(minutes=10, cap=100_000, warmup=300)
     seconds, fixed = 100.0, []  # the time of the 50 steps before the checkpoint, slow ones included
     for step in range(51, 320):
         seconds += 4.0 if step == 51 else 0.25  # the resumed run's first step loads and draws
-        fixed.append(budget.observe(step, seconds, OneProcess()))
+        fixed.append(budget.observe(step, seconds, Processes()))
     left = 600 - (100.0 + 4.0 + 249 * 0.25)
     assert [f for f in fixed if f] == [300 + int(left / 0.25)]
 
