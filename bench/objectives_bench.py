@@ -24,6 +24,7 @@ from berth.finetune.config import FinetuneConfig
 from berth.finetune.train import finetune
 from berth.pretrain.config import PretrainConfig
 from berth.pretrain.train import pretrain
+from berth.runtime.tracking import read_metrics
 from berth.tokenizer.config import TokenizerJobConfig
 from berth.tokenizer.train import train_tokenizer
 
@@ -70,7 +71,7 @@ def main() -> None:
             )
             pretrain(cfg)
             print(f"{name}: pretrained in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
-        metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        metrics = read_metrics(run)
         steps = [m for m in metrics if "loss" in m]
         evals = [m for m in metrics if "eval_mlm_accuracy" in m]
         state = sorted((run / "checkpoints").glob("step-*"))[-1] / "state.json"

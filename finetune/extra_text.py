@@ -143,11 +143,9 @@ def hidden_documents(
     count: int,
     seed: int,
 ) -> HiddenSet:
-    """`count` training texts, each hidden at one drawn position among the text of one pool. With two pools the
-    texts are dealt into two seeded halves, each hidden among one pool's text (half the documents each), so no
-    text is hidden twice."""
-    if len(pools) == 1:
-        return build_documents(texts, labels, pools[0][0], tokenizer, settings, count, seed, every_position=False)
+    """`count` training texts, each hidden at one drawn position among the text of one pool. The texts are dealt
+    into one seeded share per pool, each hidden among that pool's text (with two pools, half the documents each),
+    so no text is hidden twice; with one pool every text is in its share, in order."""
     half = np.random.default_rng([seed, 23]).permutation(len(texts)) % len(pools)  # [N] the pool of each text
     out = HiddenSet()
     for part, (pool, _) in enumerate(pools):

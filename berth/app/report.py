@@ -194,10 +194,10 @@ def own_windows_at_end(run: Path, key: str = "robustness") -> dict[str, float]:
 def plot_robustness(run: Path, target: Path) -> None:
     """One panel per robustness evaluation the run has, the same axes."""
     plt = _plt()
-    panels = [(key, name) for key, name in EVALUATIONS if robustness_rows(run, key)]
+    panels = [(name, rows) for key, name in EVALUATIONS if (rows := robustness_rows(run, key))]
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 3.6), squeeze=False)
-    for ax, (key, name) in zip(axes[0], panels, strict=True):
-        for how, values in robustness_rows(run, key):
+    for ax, (name, rows) in zip(axes[0], panels, strict=True):
+        for how, values in rows:
             ax.plot(range(len(PLACES)), values, marker="o", label=AGGREGATION_NAMES.get(how, how))
         ax.axhline(0.5, color="gray", linestyle=":", linewidth=1)  # chance for two balanced classes
         ax.set_xticks(range(len(PLACES)), ["review alone", "at the start", "in the middle", "at the end"])
@@ -209,23 +209,22 @@ def plot_robustness(run: Path, target: Path) -> None:
 
 
 def robustness_section(run: Path) -> str:
-    news, domain = (robustness_rows(run, key) for key, _ in EVALUATIONS)
-    if not (news or domain):
+    by_key = {key: dict(rows) for key, _ in EVALUATIONS if (rows := robustness_rows(run, key))}
+    present = [(key, name) for key, name in EVALUATIONS if key in by_key]
+    if not present:
         return ""
-    first = results(run)[EVALUATIONS[0][0] if news else EVALUATIONS[1][0]]
-    chosen = results(run).get("test", {}).get("aggregation", "")
-    rows = news or domain
-    marked = {how: AGGREGATION_NAMES.get(how, how) + (" (exported)" if how == chosen else "") for how, _ in rows}
-    by_key = {key: dict(robustness_rows(run, key)) for key, _ in EVALUATIONS}
-    own = {key: own_windows_at_end(run, key) for key, _ in EVALUATIONS}
-    present = [(key, name) for key, name in EVALUATIONS if by_key[key]]
+    found = results(run)
+    own = {key: own_windows_at_end(run, key) for key, _ in present}
+    first = found[present[0][0]]
+    chosen = found.get("test", {}).get("aggregation", "")
     header = "| aggregation | alone | " + " | ".join(
         f"{name}: start | middle | end | end, own windows" for _, name in present
     )
     cells = []
-    for how, values in rows:
+    for how, values in by_key[present[0][0]].items():
+        marked = AGGREGATION_NAMES.get(how, how) + (" (exported)" if how == chosen else "")
         cells.append(
-            f"| {marked[how]} | {_pct(values[0])} | "
+            f"| {marked} | {_pct(values[0])} | "
             + " | ".join(" | ".join(_pct(v) for v in [*by_key[key][how][1:], own[key].get(how)]) for key, _ in present)
             + " |"
         )
