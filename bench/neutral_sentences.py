@@ -10,6 +10,7 @@ order the documents take them.
 from __future__ import annotations
 
 import argparse
+import logging
 
 from berth.core.config import load_config
 from berth.finetune.config import FinetuneConfig
@@ -25,6 +26,7 @@ def main() -> None:
     parser.add_argument("--show", type=int, default=20)
     parser.add_argument("--pool", choices=("evaluation", "training"), default="evaluation")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the rule's count: kept of all sentences
     cfg = load_config(FinetuneConfig, args.config, args.overrides)
     splits = load_splits(cfg.data)
     train = check_texts(splits["train"], cfg.data.text_column)
