@@ -12,6 +12,8 @@ from torch.nn.attention.flex_attention import BlockMask
 
 from berth.core.models import HFModel
 from berth.pretrain.document_mask import document_block_mask
+from berth.pretrain.unpadded import NAME as UNPADDED
+from berth.pretrain.unpadded import rows_as_examples, unpad
 
 
 def is_flex(config: HFModel) -> bool:
@@ -27,6 +29,8 @@ def encode(
     sequence_ids: torch.Tensor | None = None,  # (R, L) example of each token, -1 padding; packed rows only
 ) -> torch.Tensor:
     """(R, L, H): the final hidden states of `body`. ModernBERT has no token types."""
+    if body.config._attn_implementation == UNPADDED:
+        return encode_unpadded(body, input_ids, token_type_ids, attention_mask, sequence_ids)
     if body.config.model_type == "modernbert":
         mask = modernbert_mask(body, attention_mask, sequence_ids)
         return body(input_ids=input_ids, attention_mask=mask, position_ids=position_ids)[0]
@@ -37,6 +41,26 @@ def encode(
         position_ids=position_ids,
         return_dict=False,
     )[0]
+
+
+def encode_unpadded(
+    body: HFModel,
+    input_ids: torch.Tensor,  # (R, L)
+    token_type_ids: torch.Tensor,  # (R, L)
+    attention_mask: torch.Tensor,  # (R, L)
+    sequence_ids: torch.Tensor | None,  # (R, L), packed rows only
+) -> torch.Tensor:
+    """(R, L, H) from one row of the real tokens (berth.pretrain.unpadded); padding slots hold zeros."""
+    where = unpad(rows_as_examples(attention_mask) if sequence_ids is None else sequence_ids)
+    inputs = {"input_ids": input_ids.flatten()[where.tokens][None], "position_ids": where.positions[None]}  # (1, T)
+    if body.config.model_type != "modernbert":
+        inputs["token_type_ids"] = token_type_ids.flatten()[where.tokens][None]
+    # The rows' mask is 4-D, so transformers passes it to `attend` as it is.
+    hidden = body(**inputs, attention_mask=where.allowed, unpadded=where)[0][0]  # (T, H)
+    rows, length = input_ids.shape
+    out = hidden.new_zeros(rows * length, hidden.shape[-1])
+    out[where.tokens] = hidden
+    return out.view(rows, length, -1)
 
 
 def bert_mask(

@@ -215,7 +215,7 @@ def modernbert(impl="sdpa", **overrides):
     for key, value in overrides.items():
         setattr(config, key, value)
     torch.manual_seed(0)
-    return type(model)._from_config(config, attn_implementation=impl).eval()
+    return type(model)._from_config(config, attn_implementation=config._attn_implementation).eval()
 
 
 @pytest.mark.parametrize(
@@ -299,17 +299,120 @@ def test_modernbert_sentence_task_uses_berths_head_on_the_final_cls_vector():
     assert torch.allclose(out["mlm_loss"] / out["mlm_count"], mlm, atol=1e-5)  # transformers' own MLM loss
 
 
-def test_auto_attention_is_eager_only_for_cpu_training_without_attention_dropout():
+def test_auto_attention_is_unpadded_only_for_cpu_training_without_attention_dropout():
     from berth.pretrain.model import resolve_attention
+    from berth.pretrain.unpadded import NAME
 
     no_dropout = ModelConfig(attention_dropout=0.0)
-    assert resolve_attention(no_dropout, "cpu") == "eager"
+    assert resolve_attention(no_dropout, "cpu") == NAME
     assert resolve_attention(no_dropout, "cuda") == "sdpa"
     assert resolve_attention(ModelConfig(attention_dropout=0.1), "cpu") == "sdpa"  # eager's dropout is slow on CPU
     assert resolve_attention(ModelConfig(attn_implementation="sdpa", attention_dropout=0.0), "cpu") == "sdpa"
+    assert resolve_attention(ModelConfig(attn_implementation="eager", attention_dropout=0.0), "cpu") == "eager"
+    assert resolve_attention(ModelConfig(attn_implementation="unpadded"), "cuda") == NAME
     torch.manual_seed(0)
     model = build_model(no_dropout, VOCAB, 0, device_type="cpu")
-    assert model.config._attn_implementation == "eager"
+    assert model.config._attn_implementation == NAME
+
+
+# -- unpadded execution: linear layers on the real tokens, attention per packed row ---------------------------------
+
+
+def test_unpad_finds_the_real_tokens_their_positions_and_each_rows_blocks():
+    from berth.pretrain.unpadded import rows_as_examples, unpad
+
+    sequence_ids = torch.tensor([[0, 0, 0, 1, 1, -1], [2, 2, 2, 2, -1, -1]])
+    where = unpad(sequence_ids)
+    assert where.tokens.tolist() == [0, 1, 2, 3, 4, 6, 7, 8, 9]
+    assert where.positions.tolist() == [0, 1, 2, 0, 1, 0, 1, 2, 3]
+    assert where.allowed[0, 0].int().tolist() == [
+        [1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0],
+        [0, 0, 0, 1, 1, 0],
+        [0, 0, 0, 1, 1, 0],
+        [0, 0, 0, 0, 0, 1],  # padding sees only itself: no empty softmax row
+    ]
+    assert where.allowed[1, 0].int().tolist()[3:] == [[1, 1, 1, 1, 0, 0], [0, 0, 0, 0, 1, 0], [0, 0, 0, 0, 0, 1]]
+    plain = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    assert rows_as_examples(plain).tolist() == [[0, 0, -1], [1, 1, 1]]
+    assert unpad(rows_as_examples(plain)).positions.tolist() == [0, 1, 0, 1, 2]
+
+
+@pytest.mark.parametrize("architecture", ["bert", "modernbert", "sliding"])
+def test_unpadded_attention_gives_the_losses_and_gradients_of_the_dense_mask(architecture):
+    """Independent reference: transformers' own eager attention with berth's dense block-diagonal mask."""
+    from berth.pretrain.masking import pack_batch
+    from berth.pretrain.unpadded import NAME
+
+    def objective(impl):
+        if architecture == "bert":
+            torch.manual_seed(0)
+            model = build_model(ModelConfig(size="tiny", attn_implementation=impl), VOCAB, 0).eval()
+        else:  # "sliding": the second layer attends within +-8 tokens, per example
+            model = modernbert(impl, **(SLIDING if architecture == "sliding" else {}))
+        torch.manual_seed(1)
+        return MaskedLMObjective(model, VOCAB, sentence_task=True).eval()
+
+    dense, unpadded = objective("eager"), objective("unpadded")
+    assert unpadded.model.config._attn_implementation == NAME
+    unpadded.load_state_dict(dense.state_dict())
+    packed = pack_batch(batch(seed=5, n=12), capacity=96, pad_id=0)
+    assert packed["attention_mask"].sum() < packed["attention_mask"].numel()  # there is padding to leave out
+    extra = {k: packed[k] for k in ("position_ids", "sequence_ids", "cls_positions")}
+    outs = []
+    for objective_ in (dense, unpadded):
+        out = objective_(**inputs(packed), **extra)
+        (out["mlm_loss"] + out["nsp_loss"]).backward()
+        outs.append(out)
+    for key in ("mlm_loss", "nsp_loss"):
+        assert torch.allclose(outs[0][key], outs[1][key], rtol=1e-5, atol=1e-5), key
+    assert torch.equal(outs[0]["mlm_correct"], outs[1]["mlm_correct"])
+    for (name, a), b in zip(dense.named_parameters(), unpadded.parameters(), strict=True):
+        assert (a.grad is None) == (b.grad is None), name
+        if a.grad is not None:
+            assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6), name
+
+
+def test_unpadded_plain_rows_give_the_losses_of_the_padding_mask():
+    from berth.pretrain.unpadded import NAME
+
+    objectives = []
+    for impl in ("eager", "unpadded"):
+        torch.manual_seed(0)
+        objectives.append(
+            MaskedLMObjective(
+                build_model(ModelConfig(size="tiny", attn_implementation=impl), VOCAB, 0), VOCAB, True
+            ).eval()
+        )
+    assert objectives[1].model.config._attn_implementation == NAME
+    b = batch(seed=3)
+    assert b["attention_mask"].sum() < b["attention_mask"].numel()
+    a, c = (objective(**inputs(b)) for objective in objectives)
+    for key in ("mlm_loss", "nsp_loss"):
+        assert torch.allclose(a[key], c[key], rtol=1e-5, atol=1e-6), key
+
+
+@pytest.mark.parametrize("architecture", ["bert", "sliding"])
+def test_a_model_built_unpadded_answers_direct_calls_as_eager_and_exports_without_it(architecture, tmp_path):
+    """Called as a transformers model (not through encode), it attends under transformers' own masks."""
+    from transformers import AutoModel
+
+    if architecture == "bert":
+        models = []
+        for impl in ("eager", "unpadded"):
+            torch.manual_seed(0)
+            models.append(build_model(ModelConfig(size="tiny", attn_implementation=impl), VOCAB, 0).bert.eval())
+    else:
+        models = [modernbert(impl, **SLIDING).model for impl in ("eager", "unpadded")]
+    b = batch(seed=3)
+    real = b["attention_mask"].bool()
+    assert not real.all()
+    eager, unpadded = (m(input_ids=b["input_ids"], attention_mask=b["attention_mask"])[0] for m in models)
+    assert torch.allclose(eager[real], unpadded[real], atol=1e-5)
+    models[1].save_pretrained(tmp_path)
+    assert "berth" not in (tmp_path / "config.json").read_text()
+    assert AutoModel.from_pretrained(tmp_path).config._attn_implementation == "sdpa"
 
 
 # -- FlexAttention's document mask (CUDA-only training; the mask and its block skipping are checked here) ---------
