@@ -4,7 +4,8 @@
 #      on CUDA, MFU from a measured step;
 #   2. berth's pretraining step against the Hugging Face recipe (run_mlm) at BERT-base, seq 128, bf16: real tokens/s,
 #      MFU and the ratio (targets: MFU >= 35%, >= 2x the recipe);
-#   3. packed rows under FlexAttention's document mask against sdpa's dense mask (BERT and ModernBERT, mini).
+#   3. packed rows under FlexAttention's document mask (BERT and ModernBERT, mini) and unpadded with torch's varlen
+#      FlashAttention (ModernBERT, mini), each against sdpa's dense mask.
 # It needs a CUDA build of torch in the venv (the Makefile installs the CPU build: pip install torch --index-url
 # https://download.pytorch.org/whl/cu128 or the build matching the machine). Without CUDA it runs the CPU-side
 # checks only: the gpu tests collect (and skip), and the benchmark runs at a tiny size in fp32. Where nvidia-smi
@@ -22,6 +23,7 @@ if "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'
     "$PY" bench/pretrain_bench.py --size base --seq-len 128 --batch-size 128 --precision bf16 --steps 30
     "$PY" bench/attention_bench.py --architecture bert --against flex_attention --batch-size 128 --steps 30
     "$PY" bench/attention_bench.py --architecture modernbert --against flex_attention --batch-size 128 --steps 30
+    "$PY" bench/attention_bench.py --architecture modernbert --against unpadded --batch-size 128 --steps 30
 elif command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
     # a GPU is here but this torch cannot use it: the checks would pass without testing anything
     echo "gpu_check: nvidia-smi sees a GPU but torch $("$PY" -c 'import torch; print(torch.__version__)') has no CUDA;" \

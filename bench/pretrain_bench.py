@@ -218,6 +218,15 @@ def main() -> None:
         # the same model FLOPs per token on both sides (berth's masked-only head counted), so MFU ratio = speed ratio
         mfu = f"   MFU {speed[name] * loop.stage.flops_per_token / peak:6.1%}" if peak else ""
         print(f"  {name:9s} {speed[name]:10.0f} real tokens/s   peak memory of a step {memory[name]:8.0f} MiB{mfu}")
+    # What equal FLOP/s would give: the MLM head costs 6 H V per predicted token, on the masked share for berth and on
+    # every position for the recipe; the encoder's 6N + 12 L H T is the same on both sides.
+    objective, seq_len = loop.stage.objective, cfg.data.max_seq_len
+    berth_flops = objective.flops_per_token(seq_len, cfg.data.mask_prob)
+    recipe_flops = objective.flops_per_token(seq_len, 1.0)
+    print(
+        f"  model FLOPs per real token: berth {berth_flops / 1e6:.1f} M, recipe {recipe_flops / 1e6:.1f} M "
+        f"({recipe_flops / berth_flops:.2f}x: the speed-up at equal FLOP/s)"
+    )
     quartiles = statistics.quantiles(ratios, n=4)
     print(
         f"  speed-up  {statistics.median(ratios):.2f}x (median of per-step ratios; quartiles "

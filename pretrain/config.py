@@ -114,11 +114,11 @@ class ModelConfig:
     size: Literal["tiny", "mini", "small", "medium", "base", "large"] = "mini"
     # A checkpoint directory (or hub id) to continue pretraining from; empty: from scratch.
     init: str = ""
-    # auto: sdpa, except when training on CPU without attention dropout, where unpadded is faster (see
-    # pretrain.model.resolve_attention). unpadded: the linear layers run on the real tokens only and attention
-    # per packed row (pretrain.unpadded). flex_attention: packed rows masked by a FlexAttention block mask of
-    # their examples (pretrain.document_mask), on CUDA, without attention dropout. All compute the same attention
-    # (tested); exports load with transformers' own.
+    # auto: sdpa, except when training on CPU without attention dropout, where eager is faster (see
+    # pretrain.model.resolve_attention). unpadded: the linear layers run on the real tokens only, attention per
+    # packed row, or per example on CUDA (pretrain.unpadded). flex_attention: packed rows masked by a FlexAttention
+    # block mask of their examples (pretrain.document_mask), on CUDA, without attention dropout. All compute the
+    # same attention (tested); exports load with transformers' own.
     attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention", "unpadded"] = "auto"
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1

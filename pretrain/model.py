@@ -85,21 +85,21 @@ def resolve_attention(cfg: ModelConfig, device_type: str) -> str:
     """The attention implementation for model.attn_implementation=auto.
 
     On CPU, PyTorch 2.13's sdpa backward (its flash-attention kernel for CPU) takes 30% of a mini-model training
-    step, and plain matmuls make the step 1.15x (BERT) to 1.27x (ModernBERT) faster in bf16; running the linear
-    layers on the real tokens only (berth.pretrain.unpadded) gains another 1.03x to 1.06x over that
-    (bench/attention_bench.py). Their dropout mask is drawn with the slow bernoulli_, though, so with attention
-    dropout sdpa stays. GPUs keep sdpa (fused kernels).
+    step, and eager attention's plain matmuls make the step 1.15x (BERT) to 1.27x (ModernBERT) faster in bf16
+    (bench/attention_bench.py). Eager attention draws its dropout mask with the slow bernoulli_, though, so with
+    attention dropout sdpa stays. GPUs keep sdpa (fused kernels). `unpadded` is not picked: on CPU it is level with
+    eager at the mini recipe's batch of 16 and 1.03x-1.05x at 32, and its CUDA path has not run.
     """
     if cfg.attn_implementation == "flex_attention" and device_type != "cuda":
         raise BerthError(
             f"model.attn_implementation=flex_attention needs a CUDA device (torch's FlexAttention has no backward on "
             f"{device_type}); use auto"
         )
-    if cfg.attn_implementation == "unpadded" or (
-        cfg.attn_implementation == "auto" and device_type == "cpu" and cfg.attention_dropout == 0
-    ):
+    if cfg.attn_implementation == "unpadded":
         return UNPADDED
-    return "sdpa" if cfg.attn_implementation == "auto" else cfg.attn_implementation
+    if cfg.attn_implementation != "auto":
+        return cfg.attn_implementation
+    return "eager" if device_type == "cpu" and cfg.attention_dropout == 0 else "sdpa"
 
 
 def build_model(

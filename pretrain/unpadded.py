@@ -3,14 +3,16 @@
 Packing leaves padding: 32 examples of the mini recipe fill about 27 rows of 128 slots with some 3,000 real tokens,
 so 13% of every matmul is spent on padding, and the dense path's (R, 1, L, L) block-diagonal mask also computes
 every cross-example score and then masks it. Here the body gets one row of the T real tokens (example after
-example, as they lie in the packed rows), and transformers' attention interface calls `attend` with where each
-example starts (`Unpadded`): it lays the heads out as (examples, heads, longest, head_dim), runs plain attention
-with a key-padding mask (and ModernBERT's band on its sliding layers), and takes the real tokens back.
+example, as they lie in the packed rows), and transformers' attention interface calls `attend` with `Unpadded`,
+which says where they lie. On CUDA in half precision without attention dropout, attention is torch's
+variable-length FlashAttention over each example (`varlen_attn`); otherwise the queries, keys and values go back
+into the packed rows for eager attention's plain matmuls under each row's block-diagonal mask (and ModernBERT's
+band on its sliding layers), and the real tokens come out again.
 
-`model.attn_implementation=unpadded` names it; `auto` picks it where eager attention would run (training on CPU
-without attention dropout), because it makes the mini recipe's step faster there (bench/attention_bench.py). The
-name is berth's, registered with transformers' `AttentionInterface`; it is not written into exported configs, so
-exports load with transformers' own attention.
+`model.attn_implementation=unpadded` names it; auto does not pick it (berth.pretrain.model.resolve_attention). The
+name is berth's, registered with transformers' attention and mask interfaces: a model built with it still answers
+a direct call as eager attention would, and the name is not written into exported configs, so exports load with
+transformers' own attention.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.nn.attention.varlen import varlen_attn
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import sdpa_mask
 
@@ -31,6 +34,8 @@ class Unpadded:
     tokens: torch.Tensor  # (T,) flat indices into (R * L) of the real tokens, in row order
     positions: torch.Tensor  # (T,) each real token's position within its example
     allowed: torch.Tensor  # (R, 1, L, L) bool: query and key of one example (padding: itself only)
+    starts: torch.Tensor  # (examples + 1,) int32: where each example starts among the real tokens, then T
+    longest: int  # the longest example's length
 
     @property
     def rows(self) -> int:
@@ -54,7 +59,9 @@ def unpad(sequence_ids: torch.Tensor) -> Unpadded:
     # Padding keeps itself as its only key, so that no softmax row is empty; its output is never read.
     eye = torch.eye(sequence_ids.shape[1], dtype=torch.bool, device=ids.device)
     allowed = (same & (sequence_ids >= 0)[:, :, None]) | eye
-    return Unpadded(tokens, positions, allowed[:, None])
+    starts_t = torch.cat([first, first.new_tensor([len(ids)])]).to(torch.int32)  # (examples + 1,)
+    longest = int(torch.diff(starts_t).max())
+    return Unpadded(tokens, positions, allowed[:, None], starts_t, longest)
 
 
 def rows_as_examples(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -85,6 +92,13 @@ def attend(
     """
     if unpadded is None:
         return masked_attention(module, query, key, value, attention_mask, scaling, dropout), None
+    if varlen_kernel(query, dropout):
+        # FlashAttention over each example's own tokens: no padding and no cross-example score at all.
+        window = (-1, -1) if sliding_window is None else (sliding_window - 1, sliding_window - 1)
+        q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (T, h, d)
+        s, m = unpadded.starts, unpadded.longest
+        out = varlen_attn(q, k, v, s, s, m, m, scale=scaling, window_size=window)  # (T, h, d)
+        return out.unsqueeze(0), None
     rows, length = unpadded.rows, unpadded.allowed.shape[-1]
     heads, width = query.shape[1], query.shape[-1]
 
@@ -99,6 +113,11 @@ def attend(
         allowed = allowed & ((columns[:, None] - columns[None, :]).abs() < sliding_window)  # band (L, L)
     out = masked_attention(module, in_rows(query), in_rows(key), in_rows(value), allowed, scaling, dropout)
     return out.reshape(rows * length, heads, width)[unpadded.tokens].unsqueeze(0), None  # (1, T, h, d)
+
+
+def varlen_kernel(query: torch.Tensor, dropout: float) -> bool:
+    """torch's variable-length FlashAttention takes it: CUDA, half precision, no attention dropout."""
+    return query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and dropout == 0
 
 
 def masked_attention(

@@ -83,6 +83,38 @@ def test_flex_attention_on_packed_rows_gives_the_dense_losses_and_gradients(arch
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize("architecture", ["bert", "modernbert", "sliding"])
+def test_unpadded_varlen_flash_attention_gives_the_dense_losses_and_gradients(architecture):
+    """model.attn_implementation=unpadded in bf16 on CUDA runs torch's varlen_attn over each example (ModernBERT's
+    sliding band as its window); against sdpa with the dense block-diagonal mask, same weights, under autocast."""
+    from berth.pretrain.unpadded import NAME, varlen_kernel
+
+    assert varlen_kernel(torch.zeros(1, device="cuda", dtype=torch.bfloat16), 0.0)
+    results = []
+    for impl in ("sdpa", NAME):
+        if architecture == "bert":
+            torch.manual_seed(0)
+            model = build_model(ModelConfig(size="tiny", attention_dropout=0.0), VOCAB, 0, device_type="cuda")
+        else:
+            model = modernbert("sdpa", **(SLIDING if architecture == "sliding" else {}))
+        model.set_attn_implementation(impl)
+        torch.manual_seed(1)
+        objective = MaskedLMObjective(model, VOCAB, sentence_task=True).cuda().eval()
+        packed = pack_batch(batch(seed=5, n=12), capacity=96, pad_id=0)
+        extra = {k: packed[k] for k in ("position_ids", "sequence_ids", "cls_positions")}
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = objective(**on_cuda(inputs(packed)), **on_cuda(extra))
+        (out["mlm_loss"] + out["nsp_loss"]).backward()
+        grads = [p.grad.clone() for p in objective.parameters() if p.grad is not None]
+        results.append((out, grads))
+    (dense, dense_grads), (varlen, varlen_grads) = results
+    for key in ("mlm_loss", "nsp_loss"):
+        torch.testing.assert_close(dense[key], varlen[key], rtol=2e-2, atol=2e-2)
+    assert len(dense_grads) == len(varlen_grads)
+    for a, b in zip(dense_grads, varlen_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-3)
+
+
 @pytest.mark.parametrize("architecture", ["bert", "modernbert"])
 def test_sdpa_and_eager_agree_on_cuda(architecture):
     outs = []

@@ -299,20 +299,19 @@ def test_modernbert_sentence_task_uses_berths_head_on_the_final_cls_vector():
     assert torch.allclose(out["mlm_loss"] / out["mlm_count"], mlm, atol=1e-5)  # transformers' own MLM loss
 
 
-def test_auto_attention_is_unpadded_only_for_cpu_training_without_attention_dropout():
+def test_auto_attention_is_eager_only_for_cpu_training_without_attention_dropout():
     from berth.pretrain.model import resolve_attention
     from berth.pretrain.unpadded import NAME
 
     no_dropout = ModelConfig(attention_dropout=0.0)
-    assert resolve_attention(no_dropout, "cpu") == NAME
+    assert resolve_attention(no_dropout, "cpu") == "eager"
     assert resolve_attention(no_dropout, "cuda") == "sdpa"
     assert resolve_attention(ModelConfig(attention_dropout=0.1), "cpu") == "sdpa"  # eager's dropout is slow on CPU
     assert resolve_attention(ModelConfig(attn_implementation="sdpa", attention_dropout=0.0), "cpu") == "sdpa"
-    assert resolve_attention(ModelConfig(attn_implementation="eager", attention_dropout=0.0), "cpu") == "eager"
     assert resolve_attention(ModelConfig(attn_implementation="unpadded"), "cuda") == NAME
     torch.manual_seed(0)
     model = build_model(no_dropout, VOCAB, 0, device_type="cpu")
-    assert model.config._attn_implementation == NAME
+    assert model.config._attn_implementation == "eager"
 
 
 # -- unpadded execution: linear layers on the real tokens, attention per packed row ---------------------------------
