@@ -9,7 +9,9 @@
    default prefetch (made in a thread ahead). Reported: the step rate as a share of the sleep-only rate (1.0: the
    data work is entirely hidden behind the step; the target is >= 0.95).
 3. The drawing and collating work of rank 0 at simulated world sizes 1, 2, 4 and 8 with the same global batch
-   (each rank's `epoch_steps` for the same optimizer steps), relative to one process.
+   (each rank's `epoch_steps` for the same optimizer steps), relative to one process: its seconds, and the
+   examples it builds and the recipes it draws (counted, so free of machine noise). One process draws every recipe
+   of the documents it reaches; a rank of several draws each of its documents up to the last recipe it takes.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import contextlib
 import statistics
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -25,6 +28,7 @@ import torch
 
 from berth.core.config import load_config
 from berth.pretrain.config import PretrainConfig
+from berth.pretrain.data import ExampleBuilder, Recipe
 from berth.pretrain.train import PretrainingStage
 from berth.runtime.loop import Loop
 from berth.runtime.prefetch import PREFETCH_AUTO
@@ -64,6 +68,30 @@ def rank_cost(stage: PretrainingStage, processes: int, global_batch: int, steps:
         if k + 1 == steps:
             break
     return time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def counting() -> Iterator[dict[str, int]]:
+    """Counts the examples built, the recipes drawn, and the recipes of the documents drawn (what drawing each
+    document whole would draw) while it is open."""
+    counts = {"examples": 0, "recipes": 0, "whole": 0}
+    example, recipe_stream = ExampleBuilder.example, ExampleBuilder.recipe_stream
+
+    def counted_example(self: ExampleBuilder, recipe: Recipe) -> dict:
+        counts["examples"] += 1
+        return example(self, recipe)
+
+    def counted_stream(self: ExampleBuilder, index: int) -> Iterator[Recipe]:
+        counts["whole"] += sum(1 for _ in recipe_stream(self, index))
+        for recipe in recipe_stream(self, index):
+            counts["recipes"] += 1
+            yield recipe
+
+    ExampleBuilder.example, ExampleBuilder.recipe_stream = counted_example, counted_stream  # type: ignore[method-assign]
+    try:
+        yield counts
+    finally:
+        ExampleBuilder.example, ExampleBuilder.recipe_stream = example, recipe_stream  # type: ignore[method-assign]
 
 
 def main() -> None:
@@ -108,13 +136,21 @@ def main() -> None:
 
     # 3. rank 0's work at simulated world sizes, the global batch fixed
     global_batch = args.batch_size
-    print(f"\n| processes | rank 0's batch work for {args.steps} steps (s) | relative to 1 |")
-    print("|---|---|---|")
-    base = 0.0
+    print(
+        f"\n| processes | rank 0's batch work for {args.steps} steps (s) | relative to 1 | examples built | "
+        "recipes drawn (relative to 1) | recipes of the documents drawn |"
+    )
+    print("|---|---|---|---|---|---|")
+    base, base_recipes = 0.0, 0
     for processes in (1, 2, 4, 8):
         seconds = statistics.median(rank_cost(stage, processes, global_batch, args.steps, skip=0) for _ in range(3))
-        base = base or seconds
-        print(f"| {processes} | {seconds:.2f} | {seconds / base:.2f} |")
+        with counting() as counts:
+            rank_cost(stage, processes, global_batch, args.steps, skip=0)
+        base, base_recipes = base or seconds, base_recipes or counts["recipes"]
+        print(
+            f"| {processes} | {seconds:.2f} | {seconds / base:.2f} | {counts['examples']} | {counts['recipes']} "
+            f"({counts['recipes'] / base_recipes:.3f}) | {counts['whole']} |"
+        )
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, NamedTuple
@@ -208,7 +208,26 @@ def document_recipes(
     ends_of: Callable[[int], Sequence[int]] | None = None,
     segments: RandomSegments | None = None,
 ) -> tuple[list[Recipe], int]:
-    """Google BERT's create_instances_from_document, in whole sentences. Returns (recipes, unused sentences).
+    """Every recipe of `recipe_stream`, and how many sentences were left unused."""
+    stream, recipes = recipe_stream(doc_index, ends, cfg, rng, ends_of, segments), []
+    while True:
+        try:
+            recipes.append(next(stream))
+        except StopIteration as end:
+            return recipes, end.value
+
+
+def recipe_stream(
+    doc_index: int,
+    ends: Sequence[int],
+    cfg: DataConfig,
+    rng: random.Random,
+    ends_of: Callable[[int], Sequence[int]] | None = None,
+    segments: RandomSegments | None = None,
+) -> Generator[Recipe, None, int]:
+    """Google BERT's create_instances_from_document, in whole sentences, one recipe at a time; returns how many
+    sentences were left unused. Each recipe depends only on the ones before it, so the first k are the same
+    however many are drawn: a process can stop at the last one it needs.
 
     A chunk takes whole sentences up to a target length (at least two sentences, so that there is a cut).
     A is its first 1..k-1 sentences. nsp: B is the rest of the chunk, or (half the time) whole sentences
@@ -219,7 +238,6 @@ def document_recipes(
     max_tokens = cfg.max_seq_len - 3
     spans = spans_of(ends)
     lengths = [end - start for start, end in spans]
-    recipes: list[Recipe] = []
     i = 0
     while i < len(spans) - 1:
         target = target_length(max_tokens, cfg.short_seq_prob, rng)
@@ -243,9 +261,9 @@ def document_recipes(
             if cfg.sentence_task == "sop" and rng.random() < 0.5:
                 a, b, label = b, a, 1
         truncated = truncate_pair(a, b, max_tokens, rng)
-        recipes.append(pair_recipe(a, b, label, truncated))
+        yield pair_recipe(a, b, label, truncated)
         i = next_i
-    return recipes, len(spans) - i
+    return len(spans) - i
 
 
 def pack_recipes(doc_indices: Sequence[int], ends: Sequence[Sequence[int]], cfg: DataConfig) -> list[Recipe]:
@@ -356,8 +374,12 @@ class ExampleBuilder:
 
     def document_recipes(self, index: int) -> list[Recipe]:
         """The recipes of one document (nsp, sop), drawn from (seed, epoch, document)."""
+        return list(self.recipe_stream(index))
+
+    def recipe_stream(self, index: int) -> Iterator[Recipe]:
+        """`document_recipes`, drawn one at a time as they are taken."""
         rng = random.Random(f"{self.cfg.seed}-{self.epoch}-{index}")
-        return document_recipes(index, self.sentence_ends(index), self.cfg, rng, self.sentence_ends, self.segments)[0]
+        return recipe_stream(index, self.sentence_ends(index), self.cfg, rng, self.sentence_ends, self.segments)
 
     def group_documents(self, group: int) -> range:
         return range(group * GROUP_SIZE, min((group + 1) * GROUP_SIZE, len(self.documents)))

@@ -6,8 +6,9 @@ as always) as recipes (token ranges), and the recipes of a chunk shuffled togeth
 summary is stored for each epoch (per group: how many examples, tokens, truncations and labels; per document: how
 many examples), so the prepared data stays the size of the tokenized corpus whatever the number of epochs, and a
 resumed run jumps to its chunk without drawing the ones before it. With the per-document counts, asking for an
-example draws only the document it comes from (nsp, sop), and its tokens are read only then: a process draws and
-reads its own share alone.
+example draws only the document it comes from (nsp, sop), and only as far as that example (a document's recipes are
+drawn in order, and the draw stops there until a later one is asked for), and its tokens are read only then: a
+process draws and reads its own share alone, but for the earlier recipes of its documents.
 
 The same seed gives the same stream on every process and for any `num_proc`, so a step holds the same examples
 whatever the number of processes.
@@ -76,14 +77,29 @@ class GroupSummary:
 
 
 @dataclass
+class Drawing:
+    """A document's recipes drawn so far, and the draw that goes on from there (its RNG where it stopped)."""
+
+    recipes: list[Recipe]
+    rest: Iterator[Recipe]
+
+    def recipe(self, k: int) -> Recipe:
+        """Recipe k, drawing on only as far as it."""
+        while len(self.recipes) <= k:
+            self.recipes.append(next(self.rest))
+        return self.recipes[k]
+
+
+@dataclass
 class ChunkPlan:
     """Where chunk's shuffled examples come from: example i is recipe order[i] of the chunk's documents in order,
-    found through their cumulative example counts; each document drawn when one of its examples is asked for."""
+    found through their cumulative example counts; each document drawn, as far as its examples asked for so far,
+    when one of them is asked for."""
 
     order: np.ndarray  # [examples] the chunk's shuffle
     documents: np.ndarray  # [documents] in the chunk's order (its groups in epoch order, each in document order)
     starts: np.ndarray  # [documents + 1] each document's first recipe in the unshuffled chunk
-    drawn: dict[int, list[Recipe]] = field(default_factory=dict)
+    drawn: dict[int, Drawing] = field(default_factory=dict)
 
 
 class Collective(Protocol):
@@ -205,7 +221,8 @@ class EpochStream:
         return plan
 
     def recipe(self, index: int) -> Recipe:
-        """The recipe of example `index` of the epoch, drawing only the document it comes from (nsp, sop)."""
+        """The recipe of example `index` of the epoch, drawing only the document it comes from, and that only as far
+        as this example (nsp, sop)."""
         chunk = int(np.searchsorted(self.offsets, index, side="right")) - 1
         position = index - int(self.offsets[chunk])
         assert self.builder is not None
@@ -216,8 +233,8 @@ class EpochStream:
         k = int(np.searchsorted(plan.starts, r, side="right")) - 1
         document = int(plan.documents[k])
         if document not in plan.drawn:
-            plan.drawn[document] = self.builder.document_recipes(document)
-        return plan.drawn[document][r - int(plan.starts[k])]
+            plan.drawn[document] = Drawing([], self.builder.recipe_stream(document))
+        return plan.drawn[document].recipe(r - int(plan.starts[k]))
 
     @overload
     def __getitem__(self, index: int) -> dict[str, Any]: ...

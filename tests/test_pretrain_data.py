@@ -582,11 +582,17 @@ def test_a_process_reads_the_tokens_of_its_own_examples_only(embedded, monkeypat
     prepared = embedded()
     built: list = []
     drawn: list = []
-    example, document_recipes = ExampleBuilder.example, ExampleBuilder.document_recipes
+    recipes_drawn: list = []
+    example, recipe_stream = ExampleBuilder.example, ExampleBuilder.recipe_stream
+
+    def counted(self, d):
+        drawn.append(d)
+        for recipe in recipe_stream(self, d):
+            recipes_drawn.append(recipe)
+            yield recipe
+
     monkeypatch.setattr(ExampleBuilder, "example", lambda self, recipe: built.append(recipe) or example(self, recipe))
-    monkeypatch.setattr(
-        ExampleBuilder, "document_recipes", lambda self, d: drawn.append(d) or document_recipes(self, d)
-    )
+    monkeypatch.setattr(ExampleBuilder, "recipe_stream", counted)
 
     def build(processes, rank, steps=3, global_batch=24):
         cfg = load_config(
@@ -600,11 +606,20 @@ def test_a_process_reads_the_tokens_of_its_own_examples_only(embedded, monkeypat
         acc = SimpleNamespace(process_index=rank, num_processes=processes)
         built.clear()
         drawn.clear()
+        recipes_drawn.clear()
         for k, _ in enumerate(stage.epoch_steps(0, 5, global_batch, acc)):
             if k + 1 == steps:
                 break
         # a pair's first piece is from the document it was drawn from (a random B comes from another)
         assert sorted(drawn) == sorted({r.pieces[0][0] for r in built})  # each once, and no other
+        # and each drawn only as far as the last of its recipes this process takes
+        builder = stage.prepared.examples("train", 0).builder
+        needed = {}
+        for recipe in built:
+            document = recipe.pieces[0][0]
+            whole = list(recipe_stream(builder, document))  # the original: not counted
+            needed[document] = max(needed.get(document, 0), whole.index(recipe) + 1)
+        assert len(recipes_drawn) == sum(needed.values())
         return list(built)
 
     alone = build(1, 0)
