@@ -1,8 +1,8 @@
 """Packed rows run unpadded: every linear layer sees the real tokens only, and attention each example alone.
 
-Packing leaves padding: 32 examples of the mini recipe fill about 27 rows of 128 slots with some 3,000 real tokens,
-so 13% of every matmul is spent on padding, and the dense path's (R, 1, L, L) block-diagonal mask also computes
-every cross-example score and then masks it. Here the body gets one row of the T real tokens (example after
+Packing leaves padding at the end of rows (`packing_efficiency` in metrics.jsonl), which every matmul computes,
+and the dense path's (R, 1, L, L) block-diagonal mask also computes every cross-example score and then masks it.
+Here the body gets one row of the T real tokens (example after
 example, as they lie in the packed rows), and transformers' attention interface calls `attend` with `Unpadded`,
 which says where they lie. On CUDA in half precision without attention dropout, attention is torch's
 variable-length FlashAttention over each example (`varlen_attn`); otherwise the queries, keys and values go back
