@@ -97,7 +97,8 @@ def attend(
         window = (-1, -1) if sliding_window is None else (sliding_window - 1, sliding_window - 1)
         q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (T, h, d)
         s, m = unpadded.starts, unpadded.longest
-        out = varlen_attn(q, k, v, s, s, m, m, scale=scaling, window_size=window)  # (T, h, d)
+        out = varlen_attn(q, k, v, s, s, m, m, scale=scaling, window_size=window)  # (T, h, d): no return_aux
+        assert isinstance(out, torch.Tensor)
         return out.unsqueeze(0), None
     rows, length = unpadded.rows, unpadded.allowed.shape[-1]
     heads, width = query.shape[1], query.shape[-1]
