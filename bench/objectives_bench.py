@@ -8,6 +8,10 @@ hidden reviews). Runs one after the other; a finished run is reused when its dir
 (or final/ for pretraining).
 
     .venv/bin/python bench/objectives_bench.py --out runs/objectives --minutes 4
+    .venv/bin/python bench/objectives_bench.py --out runs/objectives-bert --architecture bert --objectives "mlm 15%" rtd
+
+`--architecture bert` pretrains BERT (masked LM) and ELECTRA-style BERT (replaced-token detection) instead of the
+recipe's ModernBERT; random init is then the same BERT.
 """
 
 from __future__ import annotations
@@ -49,6 +53,9 @@ def main() -> None:
     parser.add_argument("--out", default="runs/objectives")
     parser.add_argument("--minutes", type=float, default=4.0, help="train.budget_minutes of every pretraining run")
     parser.add_argument("--objectives", nargs="*", default=list(OBJECTIVES))
+    parser.add_argument(
+        "--architecture", choices=["modernbert", "bert"], default="modernbert", help="model.architecture of every run"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     out = Path(args.out)
@@ -67,7 +74,7 @@ def main() -> None:
             cfg = load_config(
                 PretrainConfig,
                 "configs/pretrain/mini_zh.yaml",
-                [f"output_dir={run}", *shared, *budget, *OBJECTIVES[name]],
+                [f"output_dir={run}", *shared, *budget, f"model.architecture={args.architecture}", *OBJECTIVES[name]],
             )
             pretrain(cfg)
             print(f"{name}: pretrained in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
