@@ -4,6 +4,7 @@ They cover what the CPU suite cannot: a bf16 step with fused AdamW, packed block
 kernels (BERT and ModernBERT), and MFU computed from a measured step.
 """
 
+import contextlib
 import math
 
 import pytest
@@ -55,32 +56,41 @@ def test_packed_batches_give_the_unpacked_losses_on_cuda(architecture):
     assert torch.equal(a["mlm_count"], b["mlm_count"])
 
 
+def packed_losses_and_gradients(architecture: str, impl: str, autocast: torch.dtype | None = None):
+    """The MLM and NSP losses of one packed batch on CUDA, and every gradient, with the same weights whatever `impl`;
+    under autocast to `autocast` when given."""
+    if architecture == "bert":
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(size="tiny", attention_dropout=0.0), VOCAB, 0, device_type="cuda")
+    else:
+        model = modernbert("sdpa", **(SLIDING if architecture == "sliding" else {}))
+    model.set_attn_implementation(impl)
+    torch.manual_seed(1)
+    objective = MaskedLMObjective(model, VOCAB, sentence_task=True).cuda().eval()  # eval: no dropout
+    packed = pack_batch(batch(seed=5, n=12), capacity=96, pad_id=0)
+    extra = {k: packed[k] for k in ("position_ids", "sequence_ids", "cls_positions")}
+    with torch.autocast("cuda", dtype=autocast) if autocast else contextlib.nullcontext():
+        out = objective(**on_cuda(inputs(packed)), **on_cuda(extra))
+    (out["mlm_loss"] + out["nsp_loss"]).backward()
+    return out, [p.grad.clone() for p in objective.parameters() if p.grad is not None]
+
+
+def assert_alike(reference, other, loss_tol: float, grad_rtol: float, grad_atol: float) -> None:
+    (dense, dense_grads), (theirs, their_grads) = reference, other
+    for key in ("mlm_loss", "nsp_loss"):
+        torch.testing.assert_close(dense[key], theirs[key], rtol=loss_tol, atol=loss_tol)
+    assert len(dense_grads) == len(their_grads)
+    for a, b in zip(dense_grads, their_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=grad_rtol, atol=grad_atol)
+
+
 @pytest.mark.parametrize("architecture", ["bert", "modernbert", "sliding"])
 def test_flex_attention_on_packed_rows_gives_the_dense_losses_and_gradients(architecture):
     """model.attn_implementation=flex_attention: the document block mask against the dense block-diagonal mask
     (sdpa), same weights, forward and backward."""
-    results = []
-    for impl in ("sdpa", "flex_attention"):
-        if architecture == "bert":
-            torch.manual_seed(0)
-            model = build_model(ModelConfig(size="tiny", attention_dropout=0.0), VOCAB, 0, device_type="cuda")
-        else:
-            model = modernbert("sdpa", **(SLIDING if architecture == "sliding" else {}))
-        model.set_attn_implementation(impl)
-        torch.manual_seed(1)
-        objective = MaskedLMObjective(model, VOCAB, sentence_task=True).cuda().eval()  # eval: no dropout
-        packed = pack_batch(batch(seed=5, n=12), capacity=96, pad_id=0)
-        extra = {k: packed[k] for k in ("position_ids", "sequence_ids", "cls_positions")}
-        out = objective(**on_cuda(inputs(packed)), **on_cuda(extra))
-        (out["mlm_loss"] + out["nsp_loss"]).backward()
-        grads = [p.grad.clone() for p in objective.parameters() if p.grad is not None]
-        results.append((out, grads))
-    (dense, dense_grads), (flex, flex_grads) = results
-    for key in ("mlm_loss", "nsp_loss"):
-        torch.testing.assert_close(dense[key], flex[key], rtol=1e-4, atol=1e-4)
-    assert len(dense_grads) == len(flex_grads)
-    for a, b in zip(dense_grads, flex_grads, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+    dense = packed_losses_and_gradients(architecture, "sdpa")
+    flex = packed_losses_and_gradients(architecture, "flex_attention")
+    assert_alike(dense, flex, loss_tol=1e-4, grad_rtol=1e-3, grad_atol=1e-4)
 
 
 @pytest.mark.parametrize("architecture", ["bert", "modernbert", "sliding"])
@@ -90,29 +100,9 @@ def test_unpadded_varlen_flash_attention_gives_the_dense_losses_and_gradients(ar
     from berth.pretrain.unpadded import NAME, varlen_kernel
 
     assert varlen_kernel(torch.zeros(1, device="cuda", dtype=torch.bfloat16), 0.0)
-    results = []
-    for impl in ("sdpa", NAME):
-        if architecture == "bert":
-            torch.manual_seed(0)
-            model = build_model(ModelConfig(size="tiny", attention_dropout=0.0), VOCAB, 0, device_type="cuda")
-        else:
-            model = modernbert("sdpa", **(SLIDING if architecture == "sliding" else {}))
-        model.set_attn_implementation(impl)
-        torch.manual_seed(1)
-        objective = MaskedLMObjective(model, VOCAB, sentence_task=True).cuda().eval()
-        packed = pack_batch(batch(seed=5, n=12), capacity=96, pad_id=0)
-        extra = {k: packed[k] for k in ("position_ids", "sequence_ids", "cls_positions")}
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = objective(**on_cuda(inputs(packed)), **on_cuda(extra))
-        (out["mlm_loss"] + out["nsp_loss"]).backward()
-        grads = [p.grad.clone() for p in objective.parameters() if p.grad is not None]
-        results.append((out, grads))
-    (dense, dense_grads), (varlen, varlen_grads) = results
-    for key in ("mlm_loss", "nsp_loss"):
-        torch.testing.assert_close(dense[key], varlen[key], rtol=2e-2, atol=2e-2)
-    assert len(dense_grads) == len(varlen_grads)
-    for a, b in zip(dense_grads, varlen_grads, strict=True):
-        torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-3)
+    dense = packed_losses_and_gradients(architecture, "sdpa", torch.bfloat16)
+    varlen = packed_losses_and_gradients(architecture, NAME, torch.bfloat16)
+    assert_alike(dense, varlen, loss_tol=2e-2, grad_rtol=5e-2, grad_atol=5e-3)
 
 
 @pytest.mark.parametrize("architecture", ["bert", "modernbert"])

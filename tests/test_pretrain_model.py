@@ -218,6 +218,15 @@ def modernbert(impl="sdpa", **overrides):
     return type(model)._from_config(config, attn_implementation=config._attn_implementation).eval()
 
 
+def tiny(architecture, impl):
+    """A tiny BERT or ModernBERT in eval mode, the same weights whatever `impl`; "sliding": a ModernBERT whose second
+    layer attends within +-8 tokens (packing must keep that band per example)."""
+    if architecture == "bert":
+        torch.manual_seed(0)
+        return build_model(ModelConfig(size="tiny", attn_implementation=impl), VOCAB, 0).eval()
+    return modernbert(impl, **(SLIDING if architecture == "sliding" else {}))
+
+
 @pytest.mark.parametrize(
     "architecture, impl",
     [("bert", "sdpa"), ("bert", "eager"), ("modernbert", "sdpa"), ("modernbert", "eager"), ("sliding", "sdpa")],
@@ -225,13 +234,7 @@ def modernbert(impl="sdpa", **overrides):
 def test_packed_batch_gives_the_losses_of_the_unpacked_one(architecture, impl):
     from berth.pretrain.masking import pack_batch
 
-    if architecture == "bert":
-        torch.manual_seed(0)
-        model = build_model(ModelConfig(size="tiny", attn_implementation=impl), VOCAB, 0).eval()
-    elif architecture == "modernbert":
-        model = modernbert(impl)
-    else:  # a ModernBERT whose second layer attends within +-8 tokens: packing keeps that band per example
-        model = modernbert(impl, **SLIDING)
+    model = tiny(architecture, impl)
     torch.manual_seed(1)
     objective = MaskedLMObjective(model, VOCAB, sentence_task=True).eval()
     unpacked = batch(seed=5, n=12)
@@ -345,11 +348,7 @@ def test_unpadded_attention_gives_the_losses_and_gradients_of_the_dense_mask(arc
     from berth.pretrain.unpadded import NAME
 
     def objective(impl):
-        if architecture == "bert":
-            torch.manual_seed(0)
-            model = build_model(ModelConfig(size="tiny", attn_implementation=impl), VOCAB, 0).eval()
-        else:  # "sliding": the second layer attends within +-8 tokens, per example
-            model = modernbert(impl, **(SLIDING if architecture == "sliding" else {}))
+        model = tiny(architecture, impl)
         torch.manual_seed(1)
         return MaskedLMObjective(model, VOCAB, sentence_task=True).eval()
 
@@ -376,14 +375,7 @@ def test_unpadded_attention_gives_the_losses_and_gradients_of_the_dense_mask(arc
 def test_unpadded_plain_rows_give_the_losses_of_the_padding_mask():
     from berth.pretrain.unpadded import NAME
 
-    objectives = []
-    for impl in ("eager", "unpadded"):
-        torch.manual_seed(0)
-        objectives.append(
-            MaskedLMObjective(
-                build_model(ModelConfig(size="tiny", attn_implementation=impl), VOCAB, 0), VOCAB, True
-            ).eval()
-        )
+    objectives = [MaskedLMObjective(tiny("bert", impl), VOCAB, True).eval() for impl in ("eager", "unpadded")]
     assert objectives[1].model.config._attn_implementation == NAME
     b = batch(seed=3)
     assert b["attention_mask"].sum() < b["attention_mask"].numel()
@@ -397,13 +389,7 @@ def test_a_model_built_unpadded_answers_direct_calls_as_eager_and_exports_withou
     """Called as a transformers model (not through encode), it attends under transformers' own masks."""
     from transformers import AutoModel
 
-    if architecture == "bert":
-        models = []
-        for impl in ("eager", "unpadded"):
-            torch.manual_seed(0)
-            models.append(build_model(ModelConfig(size="tiny", attn_implementation=impl), VOCAB, 0).bert.eval())
-    else:
-        models = [modernbert(impl, **SLIDING).model for impl in ("eager", "unpadded")]
+    models = [tiny(architecture, impl).base_model for impl in ("eager", "unpadded")]
     b = batch(seed=3)
     real = b["attention_mask"].bool()
     assert not real.all()
