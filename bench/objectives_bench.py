@@ -9,6 +9,7 @@ hidden reviews). Runs one after the other; a finished run is reused when its dir
 
     .venv/bin/python bench/objectives_bench.py --out runs/objectives --minutes 4
     .venv/bin/python bench/objectives_bench.py --out runs/objectives-bert --architecture bert --objectives "mlm 15%" rtd
+    .venv/bin/python bench/objectives_bench.py --out runs/objectives --objectives "mlm 15%" "mlm 15% reviews only"
 
 `--architecture bert` pretrains BERT (masked LM) and ELECTRA-style BERT (replaced-token detection) instead of the
 recipe's ModernBERT; random init is then the same BERT.
@@ -36,6 +37,8 @@ OBJECTIVES = {
     "mlm 15%": [],
     "mlm 30%": ["data.mask_prob=0.3"],
     "rtd": ["data.objective=rtd"],
+    # task-adaptive pretraining (Gururangan et al. 2020): the review training texts alone, no news
+    "mlm 15% reviews only": ["corpus.sources=[reviews_sentiment:train]"],
 }
 TASKS = {
     # (config, metric, overrides): the demo's fine-tuning budgets (berth.app.demo.FULL)
@@ -52,7 +55,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/objectives")
     parser.add_argument("--minutes", type=float, default=4.0, help="train.budget_minutes of every pretraining run")
-    parser.add_argument("--objectives", nargs="*", default=list(OBJECTIVES))
+    parser.add_argument("--objectives", nargs="*", default=list(OBJECTIVES), choices=list(OBJECTIVES))
     parser.add_argument(
         "--architecture", choices=["modernbert", "bert"], default="modernbert", help="model.architecture of every run"
     )
