@@ -15,10 +15,12 @@ from berth.app.cli import configure_logging
 from berth.core.config import load_config
 from berth.pretrain.config import PretrainConfig
 from berth.pretrain.train import pretrain
+from berth.runtime import budget as budget_module
 from berth.runtime import loop as loop_module
 
 if __name__ == "__main__":
     configure_logging()
     if os.environ.get("RANK") == "1":
-        loop_module.time = SimpleNamespace(perf_counter=lambda: 1.5 * time.perf_counter())  # type: ignore[assignment]
+        fast = SimpleNamespace(perf_counter=lambda: 1.5 * time.perf_counter())
+        loop_module.time = budget_module.time = fast  # type: ignore[assignment]
     pretrain(load_config(PretrainConfig, sys.argv[1], sys.argv[2:]))

@@ -9,8 +9,10 @@ import torch
 from test_pretrain_train import assert_same_weights, config, setup, weights  # noqa: F401
 
 from berth.core.errors import BerthError
+from berth.pretrain import train as pretrain_module
 from berth.pretrain.config import PretrainConfig
 from berth.pretrain.train import pretrain
+from berth.runtime import budget as budget_module
 from berth.runtime import loop as loop_module
 from berth.runtime.budget import PROBE_SKIP, PROBE_STEPS, StepBudget
 from berth.runtime.config import TrainConfig
@@ -101,14 +103,22 @@ class Clock:
         return self.now
 
 
-BUDGET = ["train.budget_minutes=0.03", "train.max_steps=500", "train.warmup_steps=4", "train.save_every=20"]
+def use_clock(patch, perf_counter):
+    """The loop's clock and the steps' (berth.runtime.budget.StepClock) read `perf_counter`."""
+    fake = SimpleNamespace(perf_counter=perf_counter)
+    patch.setattr(loop_module, "time", fake)
+    patch.setattr(budget_module, "time", fake)
+
+
+# 60 ms of the fake clock a step (read at its start, twice by its log line, at its end): some 45 steps
+BUDGET = ["train.budget_minutes=0.045", "train.max_steps=500", "train.warmup_steps=4", "train.save_every=20"]
 BUDGET += ["train.keep_checkpoints=10", "train.eval_every=0", "train.log_every=1"]
 
 
 @pytest.fixture(scope="module")
 def budgeted(setup):  # noqa: F811
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(loop_module, "time", SimpleNamespace(perf_counter=Clock().perf_counter))
+        use_clock(patch, Clock().perf_counter)
         final = pretrain(config(setup, "budget", *BUDGET))
     return final.parent
 
@@ -123,7 +133,7 @@ def test_a_budgeted_run_fixes_its_step_count_and_its_schedule_follows_it(budgete
     multiplier = lr_multiplier("linear", 4, total)
     for m in logged[PROBE_STEPS:]:
         assert m["lr"] == pytest.approx(1e-3 * multiplier(m["step"]), abs=1e-12), m["step"]
-    assert state["step_seconds"] == pytest.approx(0.03 * 60, rel=0.05)  # the steps' time, by the fake clock
+    assert state["step_seconds"] == pytest.approx(0.045 * 60, rel=0.05)  # the steps' time, by the fake clock
 
 
 def test_a_resumed_budgeted_run_keeps_the_count_and_ends_with_the_same_weights(setup, budgeted):  # noqa: F811
@@ -136,12 +146,42 @@ def test_a_resumed_budgeted_run_keeps_the_count_and_ends_with_the_same_weights(s
         shutil.rmtree(later)
     shutil.rmtree(resumed / "final")
     with pytest.MonkeyPatch.context() as patch:  # a resumed run does not time again: a clock 10x slower
-        patch.setattr(loop_module, "time", SimpleNamespace(perf_counter=lambda: Clock().perf_counter() * 10))
+        use_clock(patch, lambda: Clock().perf_counter() * 10)
         pretrain(config(setup, resumed.name, *BUDGET, "train.resume=auto"))
     logged = [m for m in read_metrics(resumed) if "loss" in m]
     # the LR logged after step k is the one step k + 1 uses: steps 41 to 44 learn (the last ends the decay at 0)
     assert [m["step"] for m in logged[39:43]] == [40, 41, 42, 43] and all(m["lr"] > 0 for m in logged[39:43])
     assert_same_weights(weights(budgeted), weights(resumed))
+
+
+def test_evaluations_and_checkpoints_are_left_out_of_the_logged_rates(setup):  # noqa: F811
+    """Each evaluation and each checkpoint takes 100 s of the fake clock between two log lines: the rates of the
+    line after it (tokens_per_s, and the stage's fields from the same seconds) count the steps alone."""
+    clock, evaluate, save = Clock(), pretrain_module.evaluate, loop_module.save_checkpoint
+
+    def slow(work):
+        def run(*args, **kwargs):
+            clock.now += 100.0
+            return work(*args, **kwargs)
+
+        return run
+
+    with pytest.MonkeyPatch.context() as patch:
+        use_clock(patch, clock.perf_counter)
+        patch.setattr(pretrain_module, "evaluate", slow(evaluate))
+        patch.setattr(loop_module, "save_checkpoint", slow(save))
+        args = ["train.max_steps=12", "train.warmup_steps=2", "train.eval_every=4", "train.save_every=6"]
+        final = pretrain(config(setup, "rates", *args, "train.log_every=2", "train.keep_checkpoints=10"))
+    metrics = read_metrics(final.parent)
+    logged = [m for m in metrics if "tokens_per_s" in m]
+    assert [m["step"] for m in metrics if "eval_mlm_loss" in m] == [4, 8, 12]
+    # the evaluations after steps 4 and 8 and the checkpoint after step 6 fall inside the lines of steps 6, 8 and 10
+    assert logged[-1]["time"] > 3 * 100
+    rates = [m["tokens_per_s"] for m in logged]
+    assert len(rates) == 6
+    # Lines 2-6 each count two steps of the fake clock (the first line, one and a half); those after a pause are
+    # as fast as the others, where one that counted a 100 s pause would be 1,000 times slower.
+    assert min(rates[1:]) > 0.8 * max(rates[1:]), rates
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 
 import torch
 from accelerate import Accelerator
@@ -25,6 +26,38 @@ PROBE_SKIP = 2
 # longer warm-up the probe runs to its end: the LR of warm-up steps does not depend on the count, and on the 2-core
 # CPU ten timed steps were off by up to 5%, and a run whose steps slowed by a quarter after step 110 by 19%.
 PROBE_STEPS = 12
+
+
+class StepClock:
+    """The wall time of the optimizer steps alone: evaluations and checkpoints come between steps and are left
+    out, so the budget's `step_seconds` and the log's rates (tokens_per_s, mfu) count the same time."""
+
+    def __init__(self) -> None:
+        self.started: float | None = None  # when the step in progress began; None between steps
+        self.since = 0.0  # the step in progress is counted in laps from here
+        self.window = 0.0  # the finished steps' seconds not yet in a lap
+
+    def start(self) -> None:
+        """A step begins; a step left running (one that never stopped) is dropped from every count."""
+        self.started = self.since = time.perf_counter()
+
+    def stop(self) -> float:
+        """End the step in progress; its seconds."""
+        if self.started is None:
+            raise RuntimeError("StepClock.stop without start")
+        now = time.perf_counter()
+        spent, self.window = now - self.started, self.window + now - self.since
+        self.started = None
+        return spent
+
+    def lap(self) -> float:
+        """The steps' seconds since the last lap. A lap inside a step counts the step up to now: its log line
+        waits there for the device, and that wait is the step's."""
+        seconds, self.window = self.window, 0.0
+        if self.started is not None:
+            now = time.perf_counter()
+            seconds, self.since = seconds + now - self.since, now
+        return seconds
 
 
 class StepBudget:

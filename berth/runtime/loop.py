@@ -25,7 +25,7 @@ from berth.core.errors import BerthError
 from berth.core.files import recover
 from berth.core.hub import HubConfig, check_push
 from berth.runtime.accel import build_accelerator
-from berth.runtime.budget import StepBudget
+from berth.runtime.budget import StepBudget, StepClock
 from berth.runtime.checkpoint import checkpoint_dir, load_checkpoint, resolve_resume, save_checkpoint
 from berth.runtime.collective import check_output_shared
 from berth.runtime.config import TrainConfig
@@ -242,7 +242,8 @@ class Loop:
             init = {"wandb": {"dir": str(self.out)}} if "wandb" in t.trackers else {}
             acc.init_trackers(self.out.name, config=flat_config(to_dict(self.cfg)), init_kwargs=init)
         self.start_time = time.perf_counter() - self.state.elapsed
-        self.last_log = (self.state.step, time.perf_counter())
+        self.last_log = self.state.step
+        self.clock = StepClock()
 
     # -- one optimizer step --------------------------------------------------------------------------------
 
@@ -290,22 +291,21 @@ class Loop:
         sums = {k: acc.reduce(v.reshape(1), reduction="sum").item() for k, v in sorted(self.sums.items())}
         self.sums = {}
         self.check_finite(sums["loss"])
-        now = time.perf_counter()
-        seconds = max(now - self.last_log[1], 1e-9)
+        seconds = max(self.clock.lap(), 1e-9)  # the steps' own, since the last line: no evaluation in the rates
         self.state.tokens += int(sums["tokens"])
         record = {
             "step": self.state.step,
-            "time": round(now - self.start_time, 3),
+            "time": round(time.perf_counter() - self.start_time, 3),
             "epoch": self.state.epoch,
             # each process adds its share of the global mean, so the sum over processes is the step loss
-            "loss": sums["loss"] / max(self.state.step - self.last_log[0], 1),
+            "loss": sums["loss"] / max(self.state.step - self.last_log, 1),
             "lr": self.scheduler.get_last_lr()[0],
             "grad_norm": grad_norm.item(),
             "tokens_per_s": sums["tokens"] / seconds,
             **self.stage.log_fields(sums, seconds),
             "peak_memory_mb": round(peak_memory_mb(), 1),
         }
-        self.last_log = (self.state.step, now)
+        self.last_log = self.state.step
         self.emit(record)
         self.bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.1e}", refresh=False)
 
@@ -383,7 +383,7 @@ class Loop:
 
     def count_time(self) -> None:
         """Add the step just done to the steps' time; the budget fixes the step count at the end of its probe."""
-        self.state.step_seconds += time.perf_counter() - self.tick
+        self.state.step_seconds += self.clock.stop()
         if self.budget is not None and not self.state.planned_steps:
             planned = self.budget.observe(self.state.step, self.state.step_seconds, self.accelerator)
             if planned:
@@ -414,7 +414,7 @@ class Loop:
             disable=not (self.accelerator.is_main_process and self.train.progress_bar),
             dynamic_ncols=True,
         )
-        self.tick = time.perf_counter()
+        self.clock.start()
         while not self.done():
             with self.steps() as steps:
                 for micro_batches in steps:
@@ -424,15 +424,15 @@ class Loop:
                     self.count_time()
                     self.maybe_eval()
                     self.maybe_checkpoint()
-                    self.tick = time.perf_counter()  # evaluations and checkpoints are not the steps' time
                     if self.done():
                         break
+                    self.clock.start()  # evaluations and checkpoints are not the steps' time
                 else:
                     self.state.epoch, self.state.epoch_step = self.state.epoch + 1, 0
                     if not self.train.eval_every:
                         self.maybe_eval(force=True)
                         self.maybe_checkpoint()
-                        self.tick = time.perf_counter()
+                        self.clock.start()
         self.bar.close()
         self.maybe_eval(force=True)
         self.maybe_checkpoint(force=True)
