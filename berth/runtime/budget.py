@@ -38,7 +38,8 @@ class StepClock:
         self.window = 0.0  # the finished steps' seconds not yet in a lap
 
     def start(self) -> None:
-        """A step begins; a step left running (one that never stopped) is dropped from every count."""
+        """A step begins. Of a step left running (one that never stopped), what no lap counted is dropped: the
+        loop starts again after an evaluation at an epoch's end without a step in between."""
         self.started = self.since = time.perf_counter()
 
     def stop(self) -> float:
