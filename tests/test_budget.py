@@ -182,6 +182,8 @@ def test_evaluations_and_checkpoints_are_left_out_of_the_logged_rates(setup):  #
     # Lines 2-6 each count two steps of the fake clock (the first line, one and a half); those after a pause are
     # as fast as the others, where one that counted a 100 s pause would be 1,000 times slower.
     assert min(rates[1:]) > 0.8 * max(rates[1:]), rates
+    state = json.loads((sorted((final.parent / "checkpoints").glob("step-*"))[-1] / "state.json").read_text())
+    assert state["step"] == 12 and state["step_seconds"] < 100  # nor are they the budget's time
 
 
 @pytest.mark.slow
