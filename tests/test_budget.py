@@ -1,6 +1,8 @@
 """train.budget_minutes: the step count fixed from timed steps, the schedule that follows it, and exact resume."""
 
+import itertools
 import json
+import math
 import shutil
 from types import SimpleNamespace
 
@@ -29,29 +31,29 @@ def test_the_steps_that_fit_what_is_left_of_the_budget():
 
 
 class Processes:
-    """What StepBudget reads of an Accelerator: this process alone, or beside another whose figures are `other`
-    (every figure is max-reduced across processes)."""
+    """What StepBudget reads of an Accelerator: this process alone, or beside another whose steps take `slower`
+    times as long (every figure is max-reduced across processes)."""
 
     device = torch.device("cpu")
     is_main_process = True
 
-    def __init__(self, other: float | None = None):
-        self.other = other
+    def __init__(self, slower: float = 1.0):
+        self.slower = slower
 
     def reduce(self, tensor, reduction):
         assert reduction == "max"
-        return tensor if self.other is None else torch.maximum(tensor, torch.tensor([self.other]))
+        return torch.maximum(tensor, tensor * self.slower)
 
 
 def test_the_count_is_fixed_once_from_the_probes_steps_and_the_slowest_process():
     budget = StepBudget(minutes=1, cap=10_000, warmup=0)
-    seconds, fixed = 0.0, []
+    seconds, fits = 0.0, []
     for step in range(1, 30):
-        seconds += 5.0 if step <= PROBE_SKIP else 0.1  # slow first steps are left out of the rate
-        fixed.append(budget.observe(step, seconds, Processes(other=0.3)))  # the other took 0.3 s a step
-    at_probe_end = PROBE_SKIP * 5.0 + (PROBE_STEPS - PROBE_SKIP) * 0.1
-    assert [f for f in fixed if f] == [PROBE_STEPS + int((60 - at_probe_end) / 0.3)]
-    assert [i + 1 for i, f in enumerate(fixed) if f] == [PROBE_STEPS]  # fixed once, after the probe's last step
+        seconds += 5.0 if step <= PROBE_SKIP else 0.125  # slow first steps are left out of the rate
+        fits += [budget.observe(step, seconds, [f for f in fits if f], Processes(slower=2))]
+    # the other process's figures: 22.5 s spent at the probe's end, 0.25 s a step, 150 steps in the 37.5 s left
+    assert [f for f in fits if f] == [[PROBE_STEPS, PROBE_STEPS + 150, 22.5]]
+    assert [i + 1 for i, f in enumerate(fits) if f] == [PROBE_STEPS]  # fixed once, after the probe's last step
 
 
 @pytest.mark.parametrize(("warmup", "end"), [(0, PROBE_STEPS), (40, 40), (300, 300)])
@@ -60,25 +62,62 @@ def test_the_probe_times_the_warm_up_between_its_shortest_and_longest(warmup, en
     rate is the mean of every step after the first PROBE_SKIP."""
 
     budget = StepBudget(minutes=10, cap=100_000, warmup=warmup)
-    seconds, fixed = 0.0, []
+    seconds, fits = 0.0, []
     for step in range(1, 400):
         seconds += 5.0 if step <= PROBE_SKIP else (0.125 if step % 2 else 0.375)  # two lengths in turn, exact in binary
-        fixed.append(budget.observe(step, seconds, Processes()))
-    assert [i + 1 for i, f in enumerate(fixed) if f] == [end]
+        fits += [budget.observe(step, seconds, [f for f in fits if f], Processes())]
+    assert [i + 1 for i, f in enumerate(fits) if f] == [end]
     timed = [0.125 if step % 2 else 0.375 for step in range(PROBE_SKIP + 1, end + 1)]
     rate = sum(timed) / len(timed)
     left = 600 - (PROBE_SKIP * 5.0 + sum(timed))
-    assert [f for f in fixed if f] == [end + int(left / rate)]
+    assert [f[1] for f in fits if f] == [end + int(left / rate)]
 
 
 def test_a_run_resumed_inside_the_probe_times_the_steps_after_its_own_first():
     budget = StepBudget(minutes=10, cap=100_000, warmup=300)
-    seconds, fixed = 100.0, []  # the time of the 50 steps before the checkpoint, slow ones included
+    seconds, fits = 100.0, []  # the time of the 50 steps before the checkpoint, slow ones included
     for step in range(51, 320):
         seconds += 4.0 if step == 51 else 0.25  # the resumed run's first step loads and draws
-        fixed.append(budget.observe(step, seconds, Processes()))
+        fits += [budget.observe(step, seconds, [f for f in fits if f], Processes())]
     left = 600 - (100.0 + 4.0 + 249 * 0.25)
-    assert [f for f in fixed if f] == [300 + int(left / 0.25)]
+    assert [f[1] for f in fits if f] == [300 + int(left / 0.25)]
+
+
+def spend(budget, step_time, acc):
+    """Run a budget's steps as the loop does (step `step` takes `step_time(step)` seconds) until the count in force:
+    the fits made, and the seconds spent."""
+    seconds, fits, step = 0.0, [], 0
+    while step < (fits[-1][1] if fits else budget.cap):
+        step += 1
+        seconds += step_time(step)
+        fit = budget.observe(step, seconds, fits, acc)
+        fits += [fit] if fit else []
+    return fits, seconds
+
+
+def test_the_count_is_fitted_again_from_the_steps_since_the_last_fit():
+    """Steps slow from 1/8 s to 5/32 s after step 100, after the probe: the probe's count would overrun the minute
+    by 19.8%; fitted again at half, 80% and 95% of the way, from the steps since the fit before, the run spends
+    the minute to within a step."""
+    slows = lambda step: 0.125 if step <= 100 else 0.15625  # noqa: E731  # exact in binary
+    fits, seconds = spend(StepBudget(minutes=1, cap=100_000, warmup=0), slows, Processes())
+    # the probe: 12 steps of 1/8 s, and 58.5 s left at 1/8 s a step
+    assert fits[0] == [PROBE_STEPS, 480, 1.5]
+    # after step 240: 12.5 + 140 x 5/32 s = 34.375 s spent; 5/32 s a step since step 12 for the 140 after 100,
+    # 1/8 s for 88 before: (34.375 - 1.5) / 228 a step over the 25.625 s left
+    rate = (34.375 - 1.5) / 228
+    assert fits[1] == [240, 240 + int(25.625 / rate), 34.375]
+    assert [f[0] for f in fits[2:]] == [math.ceil(0.8 * fits[1][1]), math.ceil(0.95 * fits[2][1])]
+    assert 60 - 0.15625 < seconds <= 60  # within a step of the budget
+    assert 12.5 + (480 - 100) * 0.15625 > 1.15 * 60  # where the probe's count alone would have ended
+
+
+def test_the_slowest_process_sets_every_fit_and_a_spent_budget_ends_the_run():
+    # the other process's steps take 0.5 s to this one's 0.125, and every fit follows its clock
+    fits, _ = spend(StepBudget(minutes=1, cap=100_000, warmup=0), lambda step: 0.125, Processes(slower=4))
+    assert fits == [[PROBE_STEPS, 120, 6.0], [60, 120, 30.0], [96, 120, 48.0], [114, 120, 57.0]]
+    # a run past its budget at a fit ends there, as late as it already is
+    assert StepBudget(minutes=1, cap=1000, warmup=0).refit(300, 75.0, per_step=0.25, count=400, log=False) == 300
 
 
 def test_settings_a_budget_cannot_use_are_refused():
@@ -93,13 +132,13 @@ def test_settings_a_budget_cannot_use_are_refused():
 
 
 class Clock:
-    """perf_counter that advances 20 ms a call: every run sees the same step times."""
+    """perf_counter that advances `tick` (20 ms) a call: every run sees the same step times."""
 
     def __init__(self):
-        self.now = 0.0
+        self.now, self.tick = 0.0, 0.02
 
     def perf_counter(self):
-        self.now += 0.02
+        self.now += self.tick
         return self.now
 
 
@@ -110,47 +149,76 @@ def use_clock(patch, perf_counter):
     patch.setattr(budget_module, "time", fake)
 
 
-# 60 ms of the fake clock a step (read at its start, twice by its log line, at its end): some 45 steps
-BUDGET = ["train.budget_minutes=0.045", "train.max_steps=500", "train.warmup_steps=4", "train.save_every=20"]
+def slowing(patch, clock, after=20):
+    """Steps after `after` take 1.5x as long on `clock`, in any run that reaches them (resumed or not)."""
+    step = loop_module.Loop.train_step
+
+    def timed(loop, micro_batches):
+        clock.tick = 0.03 if loop.state.step >= after else 0.02
+        return step(loop, micro_batches)
+
+    patch.setattr(loop_module.Loop, "train_step", timed)
+
+
+# 60 ms of the fake clock a step (read at its start, twice by its log line, at its end), 90 ms after step 20: the
+# probe's count (some 45 steps) would overrun the budget by over a quarter
+BUDGET = ["train.budget_minutes=0.045", "train.max_steps=500", "train.warmup_steps=4", "train.save_every=10"]
 BUDGET += ["train.keep_checkpoints=10", "train.eval_every=0", "train.log_every=1"]
+
+
+def budgeted_run(setup, name, *args):  # noqa: F811
+    with pytest.MonkeyPatch.context() as patch:
+        clock = Clock()
+        use_clock(patch, clock.perf_counter)
+        slowing(patch, clock)
+        return pretrain(config(setup, name, *BUDGET, *args)).parent
+
+
+def last_state(run):
+    return json.loads((sorted((run / "checkpoints").glob("step-*"))[-1] / "state.json").read_text())
 
 
 @pytest.fixture(scope="module")
 def budgeted(setup):  # noqa: F811
-    with pytest.MonkeyPatch.context() as patch:
-        use_clock(patch, Clock().perf_counter)
-        final = pretrain(config(setup, "budget", *BUDGET))
-    return final.parent
+    return budgeted_run(setup, "budget")
 
 
-def test_a_budgeted_run_fixes_its_step_count_and_its_schedule_follows_it(budgeted):
-    state = json.loads((sorted((budgeted / "checkpoints").glob("step-*"))[-1] / "state.json").read_text())
-    total = state["planned_steps"]
-    assert PROBE_STEPS < total < 500 and state["step"] == total
+def test_a_budgeted_run_fits_its_count_again_as_its_steps_slow(budgeted):
+    state = last_state(budgeted)
+    fits, total = state["fits"], state["planned_steps"]
+    assert [f[0] for f in fits[:2]] == [PROBE_STEPS, math.ceil(0.5 * fits[0][1])] and len(fits) >= 3
+    assert PROBE_STEPS < total == fits[-1][1] == state["step"] < fits[0][1] - 5  # the count came down
+    assert state["step_seconds"] == pytest.approx(0.045 * 60, rel=0.05)  # the steps' time, by the fake clock
     logged = [m for m in read_metrics(budgeted) if "loss" in m]
     assert logged[-1]["step"] == total
-    # the LR after step k is the one step k + 1 uses: linear warm-up over 4 steps, decay to 0 at the fixed count
-    multiplier = lr_multiplier("linear", 4, total)
+    # the LR after step k is the one step k + 1 uses: linear warm-up over 4 steps, decay planned on the first count
+    # and refitted to each later one (tests/test_runtime.py checks the refits by hand); it never rises, and ends at 0.
+    # A fit's own step is logged before the fit (the step's time includes its log line), with the LR planned before.
+    multiplier = lr_multiplier("linear", 4, fits[0][1], refits=[(f[0], f[1]) for f in fits[1:]])
+    at_fits = {f[0] for f in fits}
     for m in logged[PROBE_STEPS:]:
-        assert m["lr"] == pytest.approx(1e-3 * multiplier(m["step"]), abs=1e-12), m["step"]
-    assert state["step_seconds"] == pytest.approx(0.045 * 60, rel=0.05)  # the steps' time, by the fake clock
+        if m["step"] not in at_fits:
+            assert m["lr"] == pytest.approx(1e-3 * multiplier(m["step"]), abs=1e-12), m["step"]
+    lrs = [m["lr"] for m in logged[4:]]
+    assert all(a >= b for a, b in itertools.pairwise(lrs)) and lrs[-1] == 0
 
 
-def test_a_resumed_budgeted_run_keeps_the_count_and_ends_with_the_same_weights(setup, budgeted):  # noqa: F811
+def test_a_resumed_budgeted_run_keeps_its_fits_and_ends_with_the_same_weights(setup, budgeted):  # noqa: F811
+    """Resumed from step 30, past the probe's fit and the first refit and before the next: the resumed run must
+    take both from the state and time the steps after its own first, to fit the same counts and end the same."""
     root, _ = setup
     resumed = root / "budget-resumed"
     shutil.copytree(budgeted, resumed)
-    checkpoints = sorted((resumed / "checkpoints").glob("step-*"))
-    assert len(checkpoints) >= 3
-    for later in checkpoints[2:]:  # stopped after step 40: the rest of the run learns (LR above zero)
+    for later in sorted((resumed / "checkpoints").glob("step-*"))[3:]:
         shutil.rmtree(later)
     shutil.rmtree(resumed / "final")
-    with pytest.MonkeyPatch.context() as patch:  # a resumed run does not time again: a clock 10x slower
-        use_clock(patch, lambda: Clock().perf_counter() * 10)
-        pretrain(config(setup, resumed.name, *BUDGET, "train.resume=auto"))
+    state, uninterrupted = last_state(resumed), last_state(budgeted)
+    assert state["step"] == 30 and len(state["fits"]) == 2 < len(uninterrupted["fits"])
+    budgeted_run(setup, resumed.name, "train.resume=auto")
+    fits = last_state(resumed)["fits"]
+    assert [f[:2] for f in fits] == [f[:2] for f in uninterrupted["fits"]] and fits[:2] == state["fits"]
     logged = [m for m in read_metrics(resumed) if "loss" in m]
-    # the LR logged after step k is the one step k + 1 uses: steps 41 to 44 learn (the last ends the decay at 0)
-    assert [m["step"] for m in logged[39:43]] == [40, 41, 42, 43] and all(m["lr"] > 0 for m in logged[39:43])
+    assert [m["step"] for m in logged[29:31]] == [30, 31] and logged[29]["lr"] > 0  # the resumed steps learn
     assert_same_weights(weights(budgeted), weights(resumed))
 
 
@@ -189,8 +257,8 @@ def test_evaluations_and_checkpoints_are_left_out_of_the_logged_rates(setup):  #
 @pytest.mark.slow
 def test_two_processes_of_unequal_clocks_fix_one_count_and_end_together(setup, tmp_path):  # noqa: F811
     """Launched on 2 processes whose clocks differ (the second's runs 1.5x fast: tests/budget_ranks.py), each
-    times its own steps; both take the slowest rate, plan the same count, run it and end. A process planning its
-    own count would stop while the other waits in a collective."""
+    times its own steps; at the probe's fit and at each refit both take the slowest figures, plan the same count,
+    run it and end. A process planning its own count would stop while the other waits in a collective."""
     from conftest import launch_two_processes
 
     _, base = setup
@@ -200,7 +268,9 @@ def test_two_processes_of_unequal_clocks_fix_one_count_and_end_together(setup, t
     result = launch_two_processes("tests/budget_ranks.py", args, script=True)
     assert result.returncode == 0, result.stderr[-3000:]
     [line] = [x for x in result.stderr.splitlines() if "the schedule follows" in x]  # logged once, by the main one
-    total = int(line.rsplit("follows ", 1)[1].split()[0])
-    state = json.loads((sorted((run / "checkpoints").glob("step-*"))[-1] / "state.json").read_text())
-    assert state["planned_steps"] == state["step"] == total > PROBE_STEPS
+    refits = [x for x in result.stderr.splitlines() if "the schedule's rest is fitted" in x]
+    state = last_state(run)
+    fits = state["fits"]
+    assert int(line.rsplit("follows ", 1)[1].split()[0]) == fits[0][1] and len(refits) == len(fits) - 1 >= 1
+    assert state["planned_steps"] == state["step"] == fits[-1][1] > PROBE_STEPS
     assert "2 processes" in result.stderr

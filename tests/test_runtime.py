@@ -33,6 +33,25 @@ def test_wsd_decays_over_its_share_and_never_into_the_warmup():
     assert [whole(s) for s in range(10)] == pytest.approx([linear(s) for s in range(10)])
 
 
+def test_a_refitted_schedule_stretches_its_rest_onto_each_new_count():
+    # linear from 1 to 0 over 10 steps; after step 4 refitted to 16 (the rest stretched 2x), after step 10 to 13
+    f = lr_multiplier("linear", warmup_steps=0, total_steps=10, refits=[(4, 16), (10, 13)])
+    head = [0.9, 0.8, 0.7, 0.6]  # the first plan's
+    stretched = [0.55, 0.5, 0.45, 0.4, 0.35, 0.3]  # half the slope: 0.6 down to 0 over 12 steps
+    squeezed = [0.2, 0.1, 0.0]  # what was left at step 10 (0.3 over 6 steps) in 3
+    assert [f(s) for s in range(13)] == pytest.approx(head + stretched + squeezed)
+    # wsd: the stable part stays at the peak; the decay is stretched with the rest (2 of 5 steps left, then 6 of 15)
+    wsd = lr_multiplier("wsd", warmup_steps=0, total_steps=10, refits=[(5, 20)])
+    assert [wsd(s) for s in range(20)] == pytest.approx([1.0] * 14 + [5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6, 0.0])
+    # cosine: the refit step's LR is kept and the last step still reaches min_ratio
+    cos, plain = lr_multiplier("cosine", 2, 10, 0.1, refits=[(6, 9)]), lr_multiplier("cosine", 2, 10, 0.1)
+    assert [cos(s) for s in range(6)] == [plain(s) for s in range(6)] and cos(8) == pytest.approx(0.1)
+    # the count does not shape these: a refit only moves where they stop
+    for schedule in ("constant", "noam"):
+        refitted, plain = lr_multiplier(schedule, 2, 10, refits=[(5, 30)]), lr_multiplier(schedule, 2, 10)
+        assert [refitted(s) for s in range(30)] == [plain(s) for s in range(30)]
+
+
 def test_decay_fraction_is_refused_where_it_does_nothing():
     from berth.runtime.config import TrainConfig
 

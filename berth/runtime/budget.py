@@ -3,7 +3,9 @@
 The run times its first optimizer steps (the warm-up's, at least 12), fixes the step count that
 fits the budget and keeps it in the run's state: the learning-rate schedule (warm-up and decay) follows that count
 from then on, every process takes the same count (the slowest process's timing), and a resumed run reads it back
-instead of timing again. The budget covers the optimizer steps (their batches, forward, backward and update);
+instead of timing again. Step times drift after the probe (on a shared 2-core CPU by 10-20%), so the count is fitted
+again at REFIT_AT of the way, from the steps since the previous fit; the schedule's rest is stretched onto the new
+count, with no jump in the LR. The budget covers the optimizer steps (their batches, forward, backward and update);
 held-out evaluations and checkpoints come on top and are logged apart.
 """
 
@@ -26,6 +28,8 @@ PROBE_SKIP = 2
 # longer warm-up the probe runs to its end: the LR of warm-up steps does not depend on the count, and on the 2-core
 # CPU ten timed steps were off by up to 5%, and a run whose steps slowed by a quarter after step 110 by 19%.
 PROBE_STEPS = 12
+# Shares of the count in force at which it is fitted again. The last fit leaves 5% of the steps to drift unseen.
+REFIT_AT = (0.5, 0.8, 0.95)
 
 
 class StepClock:
@@ -70,24 +74,58 @@ class StepBudget:
         self.cap = cap  # train.max_steps, or the steps of train.epochs
         self.warmup = warmup
         self.probe_end = max(PROBE_STEPS, warmup)
-        # (step, step seconds) after which the probe's rate is timed: PROBE_SKIP, or a resumed run's own first step
-        self.skipped: tuple[int, float] | None = None
+        # (step, this process's step seconds) from which the next fit's rate is timed: PROBE_SKIP, a resumed run's
+        # own first step (loading, its first chunk), then each fit. Each process times its own steps; only the
+        # rates are agreed, so this stays in memory.
+        self.mark: tuple[int, float] | None = None
 
-    def observe(self, step: int, step_seconds: float, acc: Accelerator) -> int:
-        """After optimizer step `step` (1-based), with the run's step seconds so far: the run's step count when it
-        is fixed now, else 0. At the fix every process must call it (the timing is agreed in a collective)."""
-        if self.skipped is None and step >= PROBE_SKIP:
-            # a run resumed inside the probe leaves out its own first step (loading, its first chunk) as well
-            self.skipped = (step, step_seconds)
-        if step != self.probe_end:
-            return 0
-        after, at = self.skipped or (0, 0.0)
-        timed = step - after
-        rate = (step_seconds - at) / timed if timed else step_seconds / step
+    def observe(self, step: int, step_seconds: float, fits: list[list[float]], acc: Accelerator) -> list[float]:
+        """After optimizer step `step` (1-based), with this process's step seconds so far and the run's fits so far
+        ([step, count, step seconds] each, the probe's first): a new fit when one is due now, else []. At a fit every
+        process must call it (the timing is agreed in a collective); `fits` is the same on every process."""
+        if self.mark is None and step >= PROBE_SKIP:
+            self.mark = (step, step_seconds)
+        if step != (self.refit_step(fits) if fits else self.probe_end):
+            return []
+        after, at = self.mark or (0, 0.0)
+        rate = (step_seconds - at) / (step - after) if step > after else step_seconds / step
+        self.mark = (step, step_seconds)
         # every process fits the count from the same figures, the slowest process's: each times its own steps, and
         # counts fitted from figures a few ms apart can differ by one, which leaves a process waiting forever
         agreed = acc.reduce(torch.tensor([rate, step_seconds], device=acc.device), reduction="max")
-        return self.fit(step, float(agreed[1]), float(agreed[0]), acc.is_main_process)
+        rate, step_seconds = float(agreed[0]), float(agreed[1])
+        if not fits:
+            return [step, self.fit(step, step_seconds, rate, acc.is_main_process), round(step_seconds, 3)]
+        count = self.refit(step, step_seconds, rate, int(fits[-1][1]), acc.is_main_process)
+        return [step, count, round(step_seconds, 3)]
+
+    @staticmethod
+    def refit_step(fits: list[list[float]]) -> int:
+        """The step after which the count is fitted again, from the fits so far; 0 for none (all made, or the
+        count in force ends first)."""
+        if len(fits) > len(REFIT_AT):
+            return 0
+        after, count = int(fits[-1][0]), int(fits[-1][1])
+        at = max(math.ceil(REFIT_AT[len(fits) - 1] * count), after + 1)
+        return at if at < count else 0
+
+    def refit(self, step: int, step_seconds: float, per_step: float, count: int, log: bool = True) -> int:
+        """The count fitted again after `step`: what is left of the budget at the recent `per_step`. No fewer than
+        the steps done: a run already past its budget ends here."""
+        fits = step + math.floor(max(0.0, self.seconds - step_seconds) / max(per_step, 1e-9))
+        total = max(step, min(fits, self.cap))
+        if log:
+            logger.info(
+                "budget %g min: after step %d, %.1f s spent, %.3f s an optimizer step since the last fit; "
+                "the schedule's rest is fitted to %d steps (was %d)",
+                self.seconds / 60,
+                step,
+                step_seconds,
+                per_step,
+                total,
+                count,
+            )
+        return total
 
     def fit(self, step: int, step_seconds: float, per_step: float, log: bool = True) -> int:
         """The step count whose remaining steps at `per_step` seconds fill what is left of the budget."""
@@ -109,3 +147,11 @@ class StepBudget:
                 total,
             )
         return total
+
+
+def planned_counts(fits: list[list[float]], planned_steps: int) -> tuple[int, int, list[tuple[int, int]]]:
+    """A state's budget fits as the schedule takes them: (the first count, the count in force, the later fits as
+    (after step, count)). A state saved before later fits were kept holds `planned_steps` alone."""
+    if not fits:
+        return planned_steps, planned_steps, []
+    return int(fits[0][1]), int(fits[-1][1]), [(int(after), int(count)) for after, count, _ in fits[1:]]

@@ -215,6 +215,25 @@ def load_checkpoint(
     return state
 
 
+def check_same_run(
+    checkpoint: Path, saved_key: dict[str, str], saved_batch: int, data_key: dict[str, str], global_batch: int
+) -> None:
+    """Refuse a checkpoint whose data fingerprints (`data_key`) or global batch differ from this run's: its data
+    position would point into other examples."""
+    changed = [
+        f"{name}: {saved_key.get(name)} -> {new}" for name, new in data_key.items() if saved_key.get(name) != new
+    ]
+    if changed:
+        raise BerthError(
+            f"refusing to resume from {checkpoint}: the data under the same config changed ({'; '.join(changed)})"
+        )
+    if saved_batch != global_batch:
+        raise BerthError(
+            f"refusing to resume from {checkpoint}: its steps took {saved_batch} units and this run's "
+            f"take {global_batch} (train.batch_size x processes x train.grad_accum); keep the global batch"
+        )
+
+
 def saved_processes(path: Path) -> int:
     """How many processes wrote the checkpoint: one RNG file each, numbered from 0."""
     count = len(list(path.glob("rng-*.json")))

@@ -25,8 +25,14 @@ from berth.core.errors import BerthError
 from berth.core.files import recover
 from berth.core.hub import HubConfig, check_push
 from berth.runtime.accel import build_accelerator
-from berth.runtime.budget import StepBudget, StepClock
-from berth.runtime.checkpoint import checkpoint_dir, load_checkpoint, resolve_resume, save_checkpoint
+from berth.runtime.budget import StepBudget, StepClock, planned_counts
+from berth.runtime.checkpoint import (
+    check_same_run,
+    checkpoint_dir,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+)
 from berth.runtime.collective import check_output_shared
 from berth.runtime.config import TrainConfig
 from berth.runtime.dropout import use_fast_dropout
@@ -63,6 +69,7 @@ class TrainState:
     elapsed: float = 0.0  # seconds of training before this process started (resumed runs)
     step_seconds: float = 0.0  # of those, the optimizer steps' (their batches included; evaluations left out)
     planned_steps: int = 0  # train.budget_minutes: the step count the budget fits, once timed
+    fits: list[list[float]] = field(default_factory=list)  # the budget's fits: [after step, count, step_seconds] each
 
 
 class RunConfig(Protocol):
@@ -189,24 +196,11 @@ class Loop:
         current, sections = to_dict(self.cfg), self.stage.resume_sections
         saved = load_checkpoint(self.accelerator, self.engine, checkpoint, self.saved_objects, current, sections)
         state = TrainState(**saved)
-        changed = [
-            f"{name}: {state.data_key.get(name)} -> {key}"
-            for name, key in self.state.data_key.items()
-            if state.data_key.get(name) != key
-        ]
-        if changed:
-            raise BerthError(
-                f"refusing to resume from {checkpoint}: the data under the same config changed ({'; '.join(changed)})"
-            )
-        if state.global_batch != self.global_batch:
-            raise BerthError(
-                f"refusing to resume from {checkpoint}: its steps took {state.global_batch} units and this run's "
-                f"take {self.global_batch} (train.batch_size x processes x train.grad_accum); keep the global batch"
-            )
+        check_same_run(checkpoint, state.data_key, state.global_batch, self.state.data_key, self.global_batch)
         self.state = state
         self.checkpointed_at = state.step
-        if state.planned_steps:  # the budget's count, timed by the interrupted run
-            self.plan(state.planned_steps)
+        if state.planned_steps:  # the budget's counts, timed by the interrupted run
+            self.plan()
         if self.accelerator.is_main_process:
             where = f"at step {state.step} (epoch {state.epoch}, step {state.epoch_step} of it)"
             logger.info("resumed from %s %s", checkpoint, where)
@@ -343,12 +337,8 @@ class Loop:
         value, best = metrics[name], state.best_metric
         improved = best is None or (value < best if self.stage.lower_is_better else value > best)
         if improved:
-            state.best_metric, state.best_step, state.best_metrics, state.evals_since_best = (
-                value,
-                state.step,
-                metrics,
-                0,
-            )
+            state.best_metric, state.best_step, state.best_metrics = value, state.step, metrics
+            state.evals_since_best = 0
             self.stage.save_best(self.model, state, self.accelerator)
         else:
             state.evals_since_best += 1
@@ -371,23 +361,27 @@ class Loop:
         )
         self.stage.checkpoint_saved(self.model, self.state, self.accelerator)
 
-    def plan(self, total: int) -> None:
-        """Fix the run's step count (train.budget_minutes): the schedule follows it from the next step on."""
+    def plan(self) -> None:
+        """Follow the budget's fits in the state (train.budget_minutes) from the next step on: the count of the
+        latest, and a schedule planned on the first and refitted to each later one."""
         t = self.train
-        self.total_steps = self.state.planned_steps = total
+        first, self.total_steps, refits = planned_counts(self.state.fits, self.state.planned_steps)
+        self.state.planned_steps = self.total_steps
         self.scheduler = build_scheduler(
-            self.optimizer, t.schedule, self.warmup, total, t.min_lr_ratio, t.decay_fraction, self.state.step
+            self.optimizer, t.schedule, self.warmup, first, t.min_lr_ratio, t.decay_fraction, self.state.step, refits
         )
         if hasattr(self, "bar"):
-            self.bar.total = total
+            self.bar.total = self.total_steps
 
     def count_time(self) -> None:
-        """Add the step just done to the steps' time; the budget fixes the step count at the end of its probe."""
+        """Add the step just done to the steps' time; the budget fixes the step count at the end of its probe and
+        fits it again later (budget.REFIT_AT)."""
         self.state.step_seconds += self.clock.stop()
-        if self.budget is not None and not self.state.planned_steps:
-            planned = self.budget.observe(self.state.step, self.state.step_seconds, self.accelerator)
-            if planned:
-                self.plan(planned)
+        if self.budget is not None:
+            fit = self.budget.observe(self.state.step, self.state.step_seconds, self.state.fits, self.accelerator)
+            if fit:
+                self.state.fits.append(fit)
+                self.plan()
 
     def done(self) -> bool:
         return self.state.step >= self.total_steps or self.state.stopped_early
