@@ -97,8 +97,8 @@ def spend(budget, step_time, acc):
 
 def test_the_count_is_fitted_again_from_the_steps_since_the_last_fit():
     """Steps slow from 1/8 s to 5/32 s after step 100, after the probe: the probe's count would overrun the minute
-    by 19.8%; fitted again at half, 80% and 95% of the way, from the steps since the fit before, the run spends
-    the minute to within a step."""
+    by 19.8%; fitted again where half, 80% and 95% of the minute fall by the fit before, from the steps since it,
+    the run spends the minute to within a step."""
     slows = lambda step: 0.125 if step <= 100 else 0.15625  # noqa: E731  # exact in binary
     fits, seconds = spend(StepBudget(minutes=1, cap=100_000, warmup=0), slows, Processes())
     # the probe: 12 steps of 1/8 s, and 58.5 s left at 1/8 s a step
@@ -107,9 +107,22 @@ def test_the_count_is_fitted_again_from_the_steps_since_the_last_fit():
     # 1/8 s for 88 before: (34.375 - 1.5) / 228 a step over the 25.625 s left
     rate = (34.375 - 1.5) / 228
     assert fits[1] == [240, 240 + int(25.625 / rate), 34.375]
-    assert [f[0] for f in fits[2:]] == [math.ceil(0.8 * fits[1][1]), math.ceil(0.95 * fits[2][1])]
+    # the next where that fit puts 80% of the minute (48 s); from then on the rate since the fit before is the steps'
+    # own, and the last fit comes right after the step that reaches 95% (57 s)
+    assert len(fits) == 4 and fits[2][0] == 240 + math.ceil((fits[1][1] - 240) * (48 - 34.375) / (60 - 34.375))
+    assert 57 <= fits[3][2] < 57 + 0.15625
     assert 60 - 0.15625 < seconds <= 60  # within a step of the budget
     assert 12.5 + (480 - 100) * 0.15625 > 1.15 * 60  # where the probe's count alone would have ended
+
+
+def test_refits_fall_where_the_last_fit_puts_the_next_share_of_the_budgets_time():
+    budget = StepBudget(minutes=1, cap=1000, warmup=0)
+    assert budget.refit_step([[12, 480, 1.5]]) == 240  # half the minute: 28.5 of the 58.5 s left, 228 of 468 steps
+    # 80% of the minute: 8 of the 20 s left, so 40 of the 100 steps left; not 80% of the count (step 160)
+    assert budget.refit_step([[12, 480, 1.5], [100, 200, 40.0]]) == 140
+    assert budget.refit_step([[100, 120, 47.5]]) == 101  # a fit just short of a share: the next step, not none
+    assert budget.refit_step([[100, 200, 58.0]]) == 0  # past 95%: no more
+    assert budget.refit_step([[100, 101, 56.0]]) == 0  # the run ends before 95% of the minute
 
 
 def test_the_slowest_process_sets_every_fit_and_a_spent_budget_ends_the_run():
@@ -186,7 +199,10 @@ def budgeted(setup):  # noqa: F811
 def test_a_budgeted_run_fits_its_count_again_as_its_steps_slow(budgeted):
     state = last_state(budgeted)
     fits, total = state["fits"], state["planned_steps"]
-    assert [f[0] for f in fits[:2]] == [PROBE_STEPS, math.ceil(0.5 * fits[0][1])] and len(fits) >= 3
+    # refitted first where the probe's figures put half the budget's time: (0.5 x 2.7 s - spent) / the rate since
+    first, spent = fits[0][1], fits[0][2]
+    assert [f[0] for f in fits[:2]] == [PROBE_STEPS, 12 + math.ceil((first - 12) * (1.35 - spent) / (2.7 - spent))]
+    assert len(fits) >= 3
     assert PROBE_STEPS < total == fits[-1][1] == state["step"] < fits[0][1] - 5  # the count came down
     assert state["step_seconds"] == pytest.approx(0.045 * 60, rel=0.05)  # the steps' time, by the fake clock
     logged = [m for m in read_metrics(budgeted) if "loss" in m]

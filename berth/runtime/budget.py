@@ -3,10 +3,10 @@
 The run times its first optimizer steps (the warm-up's, at least 12), fixes the step count that
 fits the budget and keeps it in the run's state: the learning-rate schedule (warm-up and decay) follows that count
 from then on, every process takes the same count (the slowest process's timing), and a resumed run reads it back
-instead of timing again. Step times drift after the probe (on a shared 2-core CPU by 10-20%), so the count is fitted
-again at REFIT_AT of the way, from the steps since the previous fit; the schedule's rest is stretched onto the new
-count, with no jump in the LR. The budget covers the optimizer steps (their batches, forward, backward and update);
-held-out evaluations and checkpoints come on top and are logged apart.
+instead of timing again. Step times drift after the probe (on a shared 2-core CPU by 10-20%), so the count is
+fitted again at REFIT_AT of the budget's time, from the steps since the previous fit; the schedule's rest is
+stretched onto the new count, with no jump in the LR. The budget covers the optimizer steps (their batches,
+forward, backward and update); held-out evaluations and checkpoints come on top and are logged apart.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ PROBE_SKIP = 2
 # longer warm-up the probe runs to its end: the LR of warm-up steps does not depend on the count, and on the 2-core
 # CPU ten timed steps were off by up to 5%, and a run whose steps slowed by a quarter after step 110 by 19%.
 PROBE_STEPS = 12
-# Shares of the count in force at which it is fitted again. The last fit leaves 5% of the steps to drift unseen.
+# Shares of the budget's time after which the count is fitted again. The last leaves 5% of it to drift unseen.
 REFIT_AT = (0.5, 0.8, 0.95)
 
 
@@ -99,15 +99,17 @@ class StepBudget:
         count = self.refit(step, step_seconds, rate, int(fits[-1][1]), acc.is_main_process)
         return [step, count, round(step_seconds, 3)]
 
-    @staticmethod
-    def refit_step(fits: list[list[float]]) -> int:
-        """The step after which the count is fitted again, from the fits so far; 0 for none (all made, or the
-        count in force ends first)."""
-        if len(fits) > len(REFIT_AT):
-            return 0
-        after, count = int(fits[-1][0]), int(fits[-1][1])
-        at = max(math.ceil(REFIT_AT[len(fits) - 1] * count), after + 1)
-        return at if at < count else 0
+    def refit_step(self, fits: list[list[float]]) -> int:
+        """The step after which the count is fitted again: where the last fit's figures put the next REFIT_AT share
+        of the budget's time not yet spent; 0 for none. A share of time, not of steps: when a fit cuts the count
+        by a third, the next is still some way off."""
+        after, count, spent = int(fits[-1][0]), int(fits[-1][1]), fits[-1][2]
+        for share in REFIT_AT:
+            until = share * self.seconds - spent  # seconds from the last fit to this share
+            if until > 0:
+                at = after + max(1, math.ceil((count - after) * until / (self.seconds - spent)))
+                return at if at < count else 0
+        return 0
 
     def refit(self, step: int, step_seconds: float, per_step: float, count: int, log: bool = True) -> int:
         """The count fitted again after `step`: what is left of the budget at the recent `per_step`. No fewer than
