@@ -16,7 +16,7 @@ from berth.pretrain.config import PretrainConfig
 from berth.pretrain.train import pretrain
 from berth.runtime import budget as budget_module
 from berth.runtime import loop as loop_module
-from berth.runtime.budget import PROBE_SKIP, PROBE_STEPS, StepBudget
+from berth.runtime.budget import PROBE_SKIP, PROBE_STEPS, REFIT_AT, StepBudget
 from berth.runtime.config import TrainConfig
 from berth.runtime.schedules import lr_multiplier
 from berth.runtime.tracking import read_metrics
@@ -122,7 +122,19 @@ def test_refits_fall_where_the_last_fit_puts_the_next_share_of_the_budgets_time(
     assert budget.refit_step([[12, 480, 1.5], [100, 200, 40.0]]) == 140
     assert budget.refit_step([[100, 120, 47.5]]) == 101  # a fit just short of a share: the next step, not none
     assert budget.refit_step([[100, 200, 58.0]]) == 0  # past 95%: no more
+    # steps that sped up reached the fit aimed at 80% (48 s; the one before, at 50%) at 45 s: the next is aimed at
+    # 95% (57 s, 12 of the 15 s left), not at 80% again (3 s on)
+    assert budget.refit_step([[12, 480, 1.5], [240, 400, 30.0], [300, 400, 45.0]]) == 300 + math.ceil(100 * 12 / 15)
     assert budget.refit_step([[100, 101, 56.0]]) == 0  # the run ends before 95% of the minute
+
+
+def test_steps_that_speed_up_are_fitted_again_once_a_share():
+    """Steps twice as fast after step 100: each fit comes before its share's time, and the next aims at the next
+    share; the run still spends the minute to within a step."""
+    fits, seconds = spend(
+        StepBudget(minutes=1, cap=100_000, warmup=0), lambda s: 0.25 if s <= 100 else 0.125, Processes()
+    )
+    assert len(fits) == 1 + len(REFIT_AT) and 60 - 0.125 < seconds <= 60
 
 
 def test_the_slowest_process_sets_every_fit_and_a_spent_budget_ends_the_run():
