@@ -4,7 +4,8 @@ Each recipe pretrains the demo's encoder (`configs/pretrain/mini_zh.yaml`) for `
 no evaluations, and reports the budget's fits (`state.json`'s `fits`) and how far the steps' time (`step_seconds`)
 ended from the budget. `--hog-after S` starts a busy process S seconds into each run (a core's worth of other work,
 as on a shared machine), so the steps slow after the warm-up probe; `--probe-only` also runs each recipe with the
-count fixed by the probe alone (REFIT_AT emptied: the budget before refits), side by side.
+count fixed by the probe alone (REFIT_AT emptied: the budget before refits), side by side. Runs are not reused:
+a run folder left in `--out` is refused (as `berth pretrain` refuses it); the tokenizer and data cache are.
 
     .venv/bin/python bench/budget_bench.py --out runs/budget --minutes 4
     .venv/bin/python bench/budget_bench.py --out runs/budget --minutes 4 --recipes "mlm 15%" --hog-after 90 --probe-only
