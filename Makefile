@@ -7,12 +7,10 @@ STAMP := $(VENV)/.berth-installed
 .PHONY: demo test test-all test-slow lint format clean
 
 # torch goes first and pinned: an unpinned torch pulled in by a dependency would fetch GBs of CUDA wheels.
-# --no-compile: pip would byte-compile every file it installs (torch's and transformers' thousands); Python
-# compiles what is imported, when first imported. 26 s less set-up on the 2-core machine.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --no-compile torch==2.13.0
-	$(PY) -m pip install --quiet --no-compile -e ".[dev]"
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
 demo: $(STAMP)

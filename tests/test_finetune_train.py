@@ -420,10 +420,7 @@ def test_gradient_accumulation_gives_the_same_weights(tiny, tmp_path):
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-5)
 
 
-# Both slow: `make test` launches fine-tuning on two processes under FSDP2 (tests/test_engines.py), and DDP with
-# pretraining (tests/test_pretrain_train.py).
-@pytest.mark.slow
-@pytest.mark.parametrize("aggregation", ["auto", "attention"])
+@pytest.mark.parametrize("aggregation", [pytest.param("auto", marks=pytest.mark.slow), "attention"])
 def test_two_processes_reach_the_weights_and_metrics_of_one(tiny, tmp_path, aggregation):
     """DDP through the shipped CPU config: same weights, same validation figures (evaluation is sharded and
     gathered back in order), the same test predictions; with attention pooling, its layer too. Both with
