@@ -25,6 +25,7 @@ from berth.core.config import load_config
 from berth.pretrain.config import PretrainConfig
 from berth.pretrain.train import pretrain
 from berth.runtime import budget as budget_module
+from berth.runtime.checkpoint import list_checkpoints
 from berth.tokenizer.config import TokenizerJobConfig
 from berth.tokenizer.train import train_tokenizer
 
@@ -63,7 +64,7 @@ def run_one(out: Path, name: str, minutes: float, hog_after: float, probe_only: 
         if hog:
             hog.kill()
             hog.wait()
-    state = json.loads((sorted((run / "checkpoints").glob("step-*"))[-1] / "state.json").read_text())
+    state = json.loads((list_checkpoints(run)[-1] / "state.json").read_text())
     return {
         "recipe": name,
         "hog_after": hog_after,

@@ -17,6 +17,7 @@ from berth.pretrain.train import pretrain
 from berth.runtime import budget as budget_module
 from berth.runtime import loop as loop_module
 from berth.runtime.budget import PROBE_SKIP, PROBE_STEPS, REFIT_AT, StepBudget
+from berth.runtime.checkpoint import list_checkpoints
 from berth.runtime.config import TrainConfig
 from berth.runtime.schedules import lr_multiplier
 from berth.runtime.tracking import read_metrics
@@ -200,7 +201,7 @@ def budgeted_run(setup, name, *args):  # noqa: F811
 
 
 def last_state(run):
-    return json.loads((sorted((run / "checkpoints").glob("step-*"))[-1] / "state.json").read_text())
+    return json.loads((list_checkpoints(run)[-1] / "state.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +238,7 @@ def test_a_resumed_budgeted_run_keeps_its_fits_and_ends_with_the_same_weights(se
     root, _ = setup
     resumed = root / "budget-resumed"
     shutil.copytree(budgeted, resumed)
-    for later in sorted((resumed / "checkpoints").glob("step-*"))[3:]:
+    for later in list_checkpoints(resumed)[3:]:
         shutil.rmtree(later)
     shutil.rmtree(resumed / "final")
     state, uninterrupted = last_state(resumed), last_state(budgeted)
@@ -278,7 +279,7 @@ def test_evaluations_and_checkpoints_are_left_out_of_the_logged_rates(setup):  #
     # Lines 2-6 each count two steps of the fake clock (the first line, one and a half); those after a pause are
     # as fast as the others, where one that counted a 100 s pause would be 1,000 times slower.
     assert min(rates[1:]) > 0.8 * max(rates[1:]), rates
-    state = json.loads((sorted((final.parent / "checkpoints").glob("step-*"))[-1] / "state.json").read_text())
+    state = last_state(final.parent)
     assert state["step"] == 12 and state["step_seconds"] < 100  # nor are they the budget's time
 
 

@@ -94,10 +94,15 @@ class StepBudget:
         # counts fitted from figures a few ms apart can differ by one, which leaves a process waiting forever
         agreed = acc.reduce(torch.tensor([rate, step_seconds], device=acc.device), reduction="max")
         rate, step_seconds = float(agreed[0]), float(agreed[1])
-        if not fits:
-            return [step, self.fit(step, step_seconds, rate, acc.is_main_process), round(step_seconds, 3)]
-        count = self.refit(step, step_seconds, rate, int(fits[-1][1]), acc.is_main_process)
+        if fits:
+            count = self.refit(step, step_seconds, rate, int(fits[-1][1]), acc.is_main_process)
+        else:
+            count = self.fit(step, step_seconds, rate, acc.is_main_process)
         return [step, count, round(step_seconds, 3)]
+
+    def steps_that_fit(self, step: int, step_seconds: float, per_step: float) -> int:
+        """`step` and the steps at `per_step` seconds that fill what is left of the budget (no cap)."""
+        return step + math.floor(max(0.0, self.seconds - step_seconds) / max(per_step, 1e-9))
 
     def refit_step(self, fits: list[list[float]]) -> int:
         """The step after which the count is fitted again: where the last fit's figures put the next REFIT_AT share
@@ -118,8 +123,7 @@ class StepBudget:
     def refit(self, step: int, step_seconds: float, per_step: float, count: int, log: bool = True) -> int:
         """The count fitted again after `step`: what is left of the budget at the recent `per_step`. No fewer than
         the steps done: a run already past its budget ends here."""
-        fits = step + math.floor(max(0.0, self.seconds - step_seconds) / max(per_step, 1e-9))
-        total = max(step, min(fits, self.cap))
+        total = max(step, min(self.steps_that_fit(step, step_seconds, per_step), self.cap))
         if log:
             logger.info(
                 "budget %g min: after step %d, %.1f s spent, %.3f s an optimizer step since the last fit; "
@@ -135,7 +139,7 @@ class StepBudget:
 
     def fit(self, step: int, step_seconds: float, per_step: float, log: bool = True) -> int:
         """The step count whose remaining steps at `per_step` seconds fill what is left of the budget."""
-        fits = step + math.floor(max(0.0, self.seconds - step_seconds) / max(per_step, 1e-9))
+        fits = self.steps_that_fit(step, step_seconds, per_step)
         total = min(fits, self.cap)
         if total < max(self.warmup, step):
             raise BerthError(
