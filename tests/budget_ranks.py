@@ -17,6 +17,7 @@ from berth.pretrain.config import PretrainConfig
 from berth.pretrain.train import pretrain
 from berth.runtime import budget as budget_module
 from berth.runtime import loop as loop_module
+from berth.runtime.collective import end_launched_process
 
 if __name__ == "__main__":
     configure_logging()
@@ -24,3 +25,4 @@ if __name__ == "__main__":
         fast = SimpleNamespace(perf_counter=lambda: 1.5 * time.perf_counter())
         loop_module.time = budget_module.time = fast  # type: ignore[assignment]
     pretrain(load_config(PretrainConfig, sys.argv[1], sys.argv[2:]))
+    end_launched_process(0)  # as berth's command line ends: no abort from gloo's threads at exit

@@ -27,6 +27,7 @@ from berth.finetune.windows import encode_texts
 from berth.pretrain.config import PretrainConfig
 from berth.pretrain.masking import EpochExamples
 from berth.pretrain.train import PretrainingStage, evaluate
+from berth.runtime.collective import end_launched_process
 from berth.runtime.loop import Loop
 
 SIZES = (1, 3, 17)
@@ -128,3 +129,4 @@ def main(result: str, pretrain_config: str, classification_config: str, ner_conf
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    end_launched_process(0)  # as berth's command line ends: no abort from gloo's threads at exit

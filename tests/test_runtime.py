@@ -286,3 +286,36 @@ def test_an_output_dir_that_another_machine_cannot_see_is_refused_in_one_line(mo
         collective.check_output_shared(_Rank1Of2(), tmp_path)  # the main process wrote its marker elsewhere
     (tmp_path / ".berth-shared-abc").write_text("")  # where the directory is shared, the marker is here
     collective.check_output_shared(_Rank1Of2(), tmp_path)
+
+
+# A process that logs a last line, leaves its stdout tail unflushed (a pipe is block-buffered), registers an
+# atexit hook (run only by Python's finalization) and ends the way berth's command line does.
+_ENDING = """
+import atexit, logging, sys
+from berth.runtime.collective import end_launched_process
+atexit.register(lambda: print("finalized", flush=True))
+logging.basicConfig(stream=sys.stderr)
+logging.getLogger("run").warning("last line")
+sys.stdout.write("unflushed tail;")
+end_launched_process(7)
+print("returned")
+"""
+
+
+@pytest.mark.parametrize("world_size", ["2", None])
+def test_a_launched_process_ends_flushed_and_without_finalization(world_size):
+    """One of several launched processes ends in end_launched_process, with its status, its output flushed and
+    Python's finalization skipped (where gloo's worker threads can abort it); a process alone goes on."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "PYTHONUNBUFFERED")}
+    if world_size:
+        env["WORLD_SIZE"] = world_size
+    ran = subprocess.run([sys.executable, "-c", _ENDING], env=env, capture_output=True, text=True, timeout=300)
+    assert "WARNING:run:last line" in ran.stderr
+    if world_size == "2":
+        assert (ran.returncode, ran.stdout) == (7, "unflushed tail;"), ran.stderr[-2000:]
+    else:
+        assert (ran.returncode, ran.stdout) == (0, "unflushed tail;returned\nfinalized\n"), ran.stderr[-2000:]

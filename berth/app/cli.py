@@ -191,16 +191,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Before datasets or transformers are imported: they read the offline switches at import time.
     configure_offline_mode()
     from berth.runtime.accel import quiet_deepspeed  # after the offline switches: it imports accelerate
+    from berth.runtime.collective import end_launched_process
 
     quiet_deepspeed()
     try:
-        return args.func(args)
+        code = args.func(args)
     except BerthError as exc:
         print(f"berth: error: {exc}", file=sys.stderr)
-        return 2
+        code = 2
     except KeyboardInterrupt:
         print("berth: interrupted", file=sys.stderr)
-        return 130
+        code = 130
+    end_launched_process(code)  # a process of a launch of several ends here, without Python's finalization
+    return code
 
 
 if __name__ == "__main__":
