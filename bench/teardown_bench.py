@@ -1,6 +1,6 @@
 """How often a launched run that succeeded aborts at exit, by how its processes end.
 
-    .venv/bin/python bench/teardown_bench.py [--launches 40] [--ending python berth]
+    .venv/bin/python bench/teardown_bench.py [--launches 40] [--ending python berth] [--busy 2]
 
 Each launch starts 2 processes over gloo (torch.distributed.run, as `accelerate launch` does), shards a small
 model with FSDP2, takes 3 optimizer steps and an evaluation forward, gathers the whole weights and optimizer
@@ -12,7 +12,9 @@ state as berth's checkpoints do, waits at a barrier and destroys the process gro
 
 Reported for each ending: launches, how many exited non-zero, and how many of those printed "terminate called
 without an active exception" (a gloo worker that dropped a tensor after finalization began). The launches
-alternate between the endings, so both see the same machine load.
+alternate between the endings, so both see the same machine load. The abort needs a worker thread that falls
+behind its process's main thread, which a loaded machine makes likelier: `--busy N` keeps N busy processes
+running beside the launches (as the test suite's other work does).
 """
 
 from __future__ import annotations
@@ -67,9 +69,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--launches", type=int, default=40, help="launches per ending")
     parser.add_argument("--ending", nargs="+", default=["python", "berth"], choices=["python", "berth"])
+    parser.add_argument("--busy", type=int, default=0, help="busy processes to run beside the launches")
     parser.add_argument("--port", type=int, default=29650, help="the first rendezvous port; each launch takes the next")
     args = parser.parse_args()
     counts = {ending: [0, 0, 0] for ending in args.ending}  # launches, failed, aborted by the gloo race
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
+    try:
+        run_all(args, counts)
+    finally:
+        for process in busy:
+            process.kill()
+    print("| ending | launches | exited non-zero | of those, the gloo abort at exit |")
+    print("|---|---:|---:|---:|")
+    for ending, (launches, failed, aborted) in counts.items():
+        print(f"| {ending} | {launches} | {failed} | {aborted} |")
+
+
+def run_all(args: argparse.Namespace, counts: dict[str, list[int]]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "fsdp_run.py"
         script.write_text(CHILD)
@@ -82,10 +98,6 @@ def main() -> None:
                 counts[ending][1] += int(code != 0)
                 counts[ending][2] += int(race)
             print(f"{i + 1}/{args.launches}: " + "; ".join(f"{e} {c[1]} failed" for e, c in counts.items()), flush=True)
-    print("| ending | launches | exited non-zero | of those, the gloo abort at exit |")
-    print("|---|---:|---:|---:|")
-    for ending, (launches, failed, aborted) in counts.items():
-        print(f"| {ending} | {launches} | {failed} | {aborted} |")
 
 
 if __name__ == "__main__":
