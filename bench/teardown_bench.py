@@ -6,9 +6,8 @@ Each launch starts 2 processes over gloo (torch.distributed.run, as `accelerate 
 model with FSDP2, takes 3 optimizer steps and an evaluation forward, gathers the whole weights and optimizer
 state as berth's checkpoints do, waits at a barrier and destroys the process group. Then each process ends:
 
-- `python`: returns to the interpreter, which finalizes (what berth's command line did before
-  `end_launched_process`);
-- `berth`: `berth.runtime.collective.end_launched_process(0)`, as `berth` ends under a launcher now.
+- `python`: returns to the interpreter, which finalizes;
+- `berth`: `berth.core.process.end_launched_process(0)`, as `berth` ends under a launcher.
 
 Reported for each ending: launches, how many exited non-zero, and how many of those printed "terminate called
 without an active exception" (a gloo worker that dropped a tensor after finalization began). The launches
@@ -53,7 +52,7 @@ def run():
 
 run()
 if sys.argv[1] == "berth":
-    from berth.runtime.collective import end_launched_process
+    from berth.core.process import end_launched_process
     end_launched_process(0)
 """
 

@@ -13,11 +13,11 @@ from types import SimpleNamespace
 
 from berth.app.cli import configure_logging
 from berth.core.config import load_config
+from berth.core.process import end_launched_process
 from berth.pretrain.config import PretrainConfig
 from berth.pretrain.train import pretrain
 from berth.runtime import budget as budget_module
 from berth.runtime import loop as loop_module
-from berth.runtime.collective import end_launched_process
 
 if __name__ == "__main__":
     configure_logging()

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from berth.core.config import load_config
+from berth.core.process import end_launched_process
 from berth.finetune.config import FinetuneConfig
 from berth.finetune.ner import NerEncoded, window_logits
 from berth.finetune.pooling import document_logits
@@ -27,7 +28,6 @@ from berth.finetune.windows import encode_texts
 from berth.pretrain.config import PretrainConfig
 from berth.pretrain.masking import EpochExamples
 from berth.pretrain.train import PretrainingStage, evaluate
-from berth.runtime.collective import end_launched_process
 from berth.runtime.loop import Loop
 
 SIZES = (1, 3, 17)

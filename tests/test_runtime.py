@@ -292,7 +292,7 @@ def test_an_output_dir_that_another_machine_cannot_see_is_refused_in_one_line(mo
 # atexit hook (run only by Python's finalization) and ends the way berth's command line does.
 _ENDING = """
 import atexit, logging, sys
-from berth.runtime.collective import end_launched_process
+from berth.core.process import end_launched_process
 atexit.register(lambda: print("finalized", flush=True))
 logging.basicConfig(stream=sys.stderr)
 logging.getLogger("run").warning("last line")

@@ -15,6 +15,7 @@ from typing import Any
 from berth.core.config import dump_config, load_config
 from berth.core.errors import BerthError
 from berth.core.hub import configure_offline_mode
+from berth.core.process import end_launched_process
 
 CONFIG_HELP = "YAML config file (see configs/)"
 OVERRIDES_HELP = "config overrides as section.key=value, e.g. tokenizer.vocab_size=16000 output_dir=runs/x"
@@ -191,7 +192,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Before datasets or transformers are imported: they read the offline switches at import time.
     configure_offline_mode()
     from berth.runtime.accel import quiet_deepspeed  # after the offline switches: it imports accelerate
-    from berth.runtime.collective import end_launched_process
 
     quiet_deepspeed()
     try:

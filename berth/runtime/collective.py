@@ -1,13 +1,10 @@
 """What the processes of a run decide together: whether a directory is shared between them, and work split among
 them (`Collective`, which the pretraining data's epoch count uses), so that no process works alone while the others
-wait at a barrier; and how a launched process ends (`end_launched_process`)."""
+wait at a barrier."""
 
 from __future__ import annotations
 
-import logging
-import os
 import secrets
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -72,22 +69,3 @@ class Collective:
     def gather(self, items: list[Any]) -> list[Any]:
         """Every process's `items`, concatenated in rank order, on every process."""
         return list(gather_object(items)) if self.processes > 1 else list(items)
-
-
-def end_launched_process(code: int) -> None:
-    """End this process now with exit status `code`, skipping Python's finalization, when a launcher started it as
-    one of several (WORLD_SIZE above 1); streams and log handlers are flushed first. Returns in any other process.
-
-    Gloo runs each collective in worker threads that outlive `destroy_process_group` as long as anything still
-    holds the group (FSDP2's device meshes in torch's DTensor caches, DeepSpeed's default arguments). A worker
-    that drops the tensors of a finished collective after Python has begun to finalize cannot take the GIL, and
-    the process aborts ("terminate called without an active exception", SIGABRT) after a run that succeeded.
-    Ending without finalization leaves no such window; the run's files, trackers and process group are closed by
-    then.
-    """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
-    os._exit(code)
