@@ -288,13 +288,16 @@ def test_an_output_dir_that_another_machine_cannot_see_is_refused_in_one_line(mo
     collective.check_output_shared(_Rank1Of2(), tmp_path)
 
 
-# A process that logs a last line, leaves its stdout tail unflushed (a pipe is block-buffered), registers an
-# atexit hook (run only by Python's finalization) and ends the way berth's command line does.
+# A process that logs a last line into a buffering handler (written when handlers are flushed), leaves its stdout
+# tail unflushed (a pipe is block-buffered), registers an atexit hook (run only by Python's finalization) and ends
+# the way berth's command line does.
 _ENDING = """
-import atexit, logging, sys
+import atexit, logging, logging.handlers, sys
 from berth.core.process import end_launched_process
 atexit.register(lambda: print("finalized", flush=True))
-logging.basicConfig(stream=sys.stderr)
+target = logging.StreamHandler(sys.stderr)
+target.setFormatter(logging.Formatter("%(levelname)s:%(name)s:%(message)s"))
+logging.getLogger().addHandler(logging.handlers.MemoryHandler(100, flushLevel=logging.CRITICAL, target=target))
 logging.getLogger("run").warning("last line")
 sys.stdout.write("unflushed tail;")
 end_launched_process(7)
