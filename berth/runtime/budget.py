@@ -109,16 +109,15 @@ class StepBudget:
         of the budget's time; 0 for none. A share of time, not of steps: when a fit cuts the count by a third, the
         next is still some way off. Each share is aimed at once, and a share the steps passed before their fit is
         skipped: steps that speed up reach a fit before its share's time, and must not fit again for it."""
-        aimed = 0.0  # the share the last fit was aimed at (0: the probe's)
-        for before in fits[:-1]:
-            aimed = next((s for s in REFIT_AT if s > aimed and s * self.seconds > before[2]), 1.0)
+        share = 0.0  # after each fit in turn: the share the fit after it aims at (1.0: none left)
+        for fit in fits:
+            share = next((s for s in REFIT_AT if s > share and s * self.seconds > fit[2]), 1.0)
+        if share == 1.0:
+            return 0
         after, count, spent = int(fits[-1][0]), int(fits[-1][1]), fits[-1][2]
-        for share in REFIT_AT:
-            until = share * self.seconds - spent  # seconds from the last fit to this share
-            if share > aimed and until > 0:
-                at = after + max(1, math.ceil((count - after) * until / (self.seconds - spent)))
-                return at if at < count else 0
-        return 0
+        until = share * self.seconds - spent  # seconds from the last fit to that share
+        at = after + max(1, math.ceil((count - after) * until / (self.seconds - spent)))
+        return at if at < count else 0
 
     def refit(self, step: int, step_seconds: float, per_step: float, count: int, log: bool = True) -> int:
         """The count fitted again after `step`: what is left of the budget at the recent `per_step`. No fewer than
